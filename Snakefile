@@ -14,6 +14,11 @@ report: "report/workflow.rst"
 
 include: "rules/common.smk"
 include: "rules/data.smk"
+include: "rules/synthesis.smk"
+include: "rules/corpus.smk"
+include: "rules/cpt.smk"
+include: "rules/evaluation.smk"
+include: "rules/figures.smk"
 
 
 rule all:

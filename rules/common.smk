@@ -45,3 +45,38 @@ def article_uids(wildcards=None):
     path = checkpoints.prepare_articles.get().output.articles
     with open(path, encoding="utf-8") as f:
         return [json.loads(line)["uid"] for line in f if line.strip()]
+
+
+# ---- the cross-stage vocabulary: methods, budgets, model ids (DESIGN.md "The DAG and its files") ----
+wildcard_constraints:
+    method="[a-z0-9_]+",
+    budget=r"\d+|all",
+    article="[A-Za-z0-9_.-]+",
+    model="[A-Za-z0-9_.-]+",
+
+
+def synth_methods():
+    """Synthesis methods whose corpora are trained on (synthesis.methods), e.g. entigraph, rephrase."""
+    return list(config["synthesis"].get("methods", []))
+
+
+def budgets():
+    """Synthetic-token budgets of the scaling curve (cpt.budgets): each a prefix of the method's shuffled corpus."""
+    return [int(b) for b in config["cpt"].get("budgets", [])]
+
+
+def model_id(method, budget):
+    return f"{method}-{budget}"
+
+
+def cpt_models():
+    """(method, budget) of every CPT model: the Raw baseline on all raw tokens, and each method x budget."""
+    return [("raw", "all")] + [(m, b) for m in synth_methods() for b in budgets()]
+
+
+def model_dir(mid):
+    """Folder (or hub id) of a model id: `base` is the CPT base model, `METHOD-BUDGET` a CPT output."""
+    if mid == "base":
+        return model_location("base")
+    method, budget = mid.rsplit("-", 1)
+    return f"results/models/{method}/{budget}"

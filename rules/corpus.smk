@@ -1,0 +1,1 @@
+# Stage file: corpus (rules join as their issue lands).

@@ -1,0 +1,1 @@
+# Stage file: cpt (rules join as their issue lands).

@@ -1,0 +1,1 @@
+# Stage file: evaluation (rules join as their issue lands).

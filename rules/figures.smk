@@ -1,0 +1,1 @@
+# Stage file: figures (rules join as their issue lands).

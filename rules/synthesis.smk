@@ -1,0 +1,1 @@
+# Stage file: synthesis (rules join as their issue lands).
