@@ -1,15 +1,18 @@
 # Small functions that compute inputs and params from config: the only logic in the rules layer.
 import json
+import os
 import sys
 
-from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
 validate(config, "../schemas/config.schema.yaml")
 
-# With --use-conda each rule runs in its env's `python`; otherwise the interpreter running Snakemake
-# (the .venv of the README), so that an un-activated .venv/bin/snakemake still finds the packages.
-PY = "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else sys.executable
+# Rules run `python -m workflow_scripts.<stage>`. Without --use-conda that must be the interpreter running
+# Snakemake (the README's .venv), also when .venv/bin/snakemake is called without activating the venv; with
+# --use-conda the env's activation puts its own python first on PATH.
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+PY = "python"  # kept for rules written with {PY}; new rules write `python` directly
 
 ARTICLES = "results/data/articles.jsonl"
 QUESTIONS = "results/data/questions.jsonl"

@@ -18,7 +18,7 @@ rule download_quality:
         url=config["data"]["quality"]["url"],
         sha256=config["data"]["quality"]["sha256"] or "",
     shell:
-        "{PY} -m workflow_scripts.quality download --url {params.url:q} --sha256 {params.sha256:q} "
+        "python -m workflow_scripts.quality download --url {params.url:q} --sha256 {params.sha256:q} "
         "--output {output} 2> {log}"
 
 
@@ -35,7 +35,7 @@ checkpoint prepare_articles:
         cfg=section("data"),
         zip=lambda wc, input: f"--zip {input.zip}" if "zip" in input.keys() else "",
     shell:
-        "{PY} -m workflow_scripts.quality prepare --config-json {params.cfg:q} {params.zip} "
+        "python -m workflow_scripts.quality prepare --config-json {params.cfg:q} {params.zip} "
         "--outdir results/data 2> {log}"
 
 
@@ -45,7 +45,7 @@ rule convert_packaged_model:
     log:
         f"{LOGS}/convert_packaged_model/{{name}}.log",
     shell:
-        "{PY} -m workflow_scripts.models convert --name {wildcards.name} --output {output} 2> {log}"
+        "python -m workflow_scripts.models convert --name {wildcards.name} --output {output} 2> {log}"
 
 
 ALL_TARGETS.extend([rules.prepare_articles.output.stats, *model_input("base"), *model_input("generator")])

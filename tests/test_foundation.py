@@ -1,0 +1,91 @@
+"""Foundation (issue 2): config defaults and errors, atomic and append-only writers, packaged-model conversion."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from workflow_scripts.config import config_hash, load_config, validate_config
+from workflow_scripts.io_utils import AppendOnlyJsonl, InputError, iter_jsonl, write_json_atomic
+from workflow_scripts.models import model_location
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_schema_fills_defaults_and_demo_config_validates():
+    cfg = validate_config({})
+    assert cfg["data"]["quality"]["url"].startswith("https://github.com/nyu-mll/quality/")
+    assert cfg["data"]["quality"]["splits"] == ["train", "dev"]
+    assert cfg["models"]["base"] == {"source": "package", "name": "smollm2-135m-instruct", "revision": None, "dtype": "auto"}
+    demo = load_config([ROOT / "config.yaml"])
+    assert demo["data"]["quality"]["url"] == "resources/quality/QuALITY.v1.0.1.zip"
+
+
+def test_invalid_config_names_the_key():
+    with pytest.raises(ValueError, match=r"data\.max_articles: 0 is less than the minimum"):
+        validate_config({"data": {"max_articles": 0}})
+    with pytest.raises(ValueError, match=r"data: Additional properties are not allowed \('max_artcles'"):
+        validate_config({"data": {"max_artcles": 3}})
+
+
+def test_config_hash_is_stable_and_sensitive():
+    assert config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1})
+    assert config_hash({"a": 1}) != config_hash({"a": 2})
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "x.json"
+    write_json_atomic(target, {"ok": 1})
+
+    class Boom:
+        pass
+
+    with pytest.raises(TypeError):
+        write_json_atomic(target, {"bad": Boom()})
+    assert json.loads(target.read_text()) == {"ok": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_append_only_jsonl_skips_existing_and_repairs_truncated_tail(tmp_path):
+    path = tmp_path / "shard.jsonl"
+    with AppendOnlyJsonl(path) as w:
+        assert w.append({"id": "a", "text": "one"})
+        assert not w.append({"id": "a", "text": "again"})
+    with open(path, "a", encoding="utf-8") as f:  # a kill in the middle of a write
+        f.write('{"id": "b", "te')
+    with AppendOnlyJsonl(path) as w:
+        assert "a" in w and "b" not in w
+        assert w.append({"id": "b", "text": "two"})
+    assert [r["id"] for _, r in iter_jsonl(path)] == ["a", "b"]
+
+
+def test_iter_jsonl_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"a": 1}\n[1, 2]\n', encoding="utf-8")
+    with pytest.raises(InputError, match=r"bad\.jsonl:2: expected a JSON object"):
+        list(iter_jsonl(p))
+
+
+def test_model_location():
+    assert model_location({"source": "package", "name": "smollm2-135m-instruct"}) == "results/hf_models/smollm2-135m-instruct"
+    assert model_location({"source": "hf", "name": "meta-llama/Meta-Llama-3-8B"}) == "meta-llama/Meta-Llama-3-8B"
+
+
+def test_packaged_model_converts_to_a_loadable_folder(smollm_dir):
+    """The real offline model: the converted folder loads with plain from_pretrained and answers sensibly."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    info = json.loads((smollm_dir / "conversion.json").read_text())
+    assert info["parameters"] > 100_000_000 and info["vocab_size"] == 49152
+    assert (smollm_dir / "model.safetensors").exists()
+    tok = AutoTokenizer.from_pretrained(smollm_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
