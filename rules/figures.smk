@@ -1,1 +1,106 @@
-# Stage file: figures (rules join as their issue lands).
+# Stage 9: the scaling-curve fit, the figures, and the synthesis summary shown in the Snakemake report.
+# Inputs are only finished tables and reports, so `snakemake results/figures/scaling_curve.png` redraws a plot
+# from existing results (docs/figures.md). Logic: workflow_scripts/fit_scaling.py and figures.py.
+FIGURES = "results/figures"
+QA_TABLE = "results/tables/qa_accuracy.csv"
+
+
+def figure_extras(name):
+    """A figure's outputs besides the PNG (figures.formats): the PNG is the one the report embeds."""
+    return [f"{FIGURES}/{name}.{ext}" for ext in config["figures"]["formats"] if ext != "png"]
+
+
+def figures_params(keys, *sections):
+    """The figures keys a rule uses (+ whole top-level sections), as --config-json: restyling one figure reruns
+    only that figure's rule, and a change of the fit settings reruns the fit and the scaling plot only."""
+    figures = {k: v for k, v in config["figures"].items() if k in keys}
+    return json.dumps({"figures": figures, **{s: config[s] for s in sections}}, sort_keys=True)
+
+
+FIT_KEYS = ("fit", "accuracy_scale")
+SCALING_KEYS = ("style", "dpi", "figsize", "formats", "paper_reference", "show_fit", "show_chance", "modes",
+                "accuracy_scale")
+DIVERSITY_KEYS = ("style", "dpi", "diversity_figsize", "formats")
+
+
+def synth_files(kind):
+    """results/synth/{method}/{kind}.json of every synthesis method (kind: report | ledger)."""
+    return [f"results/synth/{m}/{kind}.json" for m in synth_methods()]
+
+
+rule fit_scaling:
+    input:
+        table=QA_TABLE,
+    output:
+        report(f"{FIGURES}/scaling_fit.json", caption="../report/scaling_fit.rst", category="Scaling curve"),
+    log:
+        f"{LOGS}/figures/fit_scaling.log",
+    params:
+        cfg=figures_params(FIT_KEYS),
+    conda:
+        "../envs/base.yaml"
+    shell:
+        "{PY} -m workflow_scripts.fit_scaling --table {input.table} --config-json {params.cfg:q} "
+        "--output {output} 2> {log}"
+
+
+rule plot_scaling:
+    input:
+        table=QA_TABLE,
+        fit=rules.fit_scaling.output[0],
+    output:
+        report(f"{FIGURES}/scaling_curve.png", caption="../report/scaling_curve.rst", category="Scaling curve"),
+        figure_extras("scaling_curve"),
+    log:
+        f"{LOGS}/figures/plot_scaling.log",
+    params:
+        cfg=figures_params(SCALING_KEYS, "run_name", "models", "data"),
+    conda:
+        "../envs/base.yaml"
+    shell:
+        "{PY} -m workflow_scripts.figures scaling --table {input.table} --fit {input.fit} "
+        "--config-json {params.cfg:q} --output {output} 2> {log}"
+
+
+rule plot_diversity:
+    input:
+        reports=synth_files("report"),
+    output:
+        report(f"{FIGURES}/diversity.png", caption="../report/diversity.rst", category="Synthetic data"),
+        figure_extras("diversity"),
+    log:
+        f"{LOGS}/figures/plot_diversity.log",
+    params:
+        cfg=figures_params(DIVERSITY_KEYS, "run_name", "models", "data"),
+    conda:
+        "../envs/base.yaml"
+    shell:
+        "{PY} -m workflow_scripts.figures diversity --reports {input.reports} "
+        "--config-json {params.cfg:q} --output {output} 2> {log}"
+
+
+rule synthesis_summary:
+    input:
+        ledgers=synth_files("ledger"),
+        reports=synth_files("report"),
+    output:
+        csv="results/tables/synthesis_summary.csv",
+        html=report("results/tables/synthesis_summary.html", caption="../report/synthesis_summary.rst",
+                    category="Synthetic data"),
+    log:
+        f"{LOGS}/figures/synthesis_summary.log",
+    conda:
+        "../envs/base.yaml"
+    shell:
+        "{PY} -m workflow_scripts.figures synthesis-table --ledgers {input.ledgers} --reports {input.reports} "
+        "--csv {output.csv} --html {output.html} 2> {log}"
+
+
+ALL_TARGETS.extend(
+    [
+        *rules.fit_scaling.output,
+        *rules.plot_scaling.output,
+        *rules.plot_diversity.output,
+        *rules.synthesis_summary.output,
+    ]
+)

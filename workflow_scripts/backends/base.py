@@ -71,7 +71,7 @@ _ENGINES = {
 
 
 def get_backend(name: str, settings: dict[str, Any]) -> Backend:
-    """Instantiate engine `name` with its settings dict (the config's `synthesis.<name>` section plus the model)."""
+    """Instantiate engine `name` with its settings dict (the config's `backends.<name>` section plus the model)."""
     if name not in _ENGINES:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(_ENGINES)}")
     module_name, cls_name = _ENGINES[name].split(":")
