@@ -16,9 +16,11 @@ rule download_quality:
         f"{LOGS}/download_quality.log",
     params:
         url=config["data"]["quality"]["url"],
-        sha256=config["data"]["quality"]["sha256"] or "",
+        sha256=f"--sha256 {config['data']['quality']['sha256']}" if config["data"]["quality"]["sha256"] else "",
+    conda:
+        "../envs/base.yaml"
     shell:
-        "python -m workflow_scripts.quality download --url {params.url:q} --sha256 {params.sha256:q} "
+        "python -m workflow_scripts.quality download --url {params.url:q} {params.sha256} "
         "--output {output} 2> {log}"
 
 
@@ -34,6 +36,8 @@ checkpoint prepare_articles:
     params:
         cfg=section("data"),
         zip=lambda wc, input: f"--zip {input.zip}" if "zip" in input.keys() else "",
+    conda:
+        "../envs/base.yaml"
     shell:
         "python -m workflow_scripts.quality prepare --config-json {params.cfg:q} {params.zip} "
         "--outdir results/data 2> {log}"
@@ -44,6 +48,8 @@ rule convert_packaged_model:
         directory("results/hf_models/{name}"),
     log:
         f"{LOGS}/convert_packaged_model/{{name}}.log",
+    conda:
+        "../envs/train.yaml"
     shell:
         "python -m workflow_scripts.models convert --name {wildcards.name} --output {output} 2> {log}"
 
