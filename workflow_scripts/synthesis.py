@@ -1,0 +1,589 @@
+"""Stages 3-4: synthetic data from the articles, one prompt family ("method") at a time.
+
+    python -m workflow_scripts.synthesis methods
+    python -m workflow_scripts.synthesis extract --articles results/data/articles.jsonl --article UID \\
+        --output results/synth/entigraph/entities/UID.json
+    python -m workflow_scripts.synthesis synthesize --method entigraph --articles results/data/articles.jsonl \\
+        --article UID [--entities results/synth/entigraph/entities/UID.json] \\
+        --output results/synth/entigraph/UID.jsonl --stats results/synth/entigraph/stats/UID.json
+    python -m workflow_scripts.synthesis report --method entigraph --articles results/data/articles.jsonl \\
+        --synth-dir results/synth/entigraph --entities-dir results/synth/entigraph/entities \\
+        --ledger results/synth/entigraph/ledger.json --report results/synth/entigraph/report.json \\
+        --table results/synth/entigraph/report.csv
+
+Every command also takes --configfile / --config-json (the rules pass the sections they need).
+
+Methods are a registry (docs/synthesis.md): `entigraph` (workflow_scripts/entigraph.py), `rephrase` (easy /
+medium / hard, paper Appendix H.2), `qa` (the QA-format baseline, Appendix E), and any prompt family the config
+declares under `synthesis.families` (template files, or a Python class), with no change to the rules.
+
+Resume contract: each generated text is appended to a working shard (results/synth/{method}/work/{article}.jsonl,
+io_utils.AppendOnlyJsonl, one fsynced line per record) keyed by a stable record id. A re-run skips ids already
+there, so a run killed at any moment loses only requests in flight and never duplicates. The final shard
+results/synth/{method}/{article}.jsonl is written atomically, once every planned request has a record: it is
+complete or absent. The working shard is kept as a cache, so raising a cap later only generates what is new.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .backends import GenerationRequest
+from .config import add_config_args, config_from_args, config_hash
+from .io_utils import AppendOnlyJsonl, InputError, iter_jsonl, stable_hash, write_json_atomic, write_jsonl_atomic
+from .quality import author_first_last
+
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+
+# How an article is shown to the generator (the user message). Part of every prompt version: changing it
+# changes the prompt versions, hence the record ids, so old records are never mixed with new ones.
+USER_FORMAT = ('### Document Content:\n"{title}", {author First Last}, {year}.\n {text}'
+               '[\n### Entities:\n- {entity}...]')
+
+BUILTIN_METHODS = {
+    "entigraph": "workflow_scripts.entigraph:EntiGraph",
+    "rephrase": "workflow_scripts.synthesis:Rephrase",
+    "qa": "workflow_scripts.synthesis:QAFormat",
+}
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+def template_path(name: str) -> Path:
+    """A template name (a file stem under workflow_scripts/prompts/) or a path to a .txt file."""
+    p = Path(name)
+    if p.suffix == ".txt" and (p.is_absolute() or len(p.parts) > 1):
+        path = p
+    else:
+        path = PROMPTS_DIR / f"{p.stem if p.suffix == '.txt' else name}.txt"
+    if not path.exists():
+        known = ", ".join(sorted(q.stem for q in PROMPTS_DIR.glob("*.txt")))
+        raise InputError(f"prompt template {name!r} not found ({path}); known templates: {known}")
+    return path
+
+
+def load_template(name: str) -> str:
+    """The template text exactly as published: the file's content minus its final newline."""
+    text = template_path(name).read_text(encoding="utf-8")
+    return text[:-1] if text.endswith("\n") else text
+
+
+def prompt_version(system_text: str) -> str:
+    """Version hash of a prompt: the system text and the user-message format (recorded in every record)."""
+    return stable_hash("prompt", USER_FORMAT, system_text, n=12)
+
+
+def render_document(article: dict) -> str:
+    """`"{title}", {author as First Last}, {year}.\\n {text}` as the reference implementation shows an article.
+
+    User corpora may lack an author or a year: the missing part is left out with its comma
+    (`"{title}", {year}.`, `"{title}", {author}.` or `"{title}".`), never printed as "None".
+    """
+    title = str(article.get("title") or article.get("uid") or "").strip()
+    head = [f'"{title}"']
+    author = author_first_last(article.get("author"))
+    if author:
+        head.append(author)
+    year = article.get("year")
+    if year not in (None, ""):
+        head.append(str(year))
+    return ", ".join(head) + ".\n " + str(article["text"])
+
+
+def user_message(article: dict, entities: Iterable[str] = ()) -> str:
+    """The user message: the document (reference `### Document Content:` block), then for relation prompts an
+    `### Entities:` list with one `- {entity}` per line. The reference builds this in an indented f-string whose
+    indentation ends up in the prompt; that whitespace is an artefact and is left out here."""
+    msg = "### Document Content:\n" + render_document(article)
+    entities = list(entities)
+    if entities:
+        msg += "\n### Entities:\n" + "\n".join(f"- {e}" for e in entities)
+    return msg
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+@dataclass(frozen=True)
+class Task:
+    """One planned text of a method for one article: a generation request, or (with `fixed`) a record whose text
+    already exists (the EntiGraph summary comes from the extraction call)."""
+
+    kind: str
+    template: str
+    system: str
+    user: str
+    prompt_version: str
+    entities: tuple[str, ...] = ()
+    repeat: int = 0
+    max_new_tokens: int | None = None  # None: synthesis.sampling.max_new_tokens
+    fixed: dict | None = field(default=None, compare=False)
+
+
+def template_task(kind: str, template: str, article: dict, entities: Iterable[str] = (), repeat: int = 0,
+                  max_new_tokens: int | None = None) -> Task:
+    system = load_template(template)
+    return Task(kind=kind, template=template, system=system, user=user_message(article, entities),
+                prompt_version=prompt_version(system), entities=tuple(entities), repeat=repeat,
+                max_new_tokens=max_new_tokens)
+
+
+def request_seed(base_seed: int, article_uid: str, kind: str, entities: Iterable[str], repeat: int) -> int:
+    """A per-request sampling seed (32 bits), derived from the config seed: independent of run order."""
+    return int(stable_hash(base_seed, article_uid, kind, list(entities), repeat, n=8), 16)
+
+
+def sampling_key(sampling: dict, max_new_tokens: int) -> list:
+    return [sampling["temperature"], sampling["top_p"], int(max_new_tokens)]
+
+
+def record_id(article_uid: str, prompt_ver: str, entities: Iterable[str], model: str, seed: int,
+              sampling: list) -> str:
+    """Stable id of a generated text: article, prompt version, entity tuple, model, sampling seed (+ the sampling
+    settings, so that a text made with other temperature or length limits is a different record)."""
+    return stable_hash(article_uid, prompt_ver, list(entities), model, seed, sampling, n=20)
+
+
+# ------------------------------------------------------------------------------------------------ methods
+class Method:
+    """A prompt family. Subclasses set `needs_entities` and implement `plan`; `settings` is the part of the
+    config that defines the method's texts (hashed into every record's config_hash)."""
+
+    needs_entities = False
+
+    def __init__(self, name: str, cfg: dict) -> None:
+        self.name = name
+        self.cfg = cfg
+
+    def settings(self) -> dict:
+        return {}
+
+    def max_new_tokens(self) -> int:
+        return int(self.cfg["synthesis"]["sampling"]["max_new_tokens"])
+
+    def plan(self, article: dict, entities_doc: dict | None) -> list[Task]:
+        raise NotImplementedError
+
+
+class TemplateMethod(Method):
+    """System-prompt templates applied to each article, `repeats` times each (rephrase, qa, user families).
+    Order: repeat-major, so a cut-off corpus stays balanced across templates."""
+
+    def __init__(self, name: str, cfg: dict, templates: list[str], repeats: int,
+                 max_new_tokens: int | None = None) -> None:
+        super().__init__(name, cfg)
+        if not templates:
+            raise InputError(f"synthesis method {name!r}: no templates configured")
+        self.templates = list(templates)
+        self.repeats = int(repeats)
+        self._max_new = max_new_tokens
+        for t in self.templates:
+            template_path(t)  # fail early, naming the missing file
+
+    def settings(self) -> dict:
+        return {"templates": {t: prompt_version(load_template(t)) for t in self.templates},
+                "repeats": self.repeats, "max_new_tokens": self._max_new}
+
+    def max_new_tokens(self) -> int:
+        return int(self._max_new) if self._max_new else super().max_new_tokens()
+
+    @staticmethod
+    def kind_of(template: str) -> str:
+        return Path(template).stem.replace("_", "-")
+
+    def plan(self, article: dict, entities_doc: dict | None) -> list[Task]:
+        return [template_task(self.kind_of(t), t, article, repeat=r, max_new_tokens=self.max_new_tokens())
+                for r in range(self.repeats) for t in self.templates]
+
+
+class Rephrase(TemplateMethod):
+    """The Rephrase baseline (paper Appendix H.2): easy / medium / hard styles, `rephrase.repeats` each."""
+
+    def __init__(self, name: str, cfg: dict) -> None:
+        rc = cfg["synthesis"]["rephrase"]
+        super().__init__(name, cfg, [f"rephrase_{s}" for s in rc["styles"]], rc["repeats"], rc["max_new_tokens"])
+
+
+class QAFormat(TemplateMethod):
+    """The QA-format baseline (paper Appendix E): the article rewritten as question-answer pairs."""
+
+    def __init__(self, name: str, cfg: dict) -> None:
+        qc = cfg["synthesis"]["qa"]
+        super().__init__(name, cfg, ["qa"], qc["repeats"], qc["max_new_tokens"])
+
+
+def _load_object(path: str) -> Any:
+    module_name, _, attr = path.partition(":")
+    if not attr:
+        raise InputError(f"{path!r}: expected 'package.module:Name'")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise InputError(f"cannot load {path!r} ({e})") from None
+
+
+def get_method(name: str, cfg: dict) -> Method:
+    """The method `name`: a family declared in synthesis.families (templates or a class), else a built-in."""
+    families = cfg["synthesis"].get("families") or {}
+    if name in families:
+        spec = families[name]
+        if spec.get("module"):
+            return _load_object(spec["module"])(name, cfg)
+        return TemplateMethod(name, cfg, spec.get("templates") or [], spec.get("repeats", 1),
+                              spec.get("max_new_tokens"))
+    if name in BUILTIN_METHODS:
+        return _load_object(BUILTIN_METHODS[name])(name, cfg)
+    raise InputError(f"unknown synthesis method {name!r}; built-in: {', '.join(BUILTIN_METHODS)}; "
+                     "declare new ones under synthesis.families (docs/synthesis.md)")
+
+
+def method_needs_entities(name: str, cfg: dict) -> bool:
+    """Whether `name` reads the EntiGraph entity files (the rules add them as inputs)."""
+    families = cfg["synthesis"].get("families") or {}
+    if name in families:
+        spec = families[name]
+        return bool(spec.get("needs_entities")) or bool(
+            spec.get("module") and getattr(_load_object(spec["module"]), "needs_entities", False))
+    return name == "entigraph"
+
+
+def step_config(cfg: dict, step: str, method: str | None = None) -> dict:
+    """The config a Snakemake rule passes to one step (--config-json): only what shapes that step's output, so a
+    change elsewhere reruns nothing here. extract: generator, engine settings, sampling and the extraction keys
+    (a pair cap re-extracts nothing); synthesize: the same with the method's own section (or family);
+    report: prices, report settings, sampling."""
+    syn = cfg["synthesis"]
+    if step == "report":
+        return {"synthesis": {k: syn[k] for k in ("prices", "report", "sampling", "backend")}}
+    backend = syn["backend"]
+    out = {"models": {"generator": cfg["models"]["generator"]},
+           "backends": {backend: (cfg.get("backends") or {}).get(backend) or {}},
+           "synthesis": {"backend": backend, "sampling": syn["sampling"]}}
+    if step == "extract":
+        out["synthesis"]["entigraph"] = {k: v for k, v in syn["entigraph"].items()
+                                         if k.startswith("extraction_") or k in ("max_entity_chars", "max_entities")}
+    elif step == "synthesize":
+        out["synthesis"]["max_failed_fraction"] = syn["max_failed_fraction"]
+        if method in (syn.get("families") or {}):
+            out["synthesis"]["families"] = {method: syn["families"][method]}
+        elif method in syn:
+            out["synthesis"][method] = syn[method]
+    else:
+        raise ValueError(f"unknown synthesis step {step!r}")
+    return out
+
+
+def step_config_json(cfg: dict, step: str, method: str | None = None) -> str:
+    return json.dumps(step_config(cfg, step, method), sort_keys=True)
+
+
+# ------------------------------------------------------------------------------------------------ engines
+def generator_name(cfg: dict) -> str:
+    """The generator's name as recorded in records and ids (the API model for the openai backend)."""
+    backend = cfg["synthesis"]["backend"]
+    settings = (cfg.get("backends") or {}).get(backend) or {}
+    if backend == "openai" and settings.get("model"):
+        return str(settings["model"])
+    return str(cfg["models"]["generator"]["name"])
+
+
+def backend_settings(cfg: dict) -> dict:
+    """Engine settings (config `backends.<engine>`) plus the generator model."""
+    from .models import model_location
+
+    backend = cfg["synthesis"]["backend"]
+    settings = dict((cfg.get("backends") or {}).get(backend) or {})
+    settings.setdefault("model", model_location(cfg["models"]["generator"]))
+    return settings
+
+
+def backend_factory(cfg: dict, engine: str | None = None) -> Callable[[], Any]:
+    """A function that builds the engine on first need (a fully cached run never loads the model). `engine`
+    ('package.module:Class') plugs in an engine that is not in backends/ (and the tests' fakes)."""
+
+    def make() -> Any:
+        if engine:
+            return _load_object(engine)(**backend_settings(cfg))
+        from .backends import get_backend
+
+        return get_backend(cfg["synthesis"]["backend"], backend_settings(cfg))
+
+    return make
+
+
+def generation_hash(cfg: dict, method: Method | None = None) -> str:
+    """config_hash of a record: everything that shapes its text (generator, engine, sampling, the method)."""
+    backend = cfg["synthesis"]["backend"]
+    return config_hash({"generator": cfg["models"]["generator"], "backend": backend,
+                        "backend_settings": (cfg.get("backends") or {}).get(backend) or {},
+                        "sampling": cfg["synthesis"]["sampling"],
+                        "method": method.settings() if method else None})
+
+
+class Progress:
+    """A tqdm bar over requests with completion tokens per second in its postfix (stderr, i.e. the rule's log)."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        from tqdm.auto import tqdm
+
+        self.t0 = time.perf_counter()
+        self.tokens = 0
+        self.bar = tqdm(total=total, desc=desc, unit="req", file=sys.stderr, mininterval=2.0, dynamic_ncols=True)
+
+    def update(self, completion_tokens: int) -> None:
+        self.tokens += completion_tokens
+        self.bar.update(1)
+        self.bar.set_postfix(tok_s=f"{self.tokens / max(time.perf_counter() - self.t0, 1e-9):.1f}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ------------------------------------------------------------------------------------------------ runner
+class SynthesisIncomplete(RuntimeError):
+    """Some requests failed for good: the final shard is not written; a re-run retries only those."""
+
+
+def load_article(articles_path: str | Path, uid: str) -> dict:
+    for _, rec in iter_jsonl(articles_path):
+        if str(rec.get("uid")) == uid:
+            return rec
+    raise InputError(f"{articles_path}: no article with uid {uid!r} (is the article list from another data config?)")
+
+
+def default_work_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.parent / "work" / output.name
+
+
+def read_work_shard(path: Path) -> dict[str, dict]:
+    """Records of a working shard by id (a last line cut off by a kill is ignored)."""
+    if not path.exists():
+        return {}
+    return {rec["id"]: rec for _, rec in iter_jsonl(path, allow_truncated_tail=True)}
+
+
+def synthesize_article(cfg: dict, method_name: str, article: dict, output: str | Path, stats_path: str | Path,
+                       entities_doc: dict | None = None, work_path: str | Path | None = None,
+                       make_backend: Callable[[], Any] | None = None) -> dict:
+    """Generate every planned text of `method_name` for one article; write the final shard and its stats.
+
+    Returns the stats. Raises SynthesisIncomplete (after writing nothing final) when more requests failed than
+    synthesis.max_failed_fraction allows.
+    """
+    t0 = time.perf_counter()
+    method = get_method(method_name, cfg)
+    if method.needs_entities and entities_doc is None:
+        raise InputError(f"method {method_name!r} needs the entity file of article {article['uid']!r} "
+                         "(--entities results/synth/entigraph/entities/UID.json)")
+    uid = str(article["uid"])
+    sampling = cfg["synthesis"]["sampling"]
+    model = generator_name(cfg)
+    chash = generation_hash(cfg, method)
+    tasks = method.plan(article, entities_doc)
+
+    planned: list[tuple[str, Task, int]] = []
+    seen: set[str] = set()
+    for task in tasks:
+        max_new = task.max_new_tokens or method.max_new_tokens()
+        seed = task.fixed["seed"] if task.fixed else request_seed(sampling["seed"], uid, task.kind, task.entities,
+                                                                  task.repeat)
+        rid = record_id(uid, task.prompt_version, task.entities, model, seed, sampling_key(sampling, max_new))
+        if rid in seen:  # the same text planned twice (e.g. duplicate templates): generate it once
+            continue
+        seen.add(rid)
+        planned.append((rid, task, seed))
+
+    def record(rid: str, task: Task, seed: int, text: str, prompt_tokens: int, completion_tokens: int,
+               finish_reason: str) -> dict:
+        # `model` is the configured generator name (as in the id), not the engine's local path for it
+        return {"id": rid, "method": method_name, "kind": task.kind, "article_uid": uid,
+                "entities": list(task.entities), "text": text, "prompt_tokens": int(prompt_tokens),
+                "completion_tokens": int(completion_tokens), "model": model, "finish_reason": finish_reason,
+                "prompt_version": task.prompt_version, "seed": seed, "config_hash": chash,
+                "template": task.template, "repeat": task.repeat}
+
+    work_path = Path(work_path) if work_path else default_work_path(output)
+    failures: list[dict] = []
+    generated = run_prompt = run_completion = 0
+    with AppendOnlyJsonl(work_path) as work:
+        reused = sum(1 for rid, _, _ in planned if rid in work)
+        pending: dict[str, tuple[Task, int]] = {}
+        requests = []
+        for rid, task, seed in planned:
+            if rid in work:
+                continue
+            if task.fixed:
+                f = task.fixed
+                work.append(record(rid, task, seed, f["text"], f["prompt_tokens"], f["completion_tokens"],
+                                   f["finish_reason"]))
+                continue
+            pending[rid] = (task, seed)
+            requests.append(GenerationRequest(
+                id=rid, messages=[{"role": "system", "content": task.system}, {"role": "user", "content": task.user}],
+                group=uid, max_new_tokens=task.max_new_tokens or method.max_new_tokens(),
+                temperature=float(sampling["temperature"]), top_p=float(sampling["top_p"]), seed=seed,
+                metadata={"method": method_name, "kind": task.kind, "article_uid": uid}))
+        if requests:
+            backend = (make_backend or backend_factory(cfg))()
+            progress = Progress(len(requests), f"{method_name}/{uid}")
+            try:
+                for c in backend.generate(requests):
+                    if c.id not in pending:
+                        continue
+                    task, seed = pending.pop(c.id)
+                    run_prompt += c.prompt_tokens
+                    run_completion += c.completion_tokens
+                    if c.error:
+                        failures.append({"id": c.id, "kind": task.kind, "entities": list(task.entities),
+                                         "error": c.error})
+                    else:
+                        work.append(record(c.id, task, seed, c.text, c.prompt_tokens, c.completion_tokens,
+                                           c.finish_reason))
+                        generated += 1
+                    progress.update(c.completion_tokens)
+            finally:
+                progress.close()
+                backend.close()
+            for rid, (task, _) in pending.items():  # an engine that dropped a request: count it as failed
+                failures.append({"id": rid, "kind": task.kind, "entities": list(task.entities),
+                                 "error": "no completion returned by the engine"})
+
+    done = read_work_shard(work_path)
+    records = [done[rid] for rid, _, _ in planned if rid in done]
+    missing = len(planned) - len(records)
+    wall = time.perf_counter() - t0
+    kinds: dict[str, int] = {}
+    for _, task, _ in planned:
+        kinds[task.kind] = kinds.get(task.kind, 0) + 1
+    fixed_ids = {rid for rid, task, _ in planned if task.fixed}
+    generated_records = [r for r in records if r["id"] not in fixed_ids]
+    stats = {
+        "method": method_name, "article_uid": uid, "model": model, "backend": cfg["synthesis"]["backend"],
+        "config_hash": chash, "planned": len(planned), "planned_by_kind": kinds, "records": len(records),
+        "missing": missing, "generated": generated, "reused": reused, "failures": len(failures),
+        "failed_requests": failures[:50],
+        # every text's request, whichever run made it (the summary's request is the extraction's, counted there)
+        "requests": len(generated_records) + len(failures),
+        "prompt_tokens": sum(r["prompt_tokens"] for r in generated_records),
+        "completion_tokens": sum(r["completion_tokens"] for r in generated_records),
+        "run": {"requests": generated + len(failures), "prompt_tokens": run_prompt,
+                "completion_tokens": run_completion, "wall_seconds": round(wall, 3),
+                "completion_tokens_per_second": round(run_completion / wall, 2) if wall > 0 else None},
+    }
+    if entities_doc is not None:
+        stats["extraction"] = {"status": entities_doc.get("status"), "reason": entities_doc.get("reason"),
+                               "entities": len(entities_doc.get("entities") or [])}
+    allowed = float(cfg["synthesis"]["max_failed_fraction"]) * len(planned)
+    if missing > allowed:
+        stats["status"] = "incomplete"
+        write_json_atomic(Path(stats_path).with_suffix(".incomplete.json"), stats)
+        raise SynthesisIncomplete(
+            f"{method_name}/{uid}: {missing} of {len(planned)} planned texts have no record "
+            f"({len(failures)} requests failed this run, e.g. {failures[0]['error'] if failures else 'n/a'}); "
+            f"finished records are kept in {work_path}; re-run to retry only the missing ones "
+            "(or raise synthesis.max_failed_fraction)")
+    stats["status"] = "complete"
+    write_jsonl_atomic(output, records)
+    write_json_atomic(stats_path, stats)
+    Path(stats_path).with_suffix(".incomplete.json").unlink(missing_ok=True)
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def _methods_listing(cfg: dict) -> dict:
+    out = {}
+    for name in [*BUILTIN_METHODS, *(cfg["synthesis"].get("families") or {})]:
+        m = get_method(name, cfg)
+        out[name] = {"class": f"{type(m).__module__}:{type(m).__name__}", "needs_entities": m.needs_entities,
+                     "settings": m.settings(), "configured": name in cfg["synthesis"]["methods"]}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m workflow_scripts.synthesis", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("methods", help="list the registered synthesis methods, their templates and prompt versions")
+    add_config_args(m)
+
+    e = sub.add_parser("extract", help="EntiGraph step 1: summary + entity list of one article (JSON file)")
+    e.add_argument("--articles", required=True, help="results/data/articles.jsonl")
+    e.add_argument("--article", required=True, help="article uid")
+    e.add_argument("--output", required=True, help="results/synth/entigraph/entities/UID.json")
+    e.add_argument("--work", default=None, help="attempt cache (default: OUTPUT's folder/../work/extraction/UID.jsonl)")
+    e.add_argument("--engine", default=None, metavar="MODULE:CLASS", help="an engine class outside backends/")
+    add_config_args(e)
+
+    s = sub.add_parser("synthesize", help="all texts of one method for one article (append-only, resumable)")
+    s.add_argument("--method", required=True)
+    s.add_argument("--articles", required=True, help="results/data/articles.jsonl")
+    s.add_argument("--article", required=True, help="article uid")
+    s.add_argument("--entities", default=None, help="entity file (methods that need entities: entigraph)")
+    s.add_argument("--output", required=True, help="results/synth/METHOD/UID.jsonl (written when complete)")
+    s.add_argument("--stats", required=True, help="results/synth/METHOD/stats/UID.json")
+    s.add_argument("--work", default=None, help="working shard (default: OUTPUT's folder/work/UID.jsonl)")
+    s.add_argument("--engine", default=None, metavar="MODULE:CLASS", help="an engine class outside backends/")
+    add_config_args(s)
+
+    r = sub.add_parser("report", help="ledger (requests, tokens, cost, time) + corpus report of one method")
+    r.add_argument("--method", required=True)
+    r.add_argument("--articles", required=True)
+    r.add_argument("--synth-dir", required=True, help="results/synth/METHOD (shards and stats/)")
+    r.add_argument("--entities-dir", default=None, help="results/synth/entigraph/entities (entity coverage)")
+    r.add_argument("--ledger", required=True)
+    r.add_argument("--report", required=True)
+    r.add_argument("--table", required=True, help="CSV table for the Snakemake report")
+    add_config_args(r)
+    args = p.parse_args(argv)
+
+    try:
+        cfg = config_from_args(args)
+        if args.cmd == "methods":
+            print(json.dumps(_methods_listing(cfg), indent=2))
+        elif args.cmd == "extract":
+            from .entigraph import extract_entities
+
+            article = load_article(args.articles, args.article)
+            work = args.work or Path(args.output).parent.parent / "work" / "extraction" / f"{args.article}.jsonl"
+            doc = extract_entities(cfg, article, work, backend_factory(cfg, args.engine))
+            write_json_atomic(args.output, doc)
+            print(f"{args.article}: extraction {doc['status']} ({len(doc['entities'])} entities"
+                  f"{'; ' + doc['reason'] if doc.get('reason') else ''})", file=sys.stderr)
+        elif args.cmd == "synthesize":
+            article = load_article(args.articles, args.article)
+            entities_doc = None
+            if args.entities:
+                try:
+                    entities_doc = json.loads(Path(args.entities).read_text(encoding="utf-8"))
+                except FileNotFoundError:
+                    raise InputError(f"{args.entities}: entity file not found (run the extract step first)") from None
+                except json.JSONDecodeError as err:
+                    raise InputError(f"{args.entities}:{err.lineno}: malformed JSON ({err.msg}); delete it and "
+                                     "re-run the extract step") from None
+            st = synthesize_article(cfg, args.method, article, args.output, args.stats, entities_doc, args.work,
+                                    backend_factory(cfg, args.engine))
+            print(f"{args.method}/{args.article}: {st['records']} records ({st['generated']} generated, "
+                  f"{st['reused']} reused, {st['failures']} failed) in {st['run']['wall_seconds']:.1f}s",
+                  file=sys.stderr)
+        elif args.cmd == "report":
+            from .synth_report import write_method_report
+
+            rep = write_method_report(cfg, args.method, args.articles, args.synth_dir, args.entities_dir,
+                                      args.ledger, args.report, args.table)
+            print(f"{args.method}: {rep['records']} records, {rep['tokens']} tokens", file=sys.stderr)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except SynthesisIncomplete as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
