@@ -1,0 +1,683 @@
+"""Stage 7: closed-book QuALITY QA, the paper's knowledge measure (paper_protocol.md "Evaluation").
+
+    python -m workflow_scripts.qa_eval --model-id base --model-path results/hf_models/smollm2-135m-instruct \\
+        --questions results/data/questions.jsonl --articles results/data/articles.jsonl \\
+        --output-jsonl results/eval/qa/base.jsonl --output-json results/eval/qa/base.json [--configfile config.yaml]
+
+Every question is shown after the paper's 5-shot chain-of-thought prefix (Appendix I.1, kept verbatim in
+prompts/qa_5shot_prefix.txt) in the paper's format (`render_question`). Two scoring modes (evaluation.modes):
+
+- `cot` (the paper's): n sampled completions per question (temperature 0.1, up to 300 new tokens in the paper)
+  through any generation backend (transformers on CPU, vLLM on GPU, openai for API models); the answer is the
+  first `Answer: X.` line (`extract_answer`). Two conventions are reported: `accuracy` counts a question with no
+  parseable answer as wrong; `accuracy_attempted` drops it from the denominator (the reference code's way), with
+  the `attempted` rate beside it.
+- `loglik` (the demo's default): the model's log-likelihood of each option as the continuation of the same prompt,
+  i.e. the thought process opening with the option's text (`" {option}"` after "Thought process:"; see
+  docs/evaluation.md for why). Deterministic and cheap: the 5-shot prefix is run once per model and its KV cache
+  reused for every question, each question is run once and its four options are scored as one batch on top of
+  its cache (`LoglikScorer`). Predictions by total, per-token and per-character log-likelihood are all recorded.
+
+Outputs: a JSONL record per question (qid, prompt id, option scores and/or completions, predicted index, correct)
+and a JSON summary (n, accuracy with a Wilson and a bootstrap 95% interval, attempted, both CoT conventions, the
+split by QuALITY's `difficult` flag).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from .config import add_config_args, config_from_args, config_hash
+from .io_utils import AppendOnlyJsonl, InputError, iter_jsonl, stable_hash, write_json_atomic, write_jsonl_atomic
+from .quality import author_first_last
+
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+DEFAULT_PREFIX = "qa_5shot_prefix.txt"
+LETTERS = "ABCD"
+MODES = ("loglik", "cot")
+NORMALIZATIONS = ("sum", "per_token", "per_char")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+def load_prompt_template(name_or_path: str | Path = DEFAULT_PREFIX) -> str:
+    """Read a prompt template verbatim: a file name in workflow_scripts/prompts/ or a path. Leading lines starting
+    with `%%` (comments a user may put at the top of their own prefix file) are not part of the prompt."""
+    path = Path(name_or_path)
+    if not path.is_absolute() and not path.exists():
+        path = PROMPTS_DIR / path
+    if not path.exists():
+        raise InputError(f"{name_or_path}: prompt template not found (looked in {PROMPTS_DIR} too); set "
+                         "evaluation.prompt_prefix to a file name in that folder or a path")
+    lines = path.read_text(encoding="utf-8").split("\n")
+    while lines and lines[0].startswith("%%"):
+        lines.pop(0)
+    return "\n".join(lines)
+
+
+def prompt_version(text: str) -> str:
+    """Short hash of a prompt text, recorded with every result so that a prompt change is visible."""
+    return stable_hash(text, n=12)
+
+
+def lowercase_first(text: str) -> str:
+    """The paper (and reference code) lowercases the question's first character, whatever it is."""
+    return text[:1].lower() + text[1:]
+
+
+def _present(value: Any) -> bool:
+    return value is not None and str(value).strip() not in ("", "0", "None", "null")
+
+
+def article_context(article: dict) -> str:
+    """`In the context of "{title}", written by {First Last} in {year},` with missing parts left out sensibly
+    (a user's own corpus may lack a year or an author)."""
+    title = str(article.get("title") or "").strip()
+    subject = f'"{title}"' if title else "the document"
+    author = author_first_last(article.get("author"))
+    year = article.get("year")
+    year = str(year).strip() if _present(year) else ""
+    if author and year:
+        return f"In the context of {subject}, written by {author} in {year},"
+    if author:
+        return f"In the context of {subject}, written by {author},"
+    if year:
+        return f"In the context of {subject}, written in {year},"
+    return f"In the context of {subject},"
+
+
+def render_question(question: dict, article: dict, thought_process: bool = True) -> str:
+    """One question in the paper's format (Appendix I.1), byte for byte as the reference implementation writes it:
+    question and options verbatim (QuALITY's trailing spaces included), the question's first letter lowercased,
+    ending with `Thought process:` (no trailing space or newline) when `thought_process`."""
+    options = question["options"]
+    if len(options) != 4:
+        raise InputError(f"question {question.get('qid')!r}: {len(options)} options, expected 4")
+    text = "### Question\n"
+    text += f"{article_context(article)} {lowercase_first(question['question'])} There is only one correct choice.\n"
+    text += "### Choices\n"
+    text += "".join(f"{LETTERS[i]}. {opt}\n" for i, opt in enumerate(options))
+    if thought_process:
+        text += "### Thought Process and Answer\nThought process:"
+    return text
+
+
+def option_continuation(template: str, question: dict, index: int) -> str:
+    """The text whose log-likelihood scores option `index` (evaluation.loglik.continuation)."""
+    return template.format(option=question["options"][index].strip(), letter=LETTERS[index])
+
+
+# ----------------------------------------------------------------------------------------------- answers (cot)
+# `Answer: C.` with any case and spacing of "answer", optional markdown emphasis or brackets around the letter.
+# An uppercase letter must end there (punctuation, or spaces to the end of the line); a lowercase one must be
+# followed by `.`, `)` or `]` or end the line, so that prose such as "Answer: A lot ..." never parses.
+_ANSWER_RE = re.compile(
+    r"\b(?i:answer)\s*[:：]\s*[*_]*\s*[(\[]?\s*"
+    r"(?:([A-D])(?=\s*[).\]*_,:;]|[ \t]*$)|([a-d])(?=\s*[).\]]|[ \t]*$))",
+    re.MULTILINE,
+)
+
+
+def extract_answer(completion: str | None) -> int | None:
+    """Index (0-3) of the first `Answer: X.` in a completion, or None when there is none.
+
+    The first one counts: the reference code stopped generation there (later text would not exist). Unlike the
+    reference parser (the character before the final period), "Answer: AB." is not read as B: it is no answer."""
+    if not completion:
+        return None
+    m = _ANSWER_RE.search(completion)
+    if m is None:
+        return None
+    return LETTERS.index((m.group(1) or m.group(2)).upper())
+
+
+def select_answer(answers: Sequence[int | None], how: str, rng: random.Random) -> int | None:
+    """One answer from n samples: `first` valid (reference code), a seeded `random` valid one (the paper's
+    description), or the `majority` among valid ones (ties to the earliest)."""
+    valid = [a for a in answers if a is not None]
+    if not valid:
+        return None
+    if how == "first":
+        return valid[0]
+    if how == "random":
+        return rng.choice(valid)
+    if how == "majority":
+        counts = Counter(valid)
+        best = max(counts.values())
+        return next(a for a in valid if counts[a] == best)
+    raise ValueError(f"unknown evaluation.cot.select {how!r}")
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+def _z(level: float) -> float:
+    from scipy.stats import norm
+
+    return float(norm.ppf(0.5 + level / 2))
+
+
+def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k/n (NaNs for n = 0)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    z = _z(level)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_interval(correct: Sequence[bool], n_boot: int = 1000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of 0/1 outcomes (seeded)."""
+    import numpy as np
+
+    x = np.asarray(correct, dtype=float)
+    if len(x) == 0 or n_boot <= 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN/inf (an empty split, no attempted question) -> null, so that the summaries are strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def accuracy_block(correct: Sequence[bool], ci: dict, seed: int) -> dict:
+    n, k = len(correct), int(sum(correct))
+    lo, hi = wilson_interval(k, n, ci["level"])
+    out = {"n": n, "correct": k, "accuracy": k / n if n else float("nan"), "ci_low": lo, "ci_high": hi,
+           "ci_method": f"wilson {ci['level']:.0%}"}
+    if ci.get("bootstrap", 0) > 0:
+        out["bootstrap_ci"] = list(bootstrap_interval(correct, ci["bootstrap"], ci["level"], seed))
+    return out
+
+
+def by_difficulty(records: Sequence[dict], key: Callable[[dict], bool], ci: dict, seed: int) -> dict:
+    """Accuracy split by QuALITY's `difficult` flag (questions without the flag are left out of the split)."""
+    out = {}
+    for flag, name in ((1, "difficult"), (0, "not_difficult")):
+        sel = [key(r) for r in records if r.get("difficult") == flag]
+        if sel:
+            out[name] = accuracy_block(sel, ci, seed)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- loglik scoring
+class LoglikScorer:
+    """Log-likelihoods of continuations after `shared_prefix + context`, reusing key/value caches.
+
+    The shared prefix (the 5-shot examples, identical for every question) is run once and its cache reused; each
+    batch of `batch_questions` contexts runs once on top of it (left-padded, so the last position of every row is
+    a real token), and the continuations of all those questions run as one right-padded batch on top of the
+    contexts' cache. Segments are tokenized separately and concatenated (the usual loglik convention): the naive
+    reference `naive_loglik` feeds the very same token ids, so both give the same numbers up to float error.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, shared_prefix: str, batch_questions: int = 4,
+                 reuse_prefix_cache: bool = True) -> None:
+        import torch
+
+        self.torch = torch
+        self.model = model.eval()
+        self.tok = tokenizer
+        self.device = next(model.parameters()).device
+        self.batch_questions = max(1, int(batch_questions))
+        self.reuse_prefix_cache = reuse_prefix_cache
+        self.prefix_ids = self.encode_prefix(shared_prefix)
+        cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+        if reuse_prefix_cache and (getattr(cfg, "sliding_window", None)
+                                   or any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or []))):
+            # Sliding-window layers crop their cache, so a cached prefix is not a prefix of every row any more.
+            log("loglik: the model uses sliding-window attention; scoring without cache reuse")
+            self.reuse_prefix_cache = False
+        if not self.prefix_ids:  # zero-shot prompt and a tokenizer without BOS: nothing to cache
+            self.reuse_prefix_cache = False
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        self.forward_tokens = 0  # tokens run through the model, for the throughput report
+        self._prefix_kv: list[tuple[Any, Any]] | None = None
+
+    def encode_prefix(self, text: str) -> list[int]:
+        """The prompt's first segment, with the tokenizer's special tokens (BOS where the model uses one)."""
+        ids = self.tok(text)["input_ids"] if text else []
+        if not ids and self.tok.bos_token_id is not None:
+            ids = [self.tok.bos_token_id]
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def _prefix_cache(self) -> list[tuple[Any, Any]]:
+        if self._prefix_kv is None:
+            torch = self.torch
+            ids = torch.tensor([self.prefix_ids], device=self.device)
+            with torch.inference_mode():
+                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            self.forward_tokens += len(self.prefix_ids)
+            self._prefix_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return self._prefix_kv
+
+    def _cache_from(self, kv: list[tuple[Any, Any]], rows: int) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in kv],
+                            config=self.model.config)
+
+    def score(self, items: Sequence[tuple[str, Sequence[str]]], progress: bool = False) -> list[list[dict]]:
+        """For each (context, continuations): per continuation {logprob (sum), tokens, chars}."""
+        from tqdm import tqdm
+
+        batches = [items[i:i + self.batch_questions] for i in range(0, len(items), self.batch_questions)]
+        out: list[list[dict]] = []
+        it = tqdm(batches, desc="loglik", unit="batch", disable=not progress, file=sys.stderr)
+        for batch in it:
+            if self.reuse_prefix_cache:
+                out.extend(self._score_batch(batch))
+            else:
+                out.extend(self._score_batch_no_prefix_cache(batch))
+        return out
+
+    def _check_length(self, n: int) -> None:
+        if self.max_positions and n > self.max_positions:
+            raise InputError(f"a prompt of {n} tokens exceeds the model's {self.max_positions} positions; "
+                             "shorten it (fewer RAG chunks, evaluation.rag.top_k) or use a longer-context model")
+
+    def _score_batch(self, batch: Sequence[tuple[str, Sequence[str]]]) -> list[list[dict]]:
+        torch = self.torch
+        P = len(self.prefix_ids)
+        ctx = [self.encode(c) for c, _ in batch]
+        conts = [[self.encode(c) for c in cs] for _, cs in batch]
+        if any(not c for c in ctx):
+            raise ValueError("every context must be non-empty (the question text)")
+        if any(not c for cs in conts for c in cs):
+            raise ValueError("an option continuation tokenizes to nothing; check evaluation.loglik.continuation")
+        B, Lq = len(batch), max(len(c) for c in ctx)
+        self._check_length(P + Lq + max(len(c) for cs in conts for c in cs))
+        # Stage 1: the contexts, left-padded, on top of the prefix cache.
+        ids = torch.full((B, Lq), self.tok.pad_token_id or 0, dtype=torch.long)
+        mask_q = torch.zeros((B, Lq), dtype=torch.long)
+        for i, c in enumerate(ctx):
+            ids[i, Lq - len(c):] = torch.tensor(c)
+            mask_q[i, Lq - len(c):] = 1
+        pos_q = (P + (mask_q.cumsum(1) - 1).clamp(min=0))
+        cache = self._cache_from(self._prefix_cache(), B)
+        attn = torch.cat([torch.ones((B, P), dtype=torch.long), mask_q], dim=1)
+        with torch.inference_mode():
+            out = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
+                             position_ids=pos_q.to(self.device), past_key_values=cache, use_cache=True,
+                             logits_to_keep=1)
+        self.forward_tokens += int(mask_q.sum())
+        first_lp = out.logits[:, -1].float().log_softmax(-1)  # next-token distribution after each context
+        cache = out.past_key_values
+        del out
+        # Stage 2: every continuation of every question in one right-padded batch on the contexts' cache.
+        owners = [i for i, cs in enumerate(conts) for _ in cs]
+        flat = [c for cs in conts for c in cs]
+        R, Lc = len(flat), max(len(c) for c in flat)
+        cache.batch_select_indices(torch.tensor(owners, device=self.device))
+        cids = torch.full((R, Lc), self.tok.pad_token_id or 0, dtype=torch.long)
+        mask_c = torch.zeros((R, Lc), dtype=torch.long)
+        for r, c in enumerate(flat):
+            cids[r, :len(c)] = torch.tensor(c)
+            mask_c[r, :len(c)] = 1
+        qlen = torch.tensor([len(ctx[i]) for i in owners])
+        pos_c = P + qlen[:, None] + torch.arange(Lc)[None, :]
+        attn = torch.cat([torch.ones((R, P), dtype=torch.long), mask_q[owners], mask_c], dim=1)
+        results: list[list[dict]] = [[] for _ in batch]
+        if Lc > 1:
+            with torch.inference_mode():
+                logits = self.model(input_ids=cids[:, :-1].to(self.device),
+                                    attention_mask=attn[:, :-1].to(self.device),
+                                    position_ids=pos_c[:, :-1].to(self.device), past_key_values=cache,
+                                    use_cache=False).logits.float()
+            self.forward_tokens += int(mask_c[:, :-1].sum())
+            target = cids[:, 1:].to(self.device)
+            rest = logits.gather(-1, target[..., None])[..., 0] - logits.logsumexp(-1)
+            rest = (rest * mask_c[:, 1:].to(self.device)).sum(1)
+        else:
+            rest = torch.zeros(R, device=self.device)
+        first = first_lp[torch.tensor(owners, device=self.device), cids[:, 0].to(self.device)]
+        total = (first + rest).tolist()
+        texts = [c for _, cs in batch for c in cs]
+        for r, i in enumerate(owners):
+            results[i].append({"logprob": total[r], "tokens": len(flat[r]), "chars": len(texts[r])})
+        return results
+
+    def _score_batch_no_prefix_cache(self, batch: Sequence[tuple[str, Sequence[str]]]) -> list[list[dict]]:
+        """The same numbers without any cache reuse, one option at a time (a baseline for the benchmark)."""
+        return [[naive_loglik(self, ctx, c) for c in cs] for ctx, cs in batch]
+
+
+def naive_loglik(scorer: LoglikScorer, context: str, continuation: str) -> dict:
+    """Log-likelihood of one continuation by a full forward pass over prefix + context + continuation."""
+    torch = scorer.torch
+    pre, ctx, cont = scorer.prefix_ids, scorer.encode(context), scorer.encode(continuation)
+    ids = torch.tensor([pre + ctx + cont], device=scorer.device)
+    scorer._check_length(ids.shape[1])
+    with torch.inference_mode():
+        logits = scorer.model(input_ids=ids, use_cache=False).logits[0].float()
+    scorer.forward_tokens += ids.shape[1]
+    start = len(pre) + len(ctx)
+    lp = logits[start - 1:-1].log_softmax(-1)
+    target = ids[0, start:]
+    return {"logprob": float(lp.gather(-1, target[:, None]).sum()), "tokens": len(cont), "chars": len(continuation)}
+
+
+def loglik_predictions(scores: Sequence[dict]) -> dict[str, int]:
+    """Predicted option under each normalization: total, per token, per character log-likelihood."""
+    def argmax(vals: list[float]) -> int:
+        return max(range(len(vals)), key=lambda j: vals[j])
+
+    return {
+        "sum": argmax([s["logprob"] for s in scores]),
+        "per_token": argmax([s["logprob"] / max(1, s["tokens"]) for s in scores]),
+        "per_char": argmax([s["logprob"] / max(1, s["chars"]) for s in scores]),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- running a model
+def select_questions(questions: list[dict], max_questions: int | None, seed: int) -> list[dict]:
+    """All questions, or a seeded sample of `max_questions` kept in file order (a scale control)."""
+    if not max_questions or max_questions >= len(questions):
+        return questions
+    keep = set(random.Random(seed).sample(range(len(questions)), max_questions))
+    return [q for i, q in enumerate(questions) if i in keep]
+
+
+def load_inputs(questions_path: str | Path, articles_path: str | Path) -> tuple[list[dict], dict[str, dict]]:
+    articles = {rec["uid"]: rec for _, rec in iter_jsonl(articles_path)}
+    questions = []
+    for line, rec in iter_jsonl(questions_path):
+        for key in ("qid", "article_uid", "question", "options", "gold"):
+            if key not in rec:
+                raise InputError(f"{questions_path}:{line}: missing field {key!r}; regenerate it with the data stage")
+        if rec["article_uid"] not in articles:
+            raise InputError(f"{questions_path}:{line}: article {rec['article_uid']!r} is not in {articles_path}")
+        questions.append(rec)
+    if not questions:
+        raise InputError(f"{questions_path}: no questions; closed-book QA needs a questions file")
+    return questions, articles
+
+
+def loglik_records(scorer: LoglikScorer, contexts: Sequence[str], questions: Sequence[dict],
+                   lcfg: dict) -> list[dict]:
+    """Score every question's options and return the per-question `loglik` blocks."""
+    items = [(ctx, [option_continuation(lcfg["continuation"], q, j) for j in range(4)])
+             for ctx, q in zip(contexts, questions)]
+    scores = scorer.score(items, progress=True)
+    out = []
+    for q, s in zip(questions, scores):
+        preds = loglik_predictions(s)
+        pred = preds[lcfg["normalization"]]
+        out.append({"option_logprob": [round(x["logprob"], 5) for x in s],
+                    "option_tokens": [x["tokens"] for x in s], "option_chars": [x["chars"] for x in s],
+                    "predicted_by": preds, "predicted": pred, "correct": pred == q["gold"]})
+    return out
+
+
+def cot_stops(ccfg: dict, engine: str) -> list[str]:
+    """Stop strings of a CoT request: `Answer: X.` for engines that keep the matched stop in the text (the
+    reference code's stops), plus evaluation.cot.stop. Hosted OpenAI-style APIs drop the matched stop string, so
+    the answer stops are never sent there; the default `\n## Example` stop (what the few-shot format writes after
+    an answer) still ends the completion, and the first answer line is read either way."""
+    stops = [f"Answer: {x}." for x in LETTERS] if ccfg["stop_at_answer"] and engine != "openai" else []
+    return stops + [s for s in ccfg["stop"] if s not in stops]
+
+
+def cot_requests(prompts: Sequence[str], questions: Sequence[dict], ccfg: dict, seed: int,
+                 engine: str = "transformers") -> list:
+    from .backends import GenerationRequest
+
+    stops = cot_stops(ccfg, engine)
+    return [GenerationRequest(id=q["qid"], prompt=p, group="qa-5shot-prefix", max_new_tokens=ccfg["max_new_tokens"],
+                              temperature=ccfg["temperature"], top_p=ccfg["top_p"],
+                              seed=int(stable_hash(seed, q["qid"], n=8), 16) % (2**31), stop=list(stops),
+                              n=ccfg["n"], metadata={"qid": q["qid"]})
+            for p, q in zip(prompts, questions)]
+
+
+def cot_records(backend: Any, prompts: Sequence[str], questions: Sequence[dict], ccfg: dict, seed: int,
+                partial_path: Path | None = None, engine: str = "transformers") -> list[dict]:
+    """Generate (or resume from `partial_path`) n completions per question and parse their answers."""
+    requests = cot_requests(prompts, questions, ccfg, seed, engine)
+    done: dict[str, dict] = {}
+    # A saved completion is reused only for the same model, sampling settings, seed and prompt text.
+    sampling = {k: ccfg[k] for k in ("n", "temperature", "top_p", "max_new_tokens", "stop_at_answer", "stop")}
+    key = stable_hash(getattr(backend, "model", ""), sampling, seed, n=10)
+    prompt_ids = {r.id: prompt_version(r.prompt) for r in requests}
+    if partial_path is not None and partial_path.exists():
+        for _, rec in iter_jsonl(partial_path, allow_truncated_tail=True):
+            if rec.get("key") == key and rec.get("prompt_id") == prompt_ids.get(rec.get("qid")):
+                done[rec["qid"]] = rec
+    todo = [r for r in requests if r.id not in done]
+    if todo:
+        sink = AppendOnlyJsonl(partial_path, key="id") if partial_path is not None else None
+        t0, n_done = time.time(), 0
+        for comp in backend.generate(todo):
+            rec = {"id": f"{key}:{prompt_ids[comp.id]}:{comp.id}", "key": key, "qid": comp.id,
+                   "prompt_id": prompt_ids[comp.id], "texts": list(comp.texts),
+                   "finish_reasons": list(comp.finish_reasons), "completion_tokens": comp.completion_tokens,
+                   "error": comp.error}
+            done[comp.id] = rec
+            if sink is not None and comp.error is None:  # a failed request is retried by the next run
+                sink.append(rec)
+            n_done += 1
+            if n_done % 50 == 0 or n_done == len(todo):
+                log(f"cot: {n_done}/{len(todo)} questions ({n_done / max(1e-9, time.time() - t0):.2f}/s)")
+        if sink is not None:
+            sink.close()
+    failed = [r for r in done.values() if r.get("error")]
+    if len(failed) > ccfg["max_failed_fraction"] * len(questions):
+        raise InputError(f"{len(failed)} of {len(questions)} CoT requests failed (first: {failed[0]['qid']}: "
+                         f"{failed[0]['error']}); fix the cause and re-run: completed requests are kept in "
+                         f"{partial_path}, or allow a few failures with evaluation.cot.max_failed_fraction")
+    out = []
+    for q in questions:
+        rec = done.get(q["qid"])
+        if rec is None:
+            raise RuntimeError(f"backend returned no completion for question {q['qid']!r}")
+        answers = [extract_answer(t) for t in rec["texts"]]
+        rng = random.Random(int(stable_hash(seed, "select", q["qid"], n=8), 16))
+        pred = select_answer(answers, ccfg["select"], rng)
+        out.append({"completions": rec["texts"], "finish_reasons": rec["finish_reasons"], "answers": answers,
+                    "error": rec.get("error"), "attempted": pred is not None, "predicted": pred,
+                    "correct": pred is not None and pred == q["gold"]})
+    return out
+
+
+def summarize(records: Sequence[dict], modes: Sequence[str], ecfg: dict, seed: int) -> dict:
+    """Per-mode accuracy blocks (with intervals and the difficulty split); `loglik` also per normalization,
+    `cot` under both conventions."""
+    ci = ecfg["ci"]
+    out: dict[str, Any] = {}
+    for mode in modes:
+        recs = [r[mode] for r in records]
+        block = accuracy_block([r["correct"] for r in recs], ci, seed)
+        block["by_difficulty"] = by_difficulty(records, lambda r, m=mode: r[m]["correct"], ci, seed)
+        if mode == "loglik":
+            block["normalization"] = ecfg["loglik"]["normalization"]
+            block["continuation"] = ecfg["loglik"]["continuation"]
+            for norm in NORMALIZATIONS:
+                block[f"accuracy_{norm}"] = sum(r["predicted_by"][norm] == q["gold"]
+                                                for r, q in zip(recs, records)) / len(recs)
+            block["attempted"] = 1.0
+            block["accuracy_attempted"] = block["accuracy"]
+        else:
+            att = [r for r in recs if r["attempted"]]
+            block["attempted"] = len(att) / len(recs)
+            block["n_attempted"] = len(att)
+            block["accuracy_attempted"] = (sum(r["correct"] for r in att) / len(att)) if att else float("nan")
+            lo, hi = wilson_interval(sum(r["correct"] for r in att), len(att), ci["level"])
+            block["ci_attempted"] = [lo, hi]
+            block["conventions"] = {"accuracy": "unparseable questions counted wrong",
+                                    "accuracy_attempted": "unparseable questions dropped (reference code)"}
+            block["failed_requests"] = sum(bool(r.get("error")) for r in recs)
+            block["samples_per_question"] = ecfg["cot"]["n"]
+            block["select"] = ecfg["cot"]["select"]
+        out[mode] = block
+    return out
+
+
+def load_local_model(model_path: str, ecfg: dict) -> tuple[Any, Any]:
+    from .models import default_device, load_causal_lm, load_tokenizer
+
+    device = default_device() if ecfg["device"] == "auto" else ecfg["device"]
+    return load_causal_lm(model_path, dtype=ecfg["dtype"], device=device), load_tokenizer(model_path)
+
+
+def api_model_spec(ecfg: dict, model_id: str) -> dict | None:
+    """The evaluation.api_models entry of an `api-{name}` model id (None for local models)."""
+    if not model_id.startswith("api-"):
+        return None
+    name = model_id[len("api-"):]
+    for spec in ecfg.get("api_models", []):
+        if spec["name"] == name:
+            return spec
+    raise InputError(f"model id {model_id!r}: no evaluation.api_models entry named {name!r}")
+
+
+def make_backend(cfg: dict, engine: str, model: str) -> Any:
+    from .backends import get_backend
+
+    settings = dict((cfg.get("backends") or {}).get(engine) or {})
+    settings["model"] = model
+    return get_backend(engine, settings)
+
+
+def evaluate_prompts(cfg: dict, model_id: str, model_path: str | None, questions: list[dict],
+                     contexts: list[str], prefix: str, modes: Sequence[str],
+                     partial_path: Path | None = None) -> tuple[list[dict], dict]:
+    """Score `questions` whose per-question prompt text (after the shared `prefix`) is `contexts`.
+
+    Shared by closed-book QA and RAG. Returns per-question mode blocks and run info (timings, engine)."""
+    ecfg, seed = cfg["evaluation"], cfg["seed"]
+    api = api_model_spec(ecfg, model_id)
+    blocks: list[dict] = [{} for _ in questions]
+    info: dict[str, Any] = {}
+    model = tok = None
+    if "loglik" in modes:
+        if api is not None:
+            raise InputError(f"{model_id}: API models are scored by sampling only; set its modes to [cot]")
+        import torch
+
+        t0 = time.time()
+        model, tok = load_local_model(model_path, ecfg)
+        lcfg = ecfg["loglik"]
+        scorer = LoglikScorer(model, tok, prefix, lcfg["batch_questions"], lcfg["reuse_prefix_cache"])
+        t1 = time.time()
+        for b, r in zip(blocks, loglik_records(scorer, contexts, questions, lcfg)):
+            b["loglik"] = r
+        sec = time.time() - t1
+        info["loglik"] = {"load_seconds": round(t1 - t0, 2), "seconds": round(sec, 2),
+                          "forward_tokens": scorer.forward_tokens, "prefix_tokens": len(scorer.prefix_ids),
+                          "tokens_per_second": round(scorer.forward_tokens / max(sec, 1e-9), 1),
+                          "device": str(scorer.device), "torch_threads": torch.get_num_threads()}
+        del scorer, model
+    if "cot" in modes:
+        ccfg = ecfg["cot"]
+        engine = api["engine"] if api else ccfg["engine"]
+        backend = make_backend(cfg, engine, api["model"] if api else model_path)
+        t0 = time.time()
+        try:
+            recs = cot_records(backend, [prefix + c for c in contexts], questions, ccfg, seed, partial_path, engine)
+        finally:
+            backend.close()
+        for b, r in zip(blocks, recs):
+            b["cot"] = r
+        info["cot"] = {"engine": engine, "model": api["model"] if api else model_path,
+                       "seconds": round(time.time() - t0, 2)}
+    return blocks, info
+
+
+def model_modes(ecfg: dict, model_id: str) -> list[str]:
+    api = api_model_spec(ecfg, model_id)
+    return list(api["modes"]) if api else list(ecfg["modes"])
+
+
+def run(cfg: dict, model_id: str, model_path: str | None, questions_path: str, articles_path: str,
+        output_jsonl: str | Path, output_json: str | Path) -> dict:
+    """Closed-book QA of one model: write the per-question JSONL and the summary JSON; return the summary."""
+    ecfg, seed = cfg["evaluation"], cfg["seed"]
+    t0 = time.time()
+    questions, articles = load_inputs(questions_path, articles_path)
+    questions = select_questions(questions, ecfg["max_questions"], seed)
+    prefix = load_prompt_template(ecfg["prompt_prefix"])
+    contexts = [render_question(q, articles[q["article_uid"]]) for q in questions]
+    modes = model_modes(ecfg, model_id)
+    partial = Path(str(output_jsonl) + ".cot-partial")
+    blocks, info = evaluate_prompts(cfg, model_id, model_path, questions, contexts, prefix, modes, partial)
+    records = []
+    for q, ctx, b in zip(questions, contexts, blocks):
+        rec = {"qid": q["qid"], "article_uid": q["article_uid"], "prompt_id": prompt_version(prefix + ctx),
+               "gold": q["gold"], "difficult": q.get("difficult"), **b,
+               "mode": modes[0], "predicted": b[modes[0]]["predicted"], "correct": b[modes[0]]["correct"]}
+        records.append(rec)
+    per_mode = summarize(records, modes, ecfg, seed)
+    primary = per_mode[modes[0]]
+    summary = {
+        "model": model_id, "model_path": model_path, "task": "quality-closed-book", "mode": modes[0],
+        "n": primary["n"], "accuracy": primary["accuracy"], "ci_low": primary["ci_low"],
+        "ci_high": primary["ci_high"], "attempted": primary["attempted"],
+        "accuracy_attempted": primary["accuracy_attempted"], "modes": per_mode,
+        "prefix_file": str(ecfg["prompt_prefix"]), "prefix_version": prompt_version(prefix),
+        "config_hash": config_hash(ecfg), "seed": seed, "run": info, "seconds": round(time.time() - t0, 2),
+    }
+    write_jsonl_atomic(output_jsonl, records)
+    write_json_atomic(output_json, json_safe(summary))
+    if partial.exists():
+        partial.unlink()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m workflow_scripts.qa_eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    p.add_argument("--model-id", required=True, help="base | raw-all | METHOD-BUDGET | api-NAME")
+    p.add_argument("--model-path", default=None, help="model folder or hub id (not needed for api-NAME)")
+    p.add_argument("--questions", default="results/data/questions.jsonl")
+    p.add_argument("--articles", default="results/data/articles.jsonl")
+    p.add_argument("--output-jsonl", required=True)
+    p.add_argument("--output-json", required=True)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: evaluation.threads)")
+    args = p.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        import torch
+
+        torch.set_num_threads(args.threads or cfg["evaluation"]["threads"])
+        model_path = args.model_path or None  # the rule passes '' for API models
+        if model_path is None and not args.model_id.startswith("api-"):
+            raise InputError("--model-path is required for local models")
+        summary = run(cfg, args.model_id, model_path, args.questions, args.articles,
+                      args.output_jsonl, args.output_json)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: summary[k] for k in ("model", "mode", "n", "accuracy", "ci_low", "ci_high", "attempted")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

