@@ -12,6 +12,14 @@ configfile: "config.yaml"
 report: "report/workflow.rst"
 
 
+# Wildcards shared by every stage (docs/architecture.md).
+wildcard_constraints:
+    method="[a-z0-9_]+",
+    budget=r"\d+|all",
+    article="[A-Za-z0-9_.-]+",
+    model="[A-Za-z0-9_.-]+",
+
+
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/synthesis.smk"

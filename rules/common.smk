@@ -1,18 +1,21 @@
 # Small functions that compute inputs and params from config: the only logic in the rules layer.
 import json
 import os
+import shlex
 import sys
 
+from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
 validate(config, "../schemas/config.schema.yaml")
 
 # Rules run `python -m workflow_scripts.<stage>`. Without --use-conda that must be the interpreter running
 # Snakemake (the README's .venv), also when .venv/bin/snakemake is called without activating the venv; with
-# --use-conda the env's activation puts its own python first on PATH.
-os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-PY = "python"  # kept for rules written with {PY}; new rules write `python` directly
+# --use-conda the env's activation puts its own python first, so PATH is left alone.
+_PREFIX = "set -euo pipefail; export TOKENIZERS_PARALLELISM=false; "
+if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+    _PREFIX += f'export PATH={shlex.quote(os.path.dirname(sys.executable))}:"$PATH"; '
+shell.prefix(_PREFIX)
 
 ARTICLES = "results/data/articles.jsonl"
 QUESTIONS = "results/data/questions.jsonl"
@@ -27,7 +30,7 @@ def all_targets():
 
 
 def section(*keys):
-    """JSON of the config sections a rule needs (passed as --config-json): a rule reruns when they change."""
+    """JSON of the config sections a job needs, passed as --config-json, so that a job reruns when they change."""
     return json.dumps({k: config[k] for k in keys}, sort_keys=True)
 
 
@@ -51,11 +54,6 @@ def article_uids(wildcards=None):
 
 
 # ---- the cross-stage vocabulary: methods, budgets, model ids (DESIGN.md "The DAG and its files") ----
-wildcard_constraints:
-    method="[a-z0-9_]+",
-    budget=r"\d+|all",
-    article="[A-Za-z0-9_.-]+",
-    model="[A-Za-z0-9_.-]+",
 
 
 def synth_methods():
@@ -83,3 +81,99 @@ def model_dir(mid):
         return model_location("base")
     method, budget = mid.rsplit("-", 1)
     return f"results/models/{method}/{budget}"
+
+
+# ---- data stage (rules/data.smk) ----
+def prepare_inputs(wildcards):
+    src = config["data"]["source"]
+    if src == "quality":
+        return {"zip": "results/data/quality/QuALITY.v1.0.1.zip"}
+    custom = config["data"]["custom"]
+    return {"corpus": custom["path"], **({"questions": custom["questions"]} if custom["questions"] else {})}
+
+
+# ---- evaluation stage (rules/evaluation.smk) ----
+EVAL = config["evaluation"]
+EVAL_RES = EVAL["resources"]
+QA_DIR = "results/eval/qa"
+RAG_DIR = "results/eval/rag"
+# vLLM cannot share an environment with the CPU pins (envs/eval.yaml explains): CoT on vllm uses its env.
+EVAL_ENV = ("../envs/synthesis-vllm.yaml" if "cot" in EVAL["modes"] and EVAL["cot"]["engine"] == "vllm"
+            else "../envs/eval.yaml")
+
+
+def eval_models():
+    """Model ids of closed-book QA: the base model, Raw CPT, every method x budget, then the API references."""
+    return (["base"] + [model_id(m, b) for m, b in cpt_models()]
+            + [f"api-{a['name']}" for a in EVAL["api_models"]])
+
+
+def rag_models():
+    """Model ids of the RAG baseline (evaluation.rag.models; default: base and the largest budget of the first
+    synthesis method, or Raw CPT when no method is configured)."""
+    if EVAL["rag"]["models"] is not None:
+        return list(EVAL["rag"]["models"])
+    methods, bs = synth_methods(), budgets()
+    return ["base", model_id(methods[0], max(bs)) if methods and bs else "raw-all"]
+
+
+def eval_model_input(wildcards):
+    """The model folder an evaluation reads: none for API models or hub ids."""
+    mid = wildcards.model
+    if mid.startswith("api-"):
+        return []
+    if mid == "base":
+        return model_input("base")
+    return [model_dir(mid)]
+
+
+def eval_model_path(wildcards):
+    return "" if wildcards.model.startswith("api-") else model_dir(wildcards.model)
+
+
+def eval_params(wildcards, rag=False):
+    """--config-json of one evaluation: the evaluation keys that change its numbers (not resources; rag only for
+    RAG jobs), plus the backend settings when the model is sampled (cot)."""
+    ev = {k: v for k, v in EVAL.items() if k not in ("resources", "rag")}
+    if rag:
+        ev["rag"] = EVAL["rag"]
+    api = next((a for a in EVAL["api_models"] if f"api-{a['name']}" == wildcards.model), None)
+    if api is not None:
+        ev["api_models"] = [api]
+        modes, engine = api["modes"], api["engine"]
+    else:
+        ev["api_models"] = []
+        modes = (EVAL["rag"]["modes"] or EVAL["modes"]) if rag else EVAL["modes"]
+        engine = EVAL["cot"]["engine"]
+    cfg = {"seed": config["seed"], "evaluation": ev}
+    if "cot" in modes:
+        cfg["backends"] = {engine: config["backends"].get(engine) or {}}
+    return json.dumps(cfg, sort_keys=True)
+
+
+# ---- figures stage (rules/figures.smk) ----
+FIGURES = "results/figures"
+QA_TABLE = "results/tables/qa_accuracy.csv"
+
+
+def figure_extras(name):
+    """A figure's outputs besides the PNG (figures.formats): the PNG is the one the report embeds."""
+    return [f"{FIGURES}/{name}.{ext}" for ext in config["figures"]["formats"] if ext != "png"]
+
+
+def figures_params(keys, *sections):
+    """The figures keys a plot uses (+ whole top-level sections), as --config-json: restyling one figure reruns
+    only that figure's rule, and a change of the fit settings reruns the fit and the scaling plot only."""
+    figures = {k: v for k, v in config["figures"].items() if k in keys}
+    return json.dumps({"figures": figures, **{s: config[s] for s in sections}}, sort_keys=True)
+
+
+FIT_KEYS = ("fit", "accuracy_scale")
+SCALING_KEYS = ("style", "dpi", "figsize", "formats", "paper_reference", "show_fit", "show_chance", "modes",
+                "accuracy_scale")
+DIVERSITY_KEYS = ("style", "dpi", "diversity_figsize", "formats")
+
+
+def synth_files(kind):
+    """results/synth/{method}/{kind}.json of every synthesis method (kind: report | ledger)."""
+    return [f"results/synth/{m}/{kind}.json" for m in synth_methods()]

@@ -1,1 +1,28 @@
-# Stage file: corpus (rules join as their issue lands).
+# Stage 5: one token corpus per method (raw = the articles): tokenized with the CPT base model's tokenizer,
+# shuffled with the seed, concatenated into a memory-mapped array; budgets are prefixes of it.
+# Logic: workflow_scripts/corpus.py; docs/cpt.md.
+CORPUS = "results/corpus"
+
+
+rule build_corpus:
+    input:
+        # raw: the articles; a synthesis method: its shard of every article
+        records=lambda wc: [ARTICLES] if wc.method == "raw" else [f"results/synth/{wc.method}/{u}.jsonl"
+                                                                   for u in article_uids()],
+        model=model_input("base"),
+    output:
+        tokens=f"{CORPUS}/{{method}}/tokens.npy",
+        manifest=f"{CORPUS}/{{method}}/manifest.json",
+    log:
+        f"{LOGS}/corpus/{{method}}.log",
+    params:
+        cfg=section("seed", "corpus"),
+        model=lambda wc: model_location("base"),  # a folder, or a hub id (no input file)
+        outdir=lambda wc, output: os.path.dirname(output.tokens),
+    threads: 1
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "python -m workflow_scripts.corpus build --method {wildcards.method} "
+        "--model {params.model:q} --inputs {input.records} --outdir {params.outdir} "
+        "--config-json {params.cfg:q} 2> {log}"

@@ -1,1 +1,47 @@
-# Stage file: cpt (rules join as their issue lands).
+# Stage 6: continued pretraining, one job per method x budget plus the Raw baseline (results/models/raw/all/).
+# One process on CPU or one GPU; torchrun with one process per GPU (FSDP) when cpt.resources.gpu > 1.
+# Logic: workflow_scripts/train.py; docs/cpt.md.
+CPT = config["cpt"]
+# Local general-text files (replay source, forgetting probe) are inputs; Hugging Face dataset ids are not files.
+CPT_GENERAL = [p for p in ([CPT["probe"]["source"]] + ([CPT["replay"]["source"]] if CPT["replay"]["rate"] > 0 else []))
+               if p and os.path.exists(p)]
+# The cpt keys that shape a model; the budget list and the resources are left out, so that adding a budget or
+# raising a time limit does not retrain the existing models.
+CPT_CFG = json.dumps({"seed": config["seed"], "cpt": {k: v for k, v in CPT.items() if k not in ("budgets", "resources")}},
+                     sort_keys=True)
+
+
+rule cpt:
+    input:
+        corpus=f"{CORPUS}/{{method}}/tokens.npy",
+        manifest=f"{CORPUS}/{{method}}/manifest.json",
+        model=model_input("base"),
+        general=CPT_GENERAL,
+    output:
+        directory("results/models/{method}/{budget}"),
+    log:
+        f"{LOGS}/cpt/{{method}}/{{budget}}.log",
+    benchmark:
+        "results/benchmarks/cpt/{method}/{budget}.tsv"
+    params:
+        cfg=CPT_CFG,
+        model=lambda wc: model_location("base"),  # a folder, or a hub id (no input file)
+        corpus=lambda wc, input: os.path.dirname(input.corpus),
+        workdir=lambda wc: f"results/checkpoints/{wc.method}/{wc.budget}",
+        # one process, or torchrun with one worker per GPU the job declares
+        launch=lambda wc, resources: (f"python -m torch.distributed.run --standalone --nproc_per_node {resources.gpu}"
+                                      if int(resources.gpu) > 1 else "python"),
+    threads: CPT["threads"]
+    resources:
+        gpu=CPT["resources"]["gpu"],
+        mem_mb=CPT["resources"]["mem_mb"],
+        runtime=CPT["resources"]["runtime"],
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} TOKENIZERS_PARALLELISM=false {params.launch} -m workflow_scripts.train "
+        "--corpus {params.corpus} --method {wildcards.method} --budget {wildcards.budget} --model {params.model:q} "
+        "--output {output} --workdir {params.workdir} --config-json {params.cfg:q} 2> {log}"
+
+
+ALL_TARGETS.extend([model_dir(model_id(m, b)) for m, b in cpt_models()])

@@ -1,12 +1,5 @@
 # Stages 1-2: the QuALITY zip (or a user's corpus) -> articles.jsonl + questions.jsonl; the packaged model.
-
-
-def prepare_inputs(wildcards):
-    src = config["data"]["source"]
-    if src == "quality":
-        return {"zip": "results/data/quality/QuALITY.v1.0.1.zip"}
-    custom = config["data"]["custom"]
-    return {"corpus": custom["path"], **({"questions": custom["questions"]} if custom["questions"] else {})}
+# Input and params functions of these rules: rules/common.smk.
 
 
 rule download_quality:

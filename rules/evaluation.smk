@@ -1,62 +1,7 @@
 # Stages 7-8: closed-book QA of every model (base, Raw CPT, each method x budget, API references), the optional
 # open-book (RAG) baseline, and the accuracy table. Logic: workflow_scripts/qa_eval.py, rag.py, aggregate.py;
 # docs/evaluation.md.
-EVAL = config["evaluation"]
-EVAL_RES = EVAL["resources"]
-QA_DIR = "results/eval/qa"
-RAG_DIR = "results/eval/rag"
-# vLLM cannot share an environment with the CPU pins (envs/eval.yaml explains): CoT on vllm uses its env.
-EVAL_ENV = ("../envs/synthesis-vllm.yaml" if "cot" in EVAL["modes"] and EVAL["cot"]["engine"] == "vllm"
-            else "../envs/eval.yaml")
-
-
-def eval_models():
-    """Model ids of closed-book QA: the base model, Raw CPT, every method x budget, then the API references."""
-    return (["base"] + [model_id(m, b) for m, b in cpt_models()]
-            + [f"api-{a['name']}" for a in EVAL["api_models"]])
-
-
-def rag_models():
-    """Model ids of the RAG baseline (evaluation.rag.models; default: base and the largest budget of the first
-    synthesis method, or Raw CPT when no method is configured)."""
-    if EVAL["rag"]["models"] is not None:
-        return list(EVAL["rag"]["models"])
-    methods, bs = synth_methods(), budgets()
-    return ["base", model_id(methods[0], max(bs)) if methods and bs else "raw-all"]
-
-
-def eval_model_input(wildcards):
-    """The model folder an evaluation reads: none for API models or hub ids."""
-    mid = wildcards.model
-    if mid.startswith("api-"):
-        return []
-    if mid == "base":
-        return model_input("base")
-    return [model_dir(mid)]
-
-
-def eval_model_path(wildcards):
-    return "" if wildcards.model.startswith("api-") else model_dir(wildcards.model)
-
-
-def eval_params(wildcards, rag=False):
-    """--config-json of one evaluation: the evaluation keys that change its numbers (not resources; rag only for
-    RAG jobs), plus the backend settings when the model is sampled (cot)."""
-    ev = {k: v for k, v in EVAL.items() if k not in ("resources", "rag")}
-    if rag:
-        ev["rag"] = EVAL["rag"]
-    api = next((a for a in EVAL["api_models"] if f"api-{a['name']}" == wildcards.model), None)
-    if api is not None:
-        ev["api_models"] = [api]
-        modes, engine = api["modes"], api["engine"]
-    else:
-        ev["api_models"] = []
-        modes = (EVAL["rag"]["modes"] or EVAL["modes"]) if rag else EVAL["modes"]
-        engine = EVAL["cot"]["engine"]
-    cfg = {"seed": config["seed"], "evaluation": ev}
-    if "cot" in modes:
-        cfg["backends"] = {engine: config["backends"].get(engine) or {}}
-    return json.dumps(cfg, sort_keys=True)
+# Input and params functions of these rules: rules/common.smk.
 
 
 rule eval_qa:

@@ -1,31 +1,7 @@
 # Stage 9: the scaling-curve fit, the figures, and the synthesis summary shown in the Snakemake report.
 # Inputs are only finished tables and reports, so `snakemake results/figures/scaling_curve.png` redraws a plot
 # from existing results (docs/figures.md). Logic: workflow_scripts/fit_scaling.py and figures.py.
-FIGURES = "results/figures"
-QA_TABLE = "results/tables/qa_accuracy.csv"
-
-
-def figure_extras(name):
-    """A figure's outputs besides the PNG (figures.formats): the PNG is the one the report embeds."""
-    return [f"{FIGURES}/{name}.{ext}" for ext in config["figures"]["formats"] if ext != "png"]
-
-
-def figures_params(keys, *sections):
-    """The figures keys a rule uses (+ whole top-level sections), as --config-json: restyling one figure reruns
-    only that figure's rule, and a change of the fit settings reruns the fit and the scaling plot only."""
-    figures = {k: v for k, v in config["figures"].items() if k in keys}
-    return json.dumps({"figures": figures, **{s: config[s] for s in sections}}, sort_keys=True)
-
-
-FIT_KEYS = ("fit", "accuracy_scale")
-SCALING_KEYS = ("style", "dpi", "figsize", "formats", "paper_reference", "show_fit", "show_chance", "modes",
-                "accuracy_scale")
-DIVERSITY_KEYS = ("style", "dpi", "diversity_figsize", "formats")
-
-
-def synth_files(kind):
-    """results/synth/{method}/{kind}.json of every synthesis method (kind: report | ledger)."""
-    return [f"results/synth/{m}/{kind}.json" for m in synth_methods()]
+# Input and params functions of these rules: rules/common.smk.
 
 
 rule fit_scaling:
@@ -40,7 +16,7 @@ rule fit_scaling:
     conda:
         "../envs/base.yaml"
     shell:
-        "{PY} -m workflow_scripts.fit_scaling --table {input.table} --config-json {params.cfg:q} "
+        "python -m workflow_scripts.fit_scaling --table {input.table} --config-json {params.cfg:q} "
         "--output {output} 2> {log}"
 
 
@@ -58,7 +34,7 @@ rule plot_scaling:
     conda:
         "../envs/base.yaml"
     shell:
-        "{PY} -m workflow_scripts.figures scaling --table {input.table} --fit {input.fit} "
+        "python -m workflow_scripts.figures scaling --table {input.table} --fit {input.fit} "
         "--config-json {params.cfg:q} --output {output} 2> {log}"
 
 
@@ -75,7 +51,7 @@ rule plot_diversity:
     conda:
         "../envs/base.yaml"
     shell:
-        "{PY} -m workflow_scripts.figures diversity --reports {input.reports} "
+        "python -m workflow_scripts.figures diversity --reports {input.reports} "
         "--config-json {params.cfg:q} --output {output} 2> {log}"
 
 
@@ -92,7 +68,7 @@ rule synthesis_summary:
     conda:
         "../envs/base.yaml"
     shell:
-        "{PY} -m workflow_scripts.figures synthesis-table --ledgers {input.ledgers} --reports {input.reports} "
+        "python -m workflow_scripts.figures synthesis-table --ledgers {input.ledgers} --reports {input.reports} "
         "--csv {output.csv} --html {output.html} 2> {log}"
 
 

@@ -99,7 +99,12 @@ def convert_packaged(name: str, output: str | Path) -> dict[str, Any]:
     gguf = packaged_gguf(name)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    # The GGUF load leaves `quantization_config: gguf` on the config; the weights are dequantised float32 now,
+    # and that stale entry would make later save_pretrained calls (CPT outputs) refuse to save.
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     # Tied embeddings are the only acceptable mismatch.
     missing = [k for k in missing if k != "lm_head.weight"]
