@@ -7,6 +7,8 @@ import sys
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
+from workflow_scripts.config import method_budgets
+
 validate(config, "../schemas/config.schema.yaml")
 
 # Rules run `python -m workflow_scripts.<stage>`. Without --use-conda that must be the interpreter running
@@ -61,9 +63,10 @@ def synth_methods():
     return list(config["synthesis"].get("methods", []))
 
 
-def budgets():
-    """Synthetic-token budgets of the scaling curve (cpt.budgets): each a prefix of the method's shuffled corpus."""
-    return [int(b) for b in config["cpt"].get("budgets", [])]
+def budgets(method=None):
+    """Synthetic-token budgets of the scaling curve: cpt.method_budgets[method] if set, else cpt.budgets.
+    Each is a prefix of the method's shuffled corpus."""
+    return method_budgets(config, method) if method else [int(b) for b in config["cpt"].get("budgets", [])]
 
 
 def model_id(method, budget):
@@ -72,7 +75,7 @@ def model_id(method, budget):
 
 def cpt_models():
     """(method, budget) of every CPT model: the Raw baseline on all raw tokens, and each method x budget."""
-    return [("raw", "all")] + [(m, b) for m in synth_methods() for b in budgets()]
+    return [("raw", "all")] + [(m, b) for m in synth_methods() for b in budgets(m)]
 
 
 def model_dir(mid):
@@ -113,7 +116,8 @@ def rag_models():
     synthesis method, or Raw CPT when no method is configured)."""
     if EVAL["rag"]["models"] is not None:
         return list(EVAL["rag"]["models"])
-    methods, bs = synth_methods(), budgets()
+    methods = synth_methods()
+    bs = budgets(methods[0]) if methods else []
     return ["base", model_id(methods[0], max(bs)) if methods and bs else "raw-all"]
 
 

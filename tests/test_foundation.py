@@ -89,3 +89,13 @@ def test_packaged_model_converts_to_a_loadable_folder(smollm_dir):
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+
+def test_method_budgets_override_per_method():
+    from workflow_scripts.config import method_budgets
+
+    cfg = validate_config({"cpt": {"budgets": [100, 200, 400], "method_budgets": {"rephrase": [100, 150]}}})
+    assert method_budgets(cfg, "entigraph") == [100, 200, 400]
+    assert method_budgets(cfg, "rephrase") == [100, 150]
+    paper = load_config([ROOT / "config.yaml", ROOT / "experiments/paper.yaml"])
+    assert max(method_budgets(paper, "rephrase")) <= 38_000_000 < max(method_budgets(paper, "entigraph"))

@@ -28,7 +28,7 @@ def test_lint_is_clean():
 
 @pytest.mark.parametrize("overlay", [None, "experiments/paper.yaml", "experiments/single-gpu.yaml"])
 def test_dry_run_plans_the_dag(overlay, tmp_path):
-    args = SNAKEMAKE + ["-n", "--cores", "1", "--quiet", "rules"]
+    args = SNAKEMAKE + ["-n", "--forceall", "--cores", "1", "--quiet", "rules"]
     if overlay:
         args += ["--configfile", overlay]
     r = run(args)

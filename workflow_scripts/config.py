@@ -71,6 +71,13 @@ def load_config(configfiles: list[str | Path] | None = None, overrides: dict | N
     return validate_config(cfg)
 
 
+def method_budgets(cfg: dict, method: str) -> list[int]:
+    """Synthetic-token budgets a method is trained at: cpt.method_budgets[method] if given, else cpt.budgets."""
+    cpt = cfg.get("cpt", {})
+    per_method = cpt.get("method_budgets") or {}
+    return [int(b) for b in per_method.get(method, cpt.get("budgets", []))]
+
+
 def config_hash(section: Any) -> str:
     """Hash recorded with every output, so a result names the settings that made it."""
     return stable_hash(section, n=12)

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import DEFAULT_CONFIG, ROOT, load_config
+from .config import DEFAULT_CONFIG, ROOT, load_config, method_budgets
 from .io_utils import InputError
 
 ARTICLES = "results/data/articles.jsonl"
@@ -413,10 +413,9 @@ def plan_cpt(cfg: dict, raw_tokens: float, produced: dict[str, float], plan: Pla
     epochs = float(pick(cpt, "epochs", default=2))
     raw_epochs = float(pick(cpt, "raw.epochs", "raw_epochs", default=epochs))
     gpus = int(pick(cpt, "resources.gpu", default=0))
-    budgets = [int(b) for b in cpt.get("budgets", [])]
     methods = [m for m in cfg["synthesis"].get("methods", [])]
     runs = [("raw", "all", raw_tokens, raw_epochs)] + [(m, str(b), float(b), epochs) for m in methods
-                                                      for b in budgets]
+                                                      for b in method_budgets(cfg, m)]
     models = []
     capped: dict[str, list[str]] = {}
     for method, budget, tokens, ep in runs:
@@ -495,7 +494,7 @@ def rag_models(cfg: dict, models: list[tuple[str, str]]) -> list[str]:
     if rag.get("models") is not None:
         return list(rag["models"])
     methods = cfg["synthesis"].get("methods", [])
-    bs = [int(b) for b in cfg["cpt"].get("budgets", [])]
+    bs = method_budgets(cfg, methods[0]) if methods else []
     return ["base", f"{methods[0]}-{max(bs)}" if methods and bs else "raw-all"]
 
 
