@@ -650,9 +650,10 @@ def run(cfg: dict, model_id: str, model_path: str | None, questions_path: str, a
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workflow_scripts.qa_eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def eval_cli(prog: str, doc: str | None, run_fn: Callable[..., dict], argv: list[str] | None,
+             report: Callable[[dict], dict]) -> int:
+    """The command line shared by closed-book QA and the RAG baseline: one model id, its folder, the data."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
     p.add_argument("--model-id", required=True, help="base | raw-all | METHOD-BUDGET | api-NAME")
     p.add_argument("--model-path", default=None, help="model folder or hub id (not needed for api-NAME)")
@@ -670,13 +671,18 @@ def main(argv: list[str] | None = None) -> int:
         model_path = args.model_path or None  # the rule passes '' for API models
         if model_path is None and not args.model_id.startswith("api-"):
             raise InputError("--model-path is required for local models")
-        summary = run(cfg, args.model_id, model_path, args.questions, args.articles,
-                      args.output_jsonl, args.output_json)
+        summary = run_fn(cfg, args.model_id, model_path, args.questions, args.articles,
+                         args.output_jsonl, args.output_json)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({k: summary[k] for k in ("model", "mode", "n", "accuracy", "ci_low", "ci_high", "attempted")}))
+    print(json.dumps(report(summary)))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return eval_cli("python -m workflow_scripts.qa_eval", __doc__, run, argv,
+                    lambda s: {k: s[k] for k in ("model", "mode", "n", "accuracy", "ci_low", "ci_high", "attempted")})
 
 
 if __name__ == "__main__":

@@ -24,16 +24,14 @@ reference code embeds it).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import add_config_args, config_from_args, config_hash
+from .config import config_hash
 from .io_utils import InputError, write_json_atomic, write_jsonl_atomic
-from .qa_eval import (evaluate_prompts, json_safe, load_inputs, load_prompt_template, model_modes, prompt_version,
+from .qa_eval import (eval_cli, evaluate_prompts, json_safe, load_inputs, load_prompt_template, model_modes, prompt_version,
                       render_question, select_questions, summarize)
 from .quality import author_first_last
 
@@ -257,32 +255,9 @@ def run(cfg: dict, model_id: str, model_path: str | None, questions_path: str, a
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workflow_scripts.rag", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p)
-    p.add_argument("--model-id", required=True, help="base | raw-all | METHOD-BUDGET | api-NAME")
-    p.add_argument("--model-path", default=None, help="model folder or hub id (not needed for api-NAME)")
-    p.add_argument("--questions", default="results/data/questions.jsonl")
-    p.add_argument("--articles", default="results/data/articles.jsonl")
-    p.add_argument("--output-jsonl", required=True)
-    p.add_argument("--output-json", required=True)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: evaluation.threads)")
-    args = p.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        import torch
-
-        torch.set_num_threads(args.threads or cfg["evaluation"]["threads"])
-        model_path = args.model_path or None
-        if model_path is None and not args.model_id.startswith("api-"):
-            raise InputError("--model-path is required for local models")
-        s = run(cfg, args.model_id, model_path, args.questions, args.articles, args.output_jsonl, args.output_json)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({"model": s["model"], "n": s["n"], "accuracy": s["accuracy"],
-                      "recall_at_k": s["retrieval"]["recall_at_k"]}))
-    return 0
+    return eval_cli("python -m workflow_scripts.rag", __doc__, run, argv,
+                    lambda s: {"model": s["model"], "n": s["n"], "accuracy": s["accuracy"],
+                               "recall_at_k": s["retrieval"]["recall_at_k"]})
 
 
 if __name__ == "__main__":
