@@ -7,9 +7,10 @@ import sys
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
-from workflow_scripts.config import method_budgets
+from workflow_scripts.config import check_budgets, method_budgets
 
 validate(config, "../schemas/config.schema.yaml")
+check_budgets(config)
 
 # Rules run `python -m workflow_scripts.<stage>`. Without --use-conda that must be the interpreter running
 # Snakemake (the README's .venv), also when .venv/bin/snakemake is called without activating the venv; with

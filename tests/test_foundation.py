@@ -99,3 +99,14 @@ def test_method_budgets_override_per_method():
     assert method_budgets(cfg, "rephrase") == [100, 150]
     paper = load_config([ROOT / "config.yaml", ROOT / "experiments/paper.yaml"])
     assert max(method_budgets(paper, "rephrase")) <= 38_000_000 < max(method_budgets(paper, "entigraph"))
+
+
+def test_budget_shorter_than_a_block_fails_at_planning_time():
+    from workflow_scripts.config import check_budgets
+
+    cfg = validate_config({"synthesis": {"methods": ["entigraph", "rephrase"]},
+                           "cpt": {"budgets": [256], "block_size": 128, "method_budgets": {"rephrase": [96, 256]}}})
+    with pytest.raises(ValueError, match=r"shorter than one block of cpt.block_size=128 tokens: rephrase 96"):
+        check_budgets(cfg)
+    check_budgets(load_config([ROOT / "config.yaml"]))
+    check_budgets(load_config([ROOT / "config.yaml", ROOT / "experiments/paper.yaml"]))

@@ -78,6 +78,18 @@ def method_budgets(cfg: dict, method: str) -> list[int]:
     return [int(b) for b in per_method.get(method, cpt.get("budgets", []))]
 
 
+def check_budgets(cfg: dict) -> None:
+    """Fail at planning time, not hours later in a CPT job: every budget must fill at least one block."""
+    cpt = cfg.get("cpt", {})
+    block = int(cpt.get("block_size", 1))
+    methods = cfg.get("synthesis", {}).get("methods", [])
+    small = sorted({(m, b) for m in methods for b in method_budgets(cfg, m) if b < block})
+    if small:
+        listed = ", ".join(f"{m} {b}" for m, b in small)
+        raise ValueError(f"cpt budgets shorter than one block of cpt.block_size={block} tokens: {listed}; "
+                         "raise them (cpt.budgets / cpt.method_budgets) or lower cpt.block_size")
+
+
 def config_hash(section: Any) -> str:
     """Hash recorded with every output, so a result names the settings that made it."""
     return stable_hash(section, n=12)
