@@ -38,7 +38,7 @@ from matplotlib.ticker import EngFormatter, NullFormatter  # noqa: E402
 from . import paper_reference as paper  # noqa: E402
 from .config import add_config_args, config_from_args  # noqa: E402
 from .fit_scaling import LEVEL_METHODS, ScalingFit, read_accuracy_table, synthesis_points  # noqa: E402
-from .io_utils import InputError, atomic_path, write_text_atomic  # noqa: E402
+from .io_utils import InputError, atomic_path, read_json_object, write_text_atomic  # noqa: E402
 
 METHOD_LABELS = {"entigraph": "EntiGraph CPT", "rephrase": "Rephrase CPT", "qa": "QA SFT", "raw": "Raw CPT",
                  "base": "Base model"}
@@ -290,15 +290,7 @@ def plot_scaling(table: str | Path, fit_json: str | Path | None, cfg: dict, outp
 
 def read_synth_report(path: str | Path) -> dict:
     path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            rep = json.load(f)
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found (the synthesis stage writes it)") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-    if not isinstance(rep, dict):
-        raise InputError(f"{path}: expected a JSON object")
+    rep = read_json_object(path, "the synthesis stage")
     rep.setdefault("method", path.parent.name)
     return rep
 
@@ -434,15 +426,7 @@ def synthesis_table(ledgers: Sequence[str | Path], reports: Sequence[str | Path]
     for kind, paths in (("ledger", ledgers), ("report", reports)):
         for path in paths:
             path = Path(path)
-            try:
-                with open(path, encoding="utf-8") as f:
-                    obj = json.load(f)
-            except FileNotFoundError:
-                raise InputError(f"{path}: file not found (the synthesis stage writes it)") from None
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{path}: expected a JSON object")
+            obj = read_json_object(path, "the synthesis stage")
             method = str(obj.get("method") or path.parent.name)
             flat = {k: v for k, v in _flatten(obj).items() if k != "method"}
             rows.setdefault(method, {"method": method}).update({f"{kind}.{k}": v for k, v in flat.items()})

@@ -92,6 +92,21 @@ def iter_jsonl(path: str | os.PathLike, *, allow_truncated_tail: bool = False) -
         yield i, rec
 
 
+def read_json_object(path: str | os.PathLike, producer: str = "an earlier stage") -> dict:
+    """Read a JSON file holding one object; a missing or malformed file is an InputError naming it."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found ({producer} writes it)") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return obj
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return [rec for _, rec in iter_jsonl(path)]
 
