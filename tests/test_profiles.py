@@ -208,7 +208,7 @@ def test_paper_dag_under_slurm_requests_one_task_per_multi_gpu_job(tmp_path):
                 "eval_rag": cfg["evaluation"]["resources"]["gpu"]}.get(rule, cfg["synthesis"]["resources"]["gpu"])
         assert res["gpu"] == want, (rule, res)
         assert "-p 'gpu'" in sbatch and f"--gpus={want}" in sbatch and "--ntasks" not in sbatch, sbatch
-        assert f"--cpus-per-gpu=8" in sbatch
+        assert "--cpus-per-gpu=8" in sbatch
         assert step.split()[:2] == ["srun", "-n1"] and f"--gpus={want}" in step
     (cpt,) = {j["resources"]["gpu"] for j in jobs if j["rule"] == "cpt"}
     assert cpt == 8  # one node's GPUs ...

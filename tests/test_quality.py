@@ -3,7 +3,6 @@ a user's own corpus, and every bad-input case (fail with file:line, or drop with
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys

@@ -18,7 +18,6 @@ Bad input, decided per case (tests/test_quality.py pins each):
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import re
 import shutil
