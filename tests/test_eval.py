@@ -183,7 +183,7 @@ def _scorer(model_dir, prefix, **kw):
 
 
 def test_cached_batched_scores_equal_a_naive_forward(tiny_model_dir):
-    """Prefix cache + left-padded contexts + right-padded options give the naive per-option numbers."""
+    """Prefix cache + packed rows (contexts and options under a block mask) give the naive per-option numbers."""
     prefix = "## Example 1\nSome shared few-shot text that every question follows.\n\n## Example 2\n"
     items = [("### Question\nWhat colour is the sky?\nThought process:", [" Blue", " Green, the colour of grass", " Red", " I"]),
              ("### Question\nA much longer context, so that the left padding of the batch is exercised properly, "
