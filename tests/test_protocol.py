@@ -1,0 +1,184 @@
+"""Evaluation faithful to the authors' protocol (issue 12): reported numbers over all questions and the reference
+code's 20/80 article split under both conventions, and the authors' RAG prompt byte for byte."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from workflow_scripts import aggregate, paper_reference, qa_eval, rag
+from workflow_scripts.backends import Completion
+from workflow_scripts.config import validate_config
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_ICL = Path("/work/shared/reference/quality_retrieval_icl.txt")
+
+
+# ----------------------------------------------------------------------------------------------- item 2: split
+def test_article_split_follows_the_reference_order():
+    # The reference sorts train + dev by raw title (stable) and takes int(0.2 * n) articles as val.
+    arts = [{"uid": f"u{i}", "title": t} for i, t in enumerate(["Mars", "Alpha", "Zed", "beta", "Alpha", "Kite",
+                                                                    "Delta", "Echo", "Gamma", "Hotel"])]
+    arts[2]["title_raw"] = " Zed"  # QuALITY keeps a leading space in some raw titles: it sorts first
+    order = [a["uid"] for a in qa_eval.split_order(arts)]
+    assert order == ["u2", "u1", "u4", "u6", "u7", "u8", "u9", "u5", "u0", "u3"]
+    split = qa_eval.article_split(arts, 0.2)
+    assert [u for u in order if split[u] == "val"] == ["u2", "u1"]
+    assert sum(v == "test" for v in split.values()) == 8
+    assert sum(v == "val" for v in qa_eval.article_split([{"uid": str(i), "title": str(i)} for i in range(265)],
+                                                         0.2).values()) == 53
+
+
+class Scripted:
+    def __init__(self, scripts):
+        self.scripts, self.model, self.name = scripts, "fake", "fake"
+
+    def generate(self, requests):
+        for r in requests:
+            texts = self.scripts[r.id]
+            yield Completion(id=r.id, texts=texts, prompt_tokens=1, completion_tokens=1,
+                             finish_reasons=["stop"] * len(texts), model="fake")
+
+    def close(self):
+        pass
+
+
+def write_split_inputs(tmp_path: Path) -> tuple[Path, Path]:
+    """Five articles (val = the first one by title), two questions each."""
+    arts = [{"uid": f"a{i}", "title": t, "author": None, "year": None, "text": "..."}
+            for i, t in enumerate(["B", "A", "C", "D", "E"])]
+    qs = [{"qid": f"q{i}{j}", "article_uid": f"a{i}", "question": "Which?", "options": list("wxyz"), "gold": 0}
+          for i in range(5) for j in range(2)]
+    qp, ap = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    qp.write_text("".join(json.dumps(q) + "\n" for q in qs))
+    ap.write_text("".join(json.dumps(a) + "\n" for a in arts))
+    return qp, ap
+
+
+def test_summary_reports_all_val_test_under_both_conventions(tmp_path, monkeypatch):
+    qp, ap = write_split_inputs(tmp_path)
+    # val = article a1 ("A"): one right, one unparseable. test: a0 right + wrong, a2-a4 all right.
+    scripts = {"q10": [" Answer: A.\n"], "q11": [" I cannot tell"], "q00": [" Answer: A.\n"], "q01": [" Answer: B.\n"]}
+    scripts.update({f"q{i}{j}": [" Answer: A.\n"] for i in (2, 3, 4) for j in (0, 1)})
+    monkeypatch.setattr(qa_eval, "make_backend", lambda cfg, engine, model: Scripted(scripts))
+    cfg = validate_config({"evaluation": {"modes": ["cot"], "ci": {"bootstrap": 0}}})
+    s = qa_eval.run(cfg, "base", "m", str(qp), str(ap), tmp_path / "o.jsonl", tmp_path / "o.json")
+    rep = s["modes"]["cot"]["reported"]
+    assert s["split"]["val_articles"] == 1 and s["split"]["test_articles"] == 4
+    assert (rep["all"]["wrong"]["n"], rep["all"]["wrong"]["correct"]) == (10, 8)
+    assert (rep["all"]["dropped"]["n"], rep["all"]["dropped"]["correct"]) == (9, 8)
+    assert rep["val"]["wrong"]["accuracy"] == 0.5 and rep["val"]["dropped"]["accuracy"] == 1.0
+    assert rep["val"]["attempted"] == 0.5
+    assert rep["test"]["wrong"]["n"] == 8 and rep["test"]["wrong"]["accuracy"] == pytest.approx(7 / 8)
+    for split in ("all", "val", "test"):
+        for conv in ("wrong", "dropped"):
+            b = rep[split][conv]
+            assert 0 <= b["ci_low"] <= b["accuracy"] <= b["ci_high"] <= 1  # each number has its n and interval
+            assert (b["ci_low"], b["ci_high"]) == pytest.approx(qa_eval.wilson_interval(b["correct"], b["n"]))
+
+    # The table: every number as its own columns; accuracy/ci/n hold the configured one; `plotted` names it.
+    out = tmp_path / "t.csv"
+    aggregate.aggregate([tmp_path / "o.json"], out, None, split="test", convention="dropped")
+    row = next(csv.DictReader(out.open()))
+    assert float(row["accuracy"]) == pytest.approx(7 / 8) and int(row["n"]) == 8  # all test questions attempted
+    assert row["plotted"] == "test split (last 80% of articles), unparseable dropped"
+    assert float(row["accuracy_all_wrong"]) == 0.8 and int(row["n_val_dropped"]) == 1
+    assert float(row["attempted_val"]) == 0.5
+    aggregate.aggregate([tmp_path / "o.json"], out, None)
+    row = next(csv.DictReader(out.open()))
+    assert float(row["accuracy"]) == 0.8 and row["plotted"] == "all questions, unparseable counted wrong"
+
+
+def test_old_summaries_without_a_split_still_aggregate_for_all_questions(tmp_path):
+    path = tmp_path / "base.json"
+    path.write_text(json.dumps({"model": "base", "modes": {"loglik": {"accuracy": 0.5, "ci_low": 0.1,
+                                                                      "ci_high": 0.9, "n": 4}}}))
+    aggregate.aggregate([path], tmp_path / "t.csv", None)
+    assert next(csv.DictReader((tmp_path / "t.csv").open()))["accuracy"] == "0.5"
+    with pytest.raises(aggregate.InputError, match="re-run its evaluation"):
+        aggregate.aggregate([path], tmp_path / "t.csv", None, split="test")
+
+
+def test_the_figure_says_which_number_is_plotted_and_the_reference_convention(tmp_path):
+    from workflow_scripts import figures
+
+    table = tmp_path / "t.csv"
+    rows = [{"model": "base", "method": "base", "budget_tokens": "", "mode": "cot", "accuracy": 0.3, "ci_low": 0.2,
+             "ci_high": 0.4, "n": 10, "plotted": "test split (last 80% of articles), unparseable dropped"},
+            {"model": "entigraph-100", "method": "entigraph", "budget_tokens": 100, "mode": "cot", "accuracy": 0.4,
+             "ci_low": 0.3, "ci_high": 0.5, "n": 10, "plotted": "test split (last 80% of articles), unparseable dropped"}]
+    with table.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    drawn = figures.plot_scaling(table, None, {"figures": {}}, [tmp_path / "s.png"])
+    assert drawn["plotted"] == "test split (last 80% of articles), unparseable dropped"
+    assert paper_reference.CONVENTION == "dropped" and "unverified" in paper_reference.CONVENTION_SHORT
+
+
+# ----------------------------------------------------------------------------------------------- item 4: RAG
+def test_the_authors_rag_template_is_their_file_verbatim():
+    ours = (ROOT / "workflow_scripts" / "prompts" / "quality_retrieval_icl.txt").read_bytes()
+    if SHARED_ICL.exists():
+        assert ours == SHARED_ICL.read_bytes()
+    assert ours.count(b"## Example ") == 6 and ours.endswith(b"{contexts}{formatted_question_and_choices}")
+    assert "quality_retrieval_icl.txt" in (ROOT / "workflow_scripts" / "prompts" / "README.md").read_text()
+
+
+def test_rag_prompt_matches_the_reference_format_byte_for_byte():
+    template = qa_eval.load_prompt_template("quality_retrieval_icl.txt")
+    article = {"uid": "a", "title": "The Glass Orchard", "author": "Vance, Mira", "year": 1958}
+    question = {"qid": "q", "question": "Who planted the orchard? ", "options": ["Mira", "Tom ", "Ann", "Bo"]}
+    best_first = ["Title: The Glass Orchard\nAuthor: Mira Vance\nYear Written: 1958\n\nMira planted it.",
+                  "Title: The Glass Orchard\nAuthor: Mira Vance\nYear Written: 1958\n\nTom watered it."]
+    got = rag.render_authors_prompt(template, best_first, question, article)
+    # Written out by hand from inference/retrieval.py and tasks/quality.py of the authors' repository: chunk i as
+    # `*Context i*\n{chunk}\n\n`, most relevant last; the question block with sep_after_question = "\n\n".
+    tail = ("## Example 6\n\n### Instructions\nAnswer the following question using the 2 supporting contexts below."
+            "\n\n*Context 1*\nTitle: The Glass Orchard\nAuthor: Mira Vance\nYear Written: 1958\n\nTom watered it.\n\n"
+            "*Context 2*\nTitle: The Glass Orchard\nAuthor: Mira Vance\nYear Written: 1958\n\nMira planted it.\n\n"
+            "### Question\nIn the context of \"The Glass Orchard\", written by Mira Vance in 1958, who planted the "
+            "orchard?  There is only one correct choice.\n\n### Choices\nA. Mira\nB. Tom \nC. Ann\nD. Bo\n\n"
+            "### Thought Process and Answer\nThought process:")
+    head = template[:template.index("## Example 6\n")]
+    assert got == head + tail
+    assert got.startswith(rag.template_head(template)) and rag.template_head(template).endswith("using the ")
+
+
+def test_rag_top_k_and_temperature_per_model():
+    ecfg = validate_config({"evaluation": {"cot": {"temperature": 0.1}, "rag": {
+        "top_k": 8, "per_model": {"base": {"top_k": 16}, "entigraph": {"temperature": 0.5}}}}})["evaluation"]
+    assert rag.rag_settings(ecfg["rag"], ecfg, "base") == (16, 0.1)
+    assert rag.rag_settings(ecfg["rag"], ecfg, "entigraph-455000000") == (8, 0.5)
+    assert rag.rag_settings(ecfg["rag"], ecfg, "raw-all") == (8, 0.1)
+
+
+def test_rag_run_uses_the_authors_prompt_and_per_model_settings(tmp_path, monkeypatch):
+    arts = [{"uid": "a", "title": "Orchard", "author": "Vance, Mira", "year": 1958,
+             "text": "Mira planted the glass orchard.\n\nTom watered it every day."},
+            {"uid": "b", "title": "Race", "author": None, "year": None, "text": "Luca won the race at Monza."}]
+    qs = [{"qid": "q1", "article_uid": "a", "question": "Who planted the orchard?", "options": list("MTAB"),
+           "gold": 0}]
+    qp, ap = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    qp.write_text("".join(json.dumps(q) + "\n" for q in qs))
+    ap.write_text("".join(json.dumps(a) + "\n" for a in arts))
+    seen = []
+
+    class Recorder(Scripted):
+        def generate(self, requests):
+            seen.extend(requests)
+            yield from super().generate(requests)
+
+    monkeypatch.setattr(qa_eval, "make_backend", lambda cfg, engine, model: Recorder({"q1": [" Answer: A.\n"]}))
+    cfg = validate_config({"evaluation": {"modes": ["cot"], "ci": {"bootstrap": 0}, "rag": {
+        "enabled": True, "chunk_size": 40, "top_k": 1, "retrievers": ["bm25"], "retriever": "bm25",
+        "per_model": {"base": {"top_k": 2, "temperature": 0.7}}}}})
+    s = rag.run(cfg, "base", "m", str(qp), str(ap), tmp_path / "r.jsonl", tmp_path / "r.json")
+    assert s["retrieval"]["top_k"] == 2 and s["temperature"] == 0.7 and s["prompt_layout"] == "authors_icl"
+    assert seen[0].temperature == 0.7
+    assert "using the 2 supporting contexts below.\n\n*Context 1*\n" in seen[0].prompt
+    assert seen[0].prompt.endswith("D. B\n\n### Thought Process and Answer\nThought process:")
+    assert s["accuracy"] == 1.0 and s["modes"]["cot"]["reported"]["all"]["wrong"]["n"] == 1
