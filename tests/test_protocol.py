@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from workflow_scripts import aggregate, paper_reference, qa_eval, rag
@@ -182,3 +184,197 @@ def test_rag_run_uses_the_authors_prompt_and_per_model_settings(tmp_path, monkey
     assert "using the 2 supporting contexts below.\n\n*Context 1*\n" in seen[0].prompt
     assert seen[0].prompt.endswith("D. B\n\n### Thought Process and Answer\nThought process:")
     assert s["accuracy"] == 1.0 and s["modes"]["cot"]["reported"]["all"]["wrong"]["n"] == 1
+
+
+# ----------------------------------------------------------------------------------------------- item 5: replay
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    from workflow_scripts.corpus import load_tokenizer, special_tokens
+
+    t = load_tokenizer(str(tiny_model_dir))
+    return t, special_tokens(t, {})
+
+
+def write_docs(folder: Path, n: int = 40) -> list[str]:
+    """n distinct documents as JSONL (with a BOM), parquet and text files in one folder."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = [f"Document {i} tells of the harbour town number {i} and its {i * 7} boats. " * 6 for i in range(n)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"text": d, "meta": {}}) + "\n"
+                                                            for d in docs[:20]).encode())
+    pq.write_table(pa.table({"text": docs[20:35]}), folder / "b.parquet")
+    for i, d in enumerate(docs[35:]):
+        (folder / "c" / f"{i}.txt").parent.mkdir(exist_ok=True)
+        (folder / "c" / f"{i}.txt").write_text(d, encoding="utf-8")
+    return docs
+
+
+def test_replay_reads_jsonl_parquet_and_text_folders(tmp_path):
+    from workflow_scripts import replay
+
+    docs = write_docs(tmp_path / "src")
+    assert replay.load_documents(tmp_path / "src") == docs  # path order: a.jsonl, b.parquet, c/0.txt ...
+    with pytest.raises(replay.InputError, match="Hub datasets are not read directly"):
+        replay.source_files("togethercomputer/RedPajama-Data-1T-Sample")
+
+
+def test_replay_shuffles_holds_out_and_draws_random_blocks_of_a_pool(tmp_path, tok):
+    from workflow_scripts import replay
+
+    t, specials = tok
+    docs = write_docs(tmp_path / "src")
+    order, held = replay.shuffle_split(len(docs), 42, 0.1)
+    assert len(held) == 4 and sorted(order.tolist() + held.tolist()) == list(range(40))
+    assert order.tolist() != sorted(order.tolist())                          # shuffled with the seed
+    assert replay.shuffle_split(len(docs), 42, 0.1)[1].tolist() == held.tolist()
+    assert len(replay.shuffle_split(1, 42, 0.01)[1]) == 0                    # one document is never held out
+    rp = {"source": str(tmp_path / "src"), "text_field": "text", "heldout_fraction": 0.1, "max_tokens": 10_000,
+          "cache_dir": str(tmp_path / "cache")}
+    pool = replay.replay_pool(rp, t, specials, seed=42)
+    first = t(docs[order[0]], add_special_tokens=False)["input_ids"]
+    assert list(pool[: len(first)]) == first or list(pool[1: len(first) + 1]) == first  # [BOS] text of a shuffled doc
+    held_text = t(docs[held[0]], add_special_tokens=False)["input_ids"][:20]
+    assert replay.overlap_fraction(np.asarray(held_text), [pool], n=20) == 0.0  # held-out text is not in the pool
+    assert list((tmp_path / "cache").glob("pool-*.npy"))                    # tokenized once, reused
+    assert np.array_equal(replay.replay_pool(rp, t, specials, seed=42), pool)
+    blocks = replay.replay_blocks(rp, t, specials, 16, 200, seed=42)  # the same seed: the same pool
+    pool_blocks = {tuple(b) for b in replay.to_blocks(np.asarray(pool), 16).tolist()}
+    assert blocks.shape == (200, 16) and all(tuple(b) in pool_blocks for b in blocks.tolist())
+    drawn = {tuple(b) for b in blocks.tolist()}
+    assert len(drawn) > 0.5 * min(200, len(pool_blocks))                   # spread over the pool,
+    assert tuple(blocks[0]) != tuple(pool[:16]) or tuple(blocks[1]) != tuple(pool[16:32])  # not its first tokens
+
+
+def test_replay_prepare_turns_a_downloaded_sample_into_local_jsonl(tmp_path):
+    from workflow_scripts import replay
+
+    sample = tmp_path / "RedPajama-Data-1T-Sample"
+    sample.mkdir()
+    recs = [{"text": "\ufeffA wiki page about owls.", "meta": {"url": "x"}}, {"text": "  ", "meta": {}},
+            {"text": "An arXiv abstract on tides.", "meta": {}}]
+    (sample / "wikipedia_sample.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[:2]))
+    (sample / "arxiv_sample.jsonl").write_text(json.dumps(recs[2]) + "\n")
+    out = tmp_path / "prepared"
+    r = subprocess_run([sys.executable, "-m", "workflow_scripts.replay", "prepare", "--input", str(sample),
+                        "--output", str(out), "--shard-documents", "1"])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["documents"] == 2
+    assert replay.load_documents(out) == ["An arXiv abstract on tides.", "A wiki page about owls."]
+    assert json.loads((out / "manifest.json").read_text())["empty_skipped"] == 1
+
+
+def test_no_overlay_reads_a_hub_dataset():
+    from workflow_scripts.config import load_config
+
+    for overlay in ("paper", "single-gpu", "paper-api"):
+        files = [ROOT / "config.yaml", ROOT / "experiments" / "paper.yaml"] if overlay == "paper-api" else []
+        cfg = load_config((files or [ROOT / "config.yaml"]) + [ROOT / "experiments" / f"{overlay}.yaml"])
+        for src in (cfg["cpt"]["replay"]["source"], cfg["cpt"]["probe"]["source"]):
+            assert src == "replay:heldout" or not src.startswith("togethercomputer/"), (overlay, src)
+
+
+# ----------------------------------------------------------------------------------------------- item 6: probe
+def test_probe_overlapping_training_data_or_articles_is_refused(tmp_path, tok):
+    from workflow_scripts import replay
+
+    t, specials = tok
+    story = (ROOT / "resources" / "replay" / "reluctant_heroes.txt").read_text(encoding="utf-8")
+    other = (ROOT / "resources" / "replay" / "jaywalker.txt").read_text(encoding="utf-8")
+    enc = lambda s: np.asarray(t(s, add_special_tokens=False)["input_ids"], np.int32)  # noqa: E731
+    cpt = validate_config({"cpt": {"probe": {"source": str(ROOT / "resources/replay/reluctant_heroes.txt"),
+                                             "max_tokens": 256}}})["cpt"]
+    arts = tmp_path / "articles.jsonl"
+    arts.write_text(json.dumps({"uid": "x", "text": other}) + "\n")
+    blocks, found = replay.probe_blocks(cpt, t, specials, 64, 0, [enc(other)], arts)
+    assert blocks.shape == (4, 64) and found == {"training": 0.0, "articles": 0.0}
+    with pytest.raises(replay.InputError, match=r"occur in the tokens this run trains on"):
+        replay.probe_blocks(cpt, t, specials, 64, 0, [enc(other), enc(story[:3000])], None)
+    arts.write_text(json.dumps({"uid": "x", "text": story}) + "\n")
+    with pytest.raises(replay.InputError, match=r"occur in the prepared articles"):
+        replay.probe_blocks(cpt, t, specials, 64, 0, [enc(other)], arts)
+
+
+def test_the_held_out_probe_is_disjoint_from_replay(tmp_path, tok):
+    from workflow_scripts import replay
+
+    t, specials = tok
+    write_docs(tmp_path / "src")
+    cpt = validate_config({"cpt": {"replay": {"source": str(tmp_path / "src"), "heldout_fraction": 0.1},
+                                   "probe": {"source": "replay:heldout", "max_tokens": 64}}})["cpt"]
+    rb = replay.replay_blocks(cpt["replay"], t, specials, 16, 50, seed=3)
+    blocks, found = replay.probe_blocks(cpt, t, specials, 16, 3, [rb], None)
+    assert blocks.shape == (4, 16) and found["training"] == 0.0
+
+
+def test_single_gpu_probe_is_not_a_quality_article():
+    from workflow_scripts.config import load_config
+
+    cfg = load_config([ROOT / "config.yaml", ROOT / "experiments" / "single-gpu.yaml"])
+    assert cfg["cpt"]["probe"]["source"] == "replay:heldout"
+
+
+# ----------------------------------------------------------------------------------------------- item 7: paper.yaml
+def test_paper_overlay_matches_the_paper():
+    from workflow_scripts.config import load_config
+
+    cfg = load_config([ROOT / "config.yaml", ROOT / "experiments" / "paper.yaml"])
+    budgets = cfg["cpt"]["budgets"]
+    assert len(budgets) == 37 and 450_450_000 in budgets and budgets == sorted(budgets)
+    assert [b / 1e6 for b in budgets] == pytest.approx(list(paper_reference.BUDGETS_MILLIONS))
+    assert cfg["synthesis"]["entigraph"]["max_new_tokens"] == 4096
+    assert cfg["synthesis"]["entigraph"]["triple_order"] == "reference"
+    assert "599" in (ROOT / "docs" / "cpt.md").read_text() and "455M" in (ROOT / "docs" / "cpt.md").read_text()
+    assert cfg["evaluation"]["rag"]["per_model"]["base"]["top_k"] == 16
+
+
+def test_the_authors_triple_order():
+    import itertools
+    import random
+
+    from workflow_scripts import entigraph
+
+    ents = [f"e{i}" for i in range(7)]
+    want = list(itertools.combinations(ents, 3))
+    random.seed(42)          # what data/entigraph.py does before its shuffle
+    random.shuffle(want)
+    assert entigraph.reference_triples(ents, None, 42) == want
+    assert entigraph.reference_triples(ents, 5, 42) == want[:5]
+    cfg = validate_config({"synthesis": {"entigraph": {"triple_order": "reference", "max_triples": 3}}})
+    tasks = entigraph.EntiGraph("entigraph", cfg).plan(
+        {"uid": "a", "title": "T", "author": None, "year": None, "text": "x"}, {"entities": ents, "status": "ok"})
+    assert [tuple(tk.entities) for tk in tasks if tk.kind == "triple"] == want[:3]
+
+
+# ----------------------------------------------------------------------------------------------- item 8: BOM
+def test_inputs_with_a_byte_order_mark_are_read(tmp_path):
+    from workflow_scripts import quality
+    from workflow_scripts.io_utils import read_jsonl
+
+    bom = b"\xef\xbb\xbf"
+    p = tmp_path / "q.jsonl"
+    p.write_bytes(bom + b'{"a": 1}\n{"a": 2}\n')
+    assert read_jsonl(p) == [{"a": 1}, {"a": 2}]
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "one.txt").write_bytes(bom + "Öl und Wasser.".encode())
+    prep = quality.Prepared()
+    quality.read_folder(folder, prep)
+    assert prep.articles["one"]["text"] == "Öl und Wasser."
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_bytes(bom + json.dumps({"uid": "d1", "title": "T", "text": "body"}).encode() + b"\n")
+    quality.read_jsonl_corpus(corpus, prep)
+    qs = tmp_path / "qs.jsonl"
+    qs.write_bytes(bom + json.dumps({"qid": "1", "article_uid": "d1", "question": "?", "options": list("abcd"),
+                                     "gold": 0}).encode() + b"\n")
+    quality.read_questions_file(qs, prep)
+    assert prep.articles["d1"]["text"] == "body" and prep.questions["1"]["article_uid"] == "d1"
+    rows = list(quality._parse_lines(bom + b'{"article_id": "x"}\n', "QuALITY.v1.0.1.htmlstripped.dev"))
+    assert rows == [(1, {"article_id": "x"})]
+
+
+def subprocess_run(cmd, **kw):
+    import subprocess
+
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
