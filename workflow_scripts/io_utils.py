@@ -23,6 +23,11 @@ class InputError(ValueError):
     """Bad input: the message names the file, the line or record, and what to do."""
 
 
+class EngineUnavailable(InputError, RuntimeError):
+    """A generation engine that cannot start here (not installed, no GPU): the message says what to install or
+    choose instead. An InputError, so stage command lines print it as one line (exit 2)."""
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
