@@ -430,3 +430,24 @@ def test_invalid_config_override_is_one_line(qa_inputs):
     _one_line_error(_qa_cli(qa_inputs, "base", "{not json"), "--config-json: not valid JSON")
     r = subprocess_run([sys.executable, "-m", "snakemake", "-n", "-c1", "--config", "seed=abc"])
     _one_line_error(r, "invalid configuration: seed")
+
+
+# ----------------------------------------------------------------------------------------------- item 10: docs
+def test_docs_say_what_the_reference_and_the_overlay_do():
+    from workflow_scripts.config import load_config
+
+    readme = (ROOT / "workflow_scripts" / "prompts" / "README.md").read_text(encoding="utf-8")
+    # The current reference relation prompts equal the paper's; only another stored version adds questions.
+    assert "commit bbd8ac3c" in readme and "862d07a7" in readme and "no questions" in readme
+    # How the few-shot thought processes open, checked against the prefix itself.
+    prefix = qa_eval.load_prompt_template()
+    openings = [ln[len("Thought process: "):] for ln in prefix.splitlines() if ln.startswith("Thought process: ")]
+    assert len(openings) == 5 and sum(o.startswith("In ") for o in openings) == 4 and openings[0].startswith('"')
+    ev = (ROOT / "docs" / "evaluation.md").read_text(encoding="utf-8")
+    assert "do not\n  open with the option's text" in ev and "four of the five open with the work's author" in ev
+    # allow_budget_cap: the docs describe what experiments/paper.yaml sets.
+    cfg = load_config([ROOT / "config.yaml", ROOT / "experiments" / "paper.yaml"])
+    cpt_doc = (ROOT / "docs" / "cpt.md").read_text(encoding="utf-8")
+    assert cfg["cpt"]["allow_budget_cap"] is True
+    assert "`experiments/paper.yaml` sets `allow_budget_cap: true`" in cpt_doc
+    assert "the paper's setting is false" not in cpt_doc

@@ -8,10 +8,11 @@ Every question is shown after the paper's 5-shot chain-of-thought prefix (Append
 prompts/qa_5shot_prefix.txt) in the paper's format (`render_question`). Two scoring modes (evaluation.modes):
 
 - `cot` (the paper's): n sampled completions per question (temperature 0.1, up to 300 new tokens in the paper)
-  through any generation backend (transformers on CPU, vLLM on GPU, openai for API models); the answer is the
-  first `Answer: X.` line (`extract_answer`). Two conventions are reported: `accuracy` counts a question with no
-  parseable answer as wrong; `accuracy_attempted` drops it from the denominator (the reference code's way), with
-  the `attempted` rate beside it.
+  through any generation backend (transformers on CPU, vLLM on GPU, openai for API models); the answer is read
+  as the reference code does, from the `Answer: X.` stop the completion ended on (`evaluation.cot.answer_rule:
+  reference`; `first_match` takes the first `answer: x` anywhere). Two conventions are reported: `accuracy` counts
+  a question with no readable answer as wrong; `accuracy_attempted` drops it from the denominator (the reference
+  code's way), with the `attempted` rate beside it.
 - `loglik` (the demo's default): the model's log-likelihood of each option as the continuation of the same prompt,
   i.e. the thought process opening with the option's text (`" {option}"` after "Thought process:"; see
   docs/evaluation.md for why). Deterministic and cheap: the 5-shot prefix is run once per model and its KV cache
@@ -20,7 +21,8 @@ prompts/qa_5shot_prefix.txt) in the paper's format (`render_question`). Two scor
 
 Outputs: a JSONL record per question (qid, prompt id, option scores and/or completions, predicted index, correct)
 and a JSON summary (n, accuracy with a Wilson and a bootstrap 95% interval, attempted, both CoT conventions, the
-split by QuALITY's `difficult` flag).
+split by QuALITY's `difficult` flag, and `reported`: all questions and the reference code's 20/80 val/test article
+split, each under both conventions with n and interval). Closed-book QA and RAG share `evaluate_and_write`.
 """
 
 from __future__ import annotations
