@@ -4,7 +4,8 @@
     python -m workflow_scripts.quality prepare --configfile config.yaml [--zip ZIP] --outdir results/data
 
 Output contract (DESIGN.md step 2):
-- articles.jsonl: uid, title, author, year, text, n_chars (+ source, splits)
+- articles.jsonl: uid, title, author, year, text, n_chars (+ source, splits, and title_raw when QuALITY's title has
+  surrounding spaces)
 - questions.jsonl: qid, article_uid, question, options (4), gold (0-based), difficult (0/1/null) (+ split, set_id)
 - prepare_stats.json: counts, characters, approximate tokens, and every dropped record counted by reason.
 
@@ -189,6 +190,10 @@ def add_quality_records(prep: Prepared, records: Iterable[tuple[str, str, int, d
         text = rec["article"]
         art = {"uid": uid, "title": rec["title"].strip(), "author": rec["author"], "year": rec.get("year"),
                "text": text, "n_chars": len(text), "source": rec.get("source"), "splits": [split]}
+        if rec["title"] != art["title"]:
+            # the raw title (QuALITY keeps leading spaces in some): the reference code sorts articles by it, which
+            # decides its 20/80 val/test split (qa_eval.split_order)
+            art["title_raw"] = rec["title"]
         if not prep.add_article(art, where):
             prep.dropped["question_of_empty_article"] += len(rec["questions"])
             continue
