@@ -372,6 +372,9 @@ def test_inputs_with_a_byte_order_mark_are_read(tmp_path):
     assert prep.articles["d1"]["text"] == "body" and prep.questions["1"]["article_uid"] == "d1"
     rows = list(quality._parse_lines(bom + b'{"article_id": "x"}\n', "QuALITY.v1.0.1.htmlstripped.dev"))
     assert rows == [(1, {"article_id": "x"})]
+    prefix = qa_eval.load_prompt_template()
+    (tmp_path / "mine.txt").write_bytes(bom + b"%% my prefix\n" + prefix.encode())  # a user's own prefix file
+    assert qa_eval.load_prompt_template(tmp_path / "mine.txt") == prefix
 
 
 def subprocess_run(cmd, **kw):

@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .config import add_config_args, config_from_args, config_hash
-from .io_utils import AppendOnlyJsonl, InputError, iter_jsonl, stable_hash, write_json_atomic, write_jsonl_atomic
+from .io_utils import (AppendOnlyJsonl, InputError, iter_jsonl, read_text, stable_hash, write_json_atomic,
+                       write_jsonl_atomic)
 from .quality import author_first_last
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
@@ -64,7 +65,7 @@ def load_prompt_template(name_or_path: str | Path = DEFAULT_PREFIX) -> str:
     if not path.exists():
         raise InputError(f"{name_or_path}: prompt template not found (looked in {PROMPTS_DIR} too); set "
                          "evaluation.prompt_prefix to a file name in that folder or a path")
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = read_text(path).split("\n")  # a user's file may start with a byte-order mark
     while lines and lines[0].startswith("%%"):
         lines.pop(0)
     return "\n".join(lines)
