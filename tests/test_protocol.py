@@ -454,3 +454,15 @@ def test_docs_say_what_the_reference_and_the_overlay_do():
     assert cfg["cpt"]["allow_budget_cap"] is True
     assert "`experiments/paper.yaml` sets `allow_budget_cap: true`" in cpt_doc
     assert "the paper's setting is false" not in cpt_doc
+
+
+def test_prepare_keeps_the_raw_title_the_split_sorts_by():
+    from workflow_scripts import quality
+
+    prep = quality.Prepared()
+    rec = {"article_id": "1", "title": " Zebra", "author": "A", "article": "text", "questions": []}
+    quality.add_quality_records(prep, [("train", "train.jsonl", 1, rec),
+                                       ("train", "train.jsonl", 2, {**rec, "article_id": "2", "title": "Apple"})])
+    arts = list(prep.articles.values())
+    assert arts[0]["title"] == "Zebra" and arts[0]["title_raw"] == " Zebra" and "title_raw" not in arts[1]
+    assert [a["uid"] for a in qa_eval.split_order(arts)] == ["1", "2"]  # " Zebra" sorts before "Apple"
