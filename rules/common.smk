@@ -5,12 +5,15 @@ import shlex
 import sys
 
 from snakemake.settings.types import DeploymentMethod
-from snakemake.utils import validate
+from workflow_scripts.config import ConfigError, check_budgets, method_budgets, validate_config
 
-from workflow_scripts.config import check_budgets, method_budgets
-
-validate(config, "../schemas/config.schema.yaml")
-check_budgets(config)
+# The schema check of the stage command lines (defaults filled in); a config that fails it (a file, or a
+# --config value) stops planning with one line naming each key, not a validation dump.
+try:
+    validate_config(config)
+    check_budgets(config)
+except ConfigError as e:
+    sys.exit(f"error: {e}")
 
 # Rules run `python -m workflow_scripts.<stage>`. Without --use-conda that must be the interpreter running
 # Snakemake (the README's .venv), also when .venv/bin/snakemake is called without activating the venv; with

@@ -17,6 +17,7 @@ rule cpt:
         manifest=f"{CORPUS}/{{method}}/manifest.json",
         model=model_input("base"),
         general=CPT_GENERAL,
+        articles=ARTICLES,  # the forgetting probe is checked against them (workflow_scripts/replay.py)
     output:
         directory("results/models/{method}/{budget}"),
     log:
@@ -41,7 +42,8 @@ rule cpt:
     shell:
         "OMP_NUM_THREADS={threads} TOKENIZERS_PARALLELISM=false {params.launch} -m workflow_scripts.train "
         "--corpus {params.corpus} --method {wildcards.method} --budget {wildcards.budget} --model {params.model:q} "
-        "--output {output} --workdir {params.workdir} --config-json {params.cfg:q} 2> {log}"
+        "--output {output} --workdir {params.workdir} --articles {input.articles} --config-json {params.cfg:q} "
+        "2> {log}"
 
 
 ALL_TARGETS.extend([model_dir(model_id(m, b)) for m, b in cpt_models()])

@@ -67,11 +67,14 @@ rule aggregate:
         report("results/tables/qa_accuracy.csv", caption="../report/qa_accuracy.rst", category="QA accuracy"),
     log:
         f"{LOGS}/evaluation/aggregate.log",
+    params:
+        split=EVAL["report"]["split"],  # which accuracy the table's accuracy column holds (evaluation.report)
+        convention=EVAL["report"]["convention"],
     conda:
         "../envs/eval.yaml"
     shell:
         "python -m workflow_scripts.aggregate qa --summaries {input.summaries} --models-dir results/models "
-        "--output {output} 2> {log}"
+        "--output {output} --report-split {params.split} --report-convention {params.convention} 2> {log}"
 
 
 rule aggregate_rag:
@@ -81,11 +84,14 @@ rule aggregate_rag:
         report("results/tables/rag_accuracy.csv", caption="../report/rag_accuracy.rst", category="QA accuracy"),
     log:
         f"{LOGS}/evaluation/aggregate_rag.log",
+    params:
+        split=EVAL["report"]["split"],  # which accuracy the table's accuracy column holds (evaluation.report)
+        convention=EVAL["report"]["convention"],
     conda:
         "../envs/eval.yaml"
     shell:
         "python -m workflow_scripts.aggregate rag --summaries {input.summaries} --models-dir results/models "
-        "--output {output} 2> {log}"
+        "--output {output} --report-split {params.split} --report-convention {params.convention} 2> {log}"
 
 
 ALL_TARGETS.extend([*rules.aggregate.output, *(rules.aggregate_rag.output if EVAL["rag"]["enabled"] else [])])

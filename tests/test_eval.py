@@ -145,10 +145,65 @@ def test_select_answer_conventions():
 
 
 def test_cot_stops_keep_the_letter_only_where_the_engine_keeps_stops():
-    ccfg = config()["evaluation"]["cot"]
+    ccfg = config(cot={"answer_rule": "first_match"})["evaluation"]["cot"]
     assert qa_eval.cot_stops(ccfg, "transformers") == ["Answer: A.", "Answer: B.", "Answer: C.", "Answer: D.",
                                                        "\n## Example"]
     assert qa_eval.cot_stops(ccfg, "openai") == ["\n## Example"]
+    # The reference rule sends the reference code's own stops: `Answer: P.\n` for every ordering of 1-4 letters.
+    ref = qa_eval.cot_stops(config()["evaluation"]["cot"], "vllm")
+    assert len(ref) == 4 + 12 + 24 + 24 + 1 and ref[0] == "Answer: A.\n" and "Answer: DCBA.\n" in ref
+    assert ref[-1] == "\n## Example" and qa_eval.cot_stops(config()["evaluation"]["cot"], "openai") == ["\n## Example"]
+
+
+# Item 1 of issue 12: the reference reads the letter from the `Answer: X.` stop the completion ended on.
+@pytest.mark.parametrize("completion,reference,first_match", [
+    ("The correct answer: A, since ...\nAnswer: D.\n", 3, 0),          # the issue's example
+    ("The correct answer: A, since ...\nAnswer: D.", 3, 0),            # an engine that ended on the stop
+    (" Soma keeps them happy.\nAnswer: B.\n\n## Example 7", 1, 1),     # a hosted API: no answer stop sent
+    (" It is A. No, it is C.\nAnswer: B.\nAnswer: D.\n", 1, 1),        # generation stops at the first stop
+    (" ...\nAnswer: C", None, 2),                                      # cut at max tokens: not attempted
+    (" ...\nAnswer: C. Hmm, let me think again about", None, 2),       # no stop (the period is not followed by
+    (" ...\nanswer: c.\n", None, 2),                                   #   a newline); wrong case is no stop
+    (" ...\n**Answer: B.**", None, 1),
+    (" ...\nAnswer: AB.\n", 1, None),                                  # reference: the letter before the period
+    (" ...\nAnswer: AA.\n", None, None),                               # not an ordering of distinct letters
+    (" making C the correct choice.", None, None),
+    ("", None, None),
+    (None, None, None),
+])
+def test_answer_rules_table(completion, reference, first_match):
+    assert qa_eval.read_answer(completion, "reference") == reference
+    assert qa_eval.read_answer(completion, "first_match") == first_match
+
+
+def test_cot_run_counts_a_completion_cut_at_max_tokens_as_not_attempted(tmp_path, monkeypatch):
+    qp, ap = write_inputs(tmp_path)
+    fake = FakeBackend({"q1": ["The correct answer: A, since ...\nAnswer: D.\n"],   # reference D (wrong), first A
+                        "q2": [" It was ice, so the answer is C.\nAnswer: C"],       # cut at max tokens
+                        "q3": [" Answer: D.\n"]})
+    monkeypatch.setattr(qa_eval, "make_backend", lambda cfg, engine, model: fake)
+    out = tmp_path / "qa.jsonl", tmp_path / "qa.json"
+    ref = qa_eval.run(config(modes=["cot"]), "base", "m", str(qp), str(ap), *out)
+    assert ref["modes"]["cot"]["answer_rule"] == "reference"
+    assert [r["predicted"] for r in map(json.loads, out[0].read_text().splitlines())] == [3, None, 3]
+    assert ref["attempted"] == pytest.approx(2 / 3)
+    old = qa_eval.run(config(modes=["cot"], cot={"answer_rule": "first_match"}), "base", "m", str(qp), str(ap), *out)
+    assert [r["predicted"] for r in map(json.loads, out[0].read_text().splitlines())] == [0, 2, 3]
+    assert old["attempted"] == 1.0
+
+
+def test_samples_per_question_come_from_config_and_the_paper_overlay_sets_64(tmp_path, monkeypatch):
+    from workflow_scripts.config import ROOT, load_config
+
+    paper = load_config([ROOT / "config.yaml", ROOT / "experiments" / "paper.yaml"])
+    assert paper["evaluation"]["cot"]["n"] == 64 and paper["evaluation"]["cot"]["answer_rule"] == "reference"
+    assert validate_config({})["evaluation"]["cot"]["n"] == 1
+    qp, ap = write_inputs(tmp_path)
+    fake = FakeBackend({q: [" Answer: A.\n"] * 8 for q in ("q1", "q2", "q3")})
+    monkeypatch.setattr(qa_eval, "make_backend", lambda cfg, engine, model: fake)
+    s = qa_eval.run(config(modes=["cot"], cot={"n": 8}), "base", "m", str(qp), str(ap),
+                    tmp_path / "qa.jsonl", tmp_path / "qa.json")
+    assert {r.n for r in fake.requests} == {8} and s["modes"]["cot"]["samples_per_question"] == 8
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -270,7 +325,7 @@ def test_cot_run_reports_both_conventions(tmp_path, monkeypatch):
     prefix = qa_eval.load_prompt_template()
     req = {r.id: r for r in fake.requests}
     assert req["q1"].messages is None and req["q1"].n == 2 and req["q1"].temperature == 0.1
-    assert req["q1"].max_new_tokens == 300 and "Answer: A." in req["q1"].stop
+    assert req["q1"].max_new_tokens == 300 and "Answer: A.\n" in req["q1"].stop
     assert req["q1"].prompt == prefix + qa_eval.render_question(QUESTIONS[0], ARTICLES[0])
     recs = [json.loads(line) for line in (tmp_path / "qa.jsonl").read_text().splitlines()]
     assert [r["predicted"] for r in recs] == [0, 2, None]

@@ -40,7 +40,7 @@ def tiny_cfg(**cpt) -> dict:
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """A real-text corpus: 40 paragraphs of a vendored public-domain story as synthesis records."""
-    paras = [p.strip() for p in PROBE.read_text(encoding="utf-8").split("\n\n") if len(p.strip()) > 60][:40]
+    paras = [p.strip() for p in STORY.read_text(encoding="utf-8").split("\n\n") if len(p.strip()) > 60][:40]
     d = tmp_path_factory.mktemp("synth")
     with open(d / "a1.jsonl", "w", encoding="utf-8") as f:
         for i, text in enumerate(paras):

@@ -5,7 +5,10 @@
     python -m workflow_scripts.aggregate rag --summaries results/eval/rag/*.json --output results/tables/rag_accuracy.csv
 
 One row per model and scoring mode: model, method, budget_tokens, mode, accuracy, ci_low, ci_high, n (accuracies
-are fractions, the interval is Wilson's), then accuracy_attempted and attempted (CoT's two conventions), the
+are fractions, the interval is Wilson's; which number they are is evaluation.report, named in words by the
+`plotted` column), then every reported number (accuracy/n/ci_low/ci_high_{all,val,test}_{wrong,dropped} and
+attempted_{all,val,test}: all questions and the reference code's val/test article split, each under both
+conventions), then accuracy_attempted and attempted (CoT's two conventions), the
 bootstrap interval, the split by QuALITY's `difficult` flag, the three loglik normalizations, and from the CPT
 model's train_summary.json the tokens it trained on. method is `base` for the base model (budget_tokens empty),
 `raw` for Raw CPT (budget_tokens = the raw corpus tokens when its train_summary.json says so, else empty), `api`
@@ -30,7 +33,16 @@ QA_COLUMNS = [
     "accuracy_sum", "accuracy_per_token", "accuracy_per_char",
     "train_tokens_seen", "train_epochs", "budget_capped", "prefix_version", "config_hash",
 ]
-RAG_COLUMNS = QA_COLUMNS[:8] + ["retriever", "top_k", "recall_at_k", "recall_at_k_bm25", "recall_at_k_embedding",
+# Every reported number (issue 12): all questions and the reference code's val/test article split, each under both
+# conventions, with its n and 95% Wilson interval; `plotted` names the one copied into accuracy/ci_low/ci_high/n.
+SPLITS = ("all", "val", "test")
+CONVENTIONS = {"wrong": "unparseable counted wrong", "dropped": "unparseable dropped"}
+SPLIT_LABELS = {"all": "all questions", "val": "val split (first 20% of articles)",
+                "test": "test split (last 80% of articles)"}
+REPORTED_COLUMNS = ["plotted"] + [f"{stat}_{split}_{conv}" for split in SPLITS for conv in CONVENTIONS
+                                  for stat in ("accuracy", "n", "ci_low", "ci_high")] + [f"attempted_{s}" for s in SPLITS]
+QA_COLUMNS = QA_COLUMNS[:8] + REPORTED_COLUMNS + QA_COLUMNS[8:]
+RAG_COLUMNS = QA_COLUMNS[:8] + REPORTED_COLUMNS + ["retriever", "top_k", "recall_at_k", "recall_at_k_bm25", "recall_at_k_embedding",
                                 "recall_at_k_hybrid", "accuracy_attempted", "attempted", "prefix_version",
                                 "config_hash"]
 
@@ -85,8 +97,43 @@ def _split(block: dict, name: str) -> tuple[Any, Any]:
     return part.get("accuracy"), part.get("n")
 
 
-def summary_rows(summary: dict, models_dir: str | Path | None = None) -> list[dict]:
-    """Table rows of one summary, one per scoring mode."""
+def plotted_label(split: str, convention: str, val_fraction: float | None = None) -> str:
+    """What the accuracy column holds, in words (the figures print it)."""
+    label = SPLIT_LABELS[split]
+    if val_fraction is not None and split != "all":
+        pct = round(val_fraction * 100)
+        label = label.replace("20%", f"{pct}%").replace("80%", f"{100 - pct}%")
+    return f"{label}, {CONVENTIONS[convention]}"
+
+
+def reported_columns(block: dict, split: str, convention: str, val_fraction: float | None) -> dict:
+    """The per-split, per-convention columns of one mode block, and the selected number as accuracy/ci/n.
+
+    A summary written before these numbers existed has only all questions (the counted-wrong one in `accuracy`);
+    asking it for another number is an InputError naming what to re-run."""
+    rep = block.get("reported") or {}
+    row: dict[str, Any] = {}
+    for sp in SPLITS:
+        part = rep.get(sp) or {}
+        row[f"attempted_{sp}"] = part.get("attempted")
+        for conv in CONVENTIONS:
+            vals = part.get(conv) or {}
+            for stat in ("accuracy", "n", "ci_low", "ci_high"):
+                row[f"{stat}_{sp}_{conv}"] = vals.get(stat)
+    if rep.get(split, {}).get(convention):
+        chosen = rep[split][convention]
+        row.update({k: chosen.get(k) for k in ("accuracy", "n", "ci_low", "ci_high")})
+    elif (split, convention) != ("all", "wrong"):
+        raise InputError(f"model {block.get('model', '')}: its summary has no {split}/{convention} accuracy "
+                         "(written before the split was recorded); re-run its evaluation")
+    row["plotted"] = plotted_label(split, convention, val_fraction)
+    return row
+
+
+def summary_rows(summary: dict, models_dir: str | Path | None = None, split: str = "all",
+                 convention: str = "wrong") -> list[dict]:
+    """Table rows of one summary, one per scoring mode; accuracy/ci_low/ci_high/n hold the `split` x `convention`
+    number (evaluation.report)."""
     model = summary["model"]
     method, budget = parse_model_id(model)
     ts = train_summary(models_dir, method, model)
@@ -110,6 +157,8 @@ def summary_rows(summary: dict, models_dir: str | Path | None = None) -> list[di
             "budget_capped": ts.get("budget_capped"),
             "prefix_version": summary.get("prefix_version"), "config_hash": summary.get("config_hash"),
         }
+        row.update(reported_columns({**block, "model": model}, split, convention,
+                                    (summary.get("split") or {}).get("val_fraction")))
         if "retrieval" in summary:
             ret = summary["retrieval"]
             row.update({"retriever": ret.get("retriever"), "top_k": ret.get("top_k"),
@@ -137,7 +186,7 @@ def write_table(rows: Iterable[dict], columns: list[str], output: str | Path) ->
 
 
 def aggregate(summaries: Iterable[str | Path], output: str | Path, models_dir: str | Path | None = None,
-              columns: list[str] = QA_COLUMNS) -> int:
+              columns: list[str] = QA_COLUMNS, split: str = "all", convention: str = "wrong") -> int:
     rows: list[dict] = []
     seen: set[str] = set()
     for path in summaries:
@@ -145,7 +194,7 @@ def aggregate(summaries: Iterable[str | Path], output: str | Path, models_dir: s
         if s["model"] in seen:
             raise InputError(f"{path}: model {s['model']!r} appears twice among the summaries")
         seen.add(s["model"])
-        rows.extend(summary_rows(s, models_dir))
+        rows.extend(summary_rows(s, models_dir, split, convention))
     if not rows:
         raise InputError("no evaluation summaries given")
     return write_table(rows, columns, output)
@@ -158,9 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--summaries", nargs="+", required=True, help="results/eval/{qa,rag}/MODEL.json files")
     p.add_argument("--models-dir", default="results/models", help="where CPT models keep train_summary.json")
     p.add_argument("--output", required=True)
+    p.add_argument("--report-split", choices=SPLITS, default="all",
+                   help="evaluation.report.split: which questions the accuracy column covers")
+    p.add_argument("--report-convention", choices=list(CONVENTIONS), default="wrong",
+                   help="evaluation.report.convention: unparseable answers counted wrong or dropped")
     args = p.parse_args(argv)
     try:
-        n = aggregate(args.summaries, args.output, args.models_dir, QA_COLUMNS if args.table == "qa" else RAG_COLUMNS)
+        n = aggregate(args.summaries, args.output, args.models_dir, QA_COLUMNS if args.table == "qa" else RAG_COLUMNS,
+                      args.report_split, args.report_convention)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

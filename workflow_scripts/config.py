@@ -14,7 +14,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from .io_utils import stable_hash
+from .io_utils import InputError, stable_hash
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = ROOT / "schemas" / "config.schema.yaml"
@@ -50,13 +50,19 @@ def load_schema() -> dict:
     return yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
 
 
+class ConfigError(InputError):
+    """A configuration (files, --config-json, snakemake --config) that fails the schema: one line naming each key."""
+
+
 def validate_config(cfg: dict) -> dict:
-    """Fill defaults in place and raise a readable error naming the offending key."""
+    """Fill defaults in place and raise ConfigError, one line naming each offending key (at most 10)."""
     validator = _validator_with_defaults()(load_schema())
     errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))
     if errors:
-        lines = [f"  {'.'.join(str(p) for p in e.absolute_path) or '<top>'}: {e.message}" for e in errors[:10]]
-        raise ValueError("invalid configuration:\n" + "\n".join(lines))
+        parts = [f"{'.'.join(str(p) for p in e.absolute_path) or '<top>'}: {e.message}" for e in errors[:10]]
+        more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
+        raise ConfigError("invalid configuration: " + "; ".join(parts) + more +
+                          " (schemas/config.schema.yaml documents every key)")
     return cfg
 
 
@@ -64,8 +70,18 @@ def load_config(configfiles: list[str | Path] | None = None, overrides: dict | N
     """Merge YAML files in order (default: config.yaml), then `overrides`, then validate with defaults."""
     cfg: dict = {}
     for path in configfiles or [DEFAULT_CONFIG]:
-        with open(path, encoding="utf-8") as f:
-            cfg = deep_merge(cfg, yaml.safe_load(f) or {})
+        try:
+            with open(path, encoding="utf-8-sig") as f:
+                loaded = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of config sections at the top")
+        cfg = deep_merge(cfg, loaded)
     if overrides:
         cfg = deep_merge(cfg, overrides)
     return validate_config(cfg)
@@ -86,7 +102,7 @@ def check_budgets(cfg: dict) -> None:
     small = sorted({(m, b) for m in methods for b in method_budgets(cfg, m) if b < block})
     if small:
         listed = ", ".join(f"{m} {b}" for m, b in small)
-        raise ValueError(f"cpt budgets shorter than one block of cpt.block_size={block} tokens: {listed}; "
+        raise ConfigError(f"cpt budgets shorter than one block of cpt.block_size={block} tokens: {listed}; "
                          "raise them (cpt.budgets / cpt.method_budgets) or lower cpt.block_size")
 
 
@@ -104,7 +120,13 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
-    overrides = json.loads(args.config_json) if args.config_json else None
+    """The config of a stage command line (--configfile, --config-json); a bad one is a ConfigError (one line)."""
+    try:
+        overrides = json.loads(args.config_json) if args.config_json else None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config-json: not valid JSON ({e.msg} at column {e.colno})") from None
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ConfigError("--config-json: expected a JSON object shaped like the config")
     if overrides is not None and args.configfile is None:
         # A rule passes the resolved sections it needs: start from the defaults alone, not config.yaml.
         return validate_config(copy.deepcopy(overrides))

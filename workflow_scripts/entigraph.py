@@ -16,6 +16,7 @@ That fallback exists for tiny demo generators that cannot follow the JSON instru
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import math
 import random
@@ -314,6 +315,15 @@ def sample_triples(entities: list[str], cap: int | None, seed: int) -> list[tupl
     return sample_tuples(entities, 3, cap, seed, shuffle_all=True)
 
 
+def reference_triples(entities: list[str], cap: int | None, seed: int = 42) -> list[tuple[str, ...]]:
+    """The authors' triple order (data/entigraph.py of their repository): all i < j < k triples in lexicographic
+    order, shuffled by Python's `random` seeded with `seed` (42 there, the same for every article), first `cap`.
+    Not prefix-stable in the entity list, and O(C(E,3)) memory; `triple_order: reference` selects it."""
+    triples = list(itertools.combinations(entities, 3))
+    random.Random(seed).shuffle(triples)
+    return triples if cap is None else triples[:cap]
+
+
 # ------------------------------------------------------------------------------------------ extraction
 def extract_entities(cfg: dict, article: dict, work_path: str | Path, make_backend: Callable[[], Any]) -> dict:
     """Step 1 of EntiGraph for one article: the summary and entity list, as the entity file's content.
@@ -425,7 +435,9 @@ class EntiGraph(Method):
     def settings(self) -> dict:
         return {"templates": {t: prompt_version(load_template(t))
                               for t in (ENTITIES_TEMPLATE, PAIR_TEMPLATE, TRIPLE_TEMPLATE)},
-                **{k: self.ec[k] for k in ("max_entities", "max_pairs", "max_triples", "max_new_tokens")}}
+                **{k: self.ec[k] for k in ("max_entities", "max_pairs", "max_triples", "max_new_tokens")},
+                # only when set, so that the default's settings (and what depends on them) stay as they were
+                **({"triple_order": self.ec["triple_order"]} if self.ec["triple_order"] != "seeded" else {})}
 
     def max_new_tokens(self) -> int:
         return int(self.ec["max_new_tokens"]) if self.ec["max_new_tokens"] else super().max_new_tokens()
@@ -449,6 +461,8 @@ class EntiGraph(Method):
         new = self.max_new_tokens()
         for pair in sample_pairs(entities, self.ec["max_pairs"], tuple_seed(seed, uid, "pairs")):
             tasks.append(template_task("pair", PAIR_TEMPLATE, article, pair, max_new_tokens=new))
-        for triple in sample_triples(entities, self.ec["max_triples"], tuple_seed(seed, uid, "triples")):
+        triples = (reference_triples(entities, self.ec["max_triples"], seed) if self.ec["triple_order"] == "reference"
+                   else sample_triples(entities, self.ec["max_triples"], tuple_seed(seed, uid, "triples")))
+        for triple in triples:
             tasks.append(template_task("triple", TRIPLE_TEMPLATE, article, triple, max_new_tokens=new))
         return tasks

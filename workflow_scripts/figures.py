@@ -188,6 +188,14 @@ def _draw_paper(ax: plt.Axes, with_prefix: bool, legend: Legend) -> None:
         legend.append((line, f"{pre}{rep.label}: {rep.accuracy_percent:.2f}%{tag}"))
 
 
+def plotted_number(df: Any) -> str:
+    """Which accuracy the table's accuracy column holds (its `plotted` column, evaluation.report), or ''."""
+    if "plotted" not in df.columns:
+        return ""
+    vals = sorted({str(v) for v in df["plotted"].dropna() if str(v).strip()})
+    return "; ".join(vals)
+
+
 def plot_scaling(table: str | Path, fit_json: str | Path | None, cfg: dict, outputs: Sequence[str | Path]) -> dict:
     """Draw the scaling curve (see module docstring) into every path of `outputs`; return what was drawn."""
     fcfg = cfg.get("figures", {})
@@ -258,7 +266,9 @@ def plot_scaling(table: str | Path, fit_json: str | Path | None, cfg: dict, outp
             _draw_paper(ax, with_prefix=True, legend=legend)
         _token_axis(ax, "Synthetic training tokens (CPT budget, log scale)",
                     ticks=[] if layout == "overlay" else pts["tokens"].tolist())
-        ax.set_ylabel("Closed-book QA accuracy (%)")
+        plotted = plotted_number(df)
+        ax.set_ylabel("Closed-book QA accuracy (%)" + (f"\n{plotted}" if plotted else ""))
+        drawn["plotted"] = plotted
         mode_text = f", {'/'.join(m for m in modes if m)} scoring" if any(modes) else ""
         ax.set_title(f"This run (measured{mode_text})" if layout == "panel" else "", fontsize=11)
 
@@ -270,7 +280,8 @@ def plot_scaling(table: str | Path, fit_json: str | Path | None, cfg: dict, outp
             ax_paper.set_title(f"Reference only: {paper.SHORT_LABEL}, {paper.MODEL}", fontsize=11,
                                color="#555555")
             ax_paper.text(0.01, 0.99, "Curve: the paper's fitted formula, not data points.\n"
-                          "Reported values, not measured by this workflow.", transform=ax_paper.transAxes,
+                          "Reported values, not measured by this workflow.\n"
+                          f"Taken to be: {paper.CONVENTION_SHORT}.", transform=ax_paper.transAxes,
                           ha="left", va="top", fontsize=7.5, color="#666666")
             for spine in ax_paper.spines.values():
                 spine.set_edgecolor("#aaaaaa")

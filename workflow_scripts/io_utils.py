@@ -23,6 +23,11 @@ class InputError(ValueError):
     """Bad input: the message names the file, the line or record, and what to do."""
 
 
+class EngineUnavailable(InputError, RuntimeError):
+    """A generation engine that cannot start here (not installed, no GPU): the message says what to install or
+    choose instead. An InputError, so stage command lines print it as one line (exit 2)."""
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
@@ -59,10 +64,30 @@ def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> int:
     return n
 
 
+def decode_text(data: bytes, name: str | os.PathLike) -> str:
+    """UTF-8 bytes of an input file as text, without a leading byte-order mark (editors on Windows write one; it
+    is not part of the content). Invalid UTF-8 is an InputError naming the file and byte."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{name}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 input text file (byte-order mark removed); missing or undecodable files are InputErrors."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    return decode_text(data, path)
+
+
 def iter_jsonl(path: str | os.PathLike, *, allow_truncated_tail: bool = False) -> Iterator[tuple[int, dict]]:
     """Yield (line number, record) from a JSON-lines file, splitting on '\\n' only.
 
-    QuALITY's train file holds U+2028 inside strings, which str.splitlines() would treat as a line break.
+    QuALITY's train file holds U+2028 inside strings, which str.splitlines() would treat as a line break. A
+    leading UTF-8 byte-order mark is accepted (`decode_text`).
     A malformed line raises InputError naming the file and line. With `allow_truncated_tail`, a last line
     without its newline that does not parse (a write cut off by a kill) is ignored instead: append-only
     shards use this to resume.
@@ -72,10 +97,7 @@ def iter_jsonl(path: str | os.PathLike, *, allow_truncated_tail: bool = False) -
         data = path.read_bytes()
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
+    text = decode_text(data, path)
     lines = text.split("\n")
     complete = text.endswith("\n")
     for i, line in enumerate(lines, start=1):

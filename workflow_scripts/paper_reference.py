@@ -33,6 +33,14 @@ BUDGETS_MILLIONS: tuple[float, ...] = (
 
 HEADLINE_SOURCE = "paper, headline QuALITY closed-book results"
 
+# Which of this workflow's reported numbers (evaluation.report) the paper's values are taken to correspond to. The
+# paper does not say; the authors' code (tasks/quality.py performance_stats()) reports accuracy over *attempted*
+# questions (unparseable dropped, attempt rate beside it), and their results notebook prints the test split (the
+# last 80% of the articles sorted by title). authors_code_notes.md "Closed-book QA". Unverified.
+CONVENTION = "dropped"
+SPLIT = "test"
+CONVENTION_SHORT = "unparseable answers dropped, test split (the authors' code; unverified)"
+
 
 @dataclass(frozen=True)
 class Reported:

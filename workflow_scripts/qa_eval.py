@@ -8,10 +8,11 @@ Every question is shown after the paper's 5-shot chain-of-thought prefix (Append
 prompts/qa_5shot_prefix.txt) in the paper's format (`render_question`). Two scoring modes (evaluation.modes):
 
 - `cot` (the paper's): n sampled completions per question (temperature 0.1, up to 300 new tokens in the paper)
-  through any generation backend (transformers on CPU, vLLM on GPU, openai for API models); the answer is the
-  first `Answer: X.` line (`extract_answer`). Two conventions are reported: `accuracy` counts a question with no
-  parseable answer as wrong; `accuracy_attempted` drops it from the denominator (the reference code's way), with
-  the `attempted` rate beside it.
+  through any generation backend (transformers on CPU, vLLM on GPU, openai for API models); the answer is read
+  as the reference code does, from the `Answer: X.` stop the completion ended on (`evaluation.cot.answer_rule:
+  reference`; `first_match` takes the first `answer: x` anywhere). Two conventions are reported: `accuracy` counts
+  a question with no readable answer as wrong; `accuracy_attempted` drops it from the denominator (the reference
+  code's way), with the `attempted` rate beside it.
 - `loglik` (the demo's default): the model's log-likelihood of each option as the continuation of the same prompt,
   i.e. the thought process opening with the option's text (`" {option}"` after "Thought process:"; see
   docs/evaluation.md for why). Deterministic and cheap: the 5-shot prefix is run once per model and its KV cache
@@ -20,12 +21,14 @@ prompts/qa_5shot_prefix.txt) in the paper's format (`render_question`). Two scor
 
 Outputs: a JSONL record per question (qid, prompt id, option scores and/or completions, predicted index, correct)
 and a JSON summary (n, accuracy with a Wilson and a bootstrap 95% interval, attempted, both CoT conventions, the
-split by QuALITY's `difficult` flag).
+split by QuALITY's `difficult` flag, and `reported`: all questions and the reference code's 20/80 val/test article
+split, each under both conventions with n and interval). Closed-book QA and RAG share `evaluate_and_write`.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import random
@@ -37,7 +40,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .config import add_config_args, config_from_args, config_hash
-from .io_utils import AppendOnlyJsonl, InputError, iter_jsonl, stable_hash, write_json_atomic, write_jsonl_atomic
+from .io_utils import (AppendOnlyJsonl, InputError, iter_jsonl, read_text, stable_hash, write_json_atomic,
+                       write_jsonl_atomic)
 from .quality import author_first_last
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
@@ -61,7 +65,7 @@ def load_prompt_template(name_or_path: str | Path = DEFAULT_PREFIX) -> str:
     if not path.exists():
         raise InputError(f"{name_or_path}: prompt template not found (looked in {PROMPTS_DIR} too); set "
                          "evaluation.prompt_prefix to a file name in that folder or a path")
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = read_text(path).split("\n")  # a user's file may start with a byte-order mark
     while lines and lines[0].startswith("%%"):
         lines.pop(0)
     return "\n".join(lines)
@@ -98,18 +102,23 @@ def article_context(article: dict) -> str:
     return f"In the context of {subject},"
 
 
-def render_question(question: dict, article: dict, thought_process: bool = True) -> str:
+def render_question(question: dict, article: dict, thought_process: bool = True, sep_after_question: str = "\n") -> str:
     """One question in the paper's format (Appendix I.1), byte for byte as the reference implementation writes it:
     question and options verbatim (QuALITY's trailing spaces included), the question's first letter lowercased,
-    ending with `Thought process:` (no trailing space or newline) when `thought_process`."""
+    ending with `Thought process:` (no trailing space or newline) when `thought_process`. The RAG prompt uses
+    `sep_after_question="\n\n"`: a blank line after the question line and before the thought process, as the
+    reference's QuALITYQuestion.prompt writes it."""
     options = question["options"]
     if len(options) != 4:
         raise InputError(f"question {question.get('qid')!r}: {len(options)} options, expected 4")
     text = "### Question\n"
-    text += f"{article_context(article)} {lowercase_first(question['question'])} There is only one correct choice.\n"
+    text += (f"{article_context(article)} {lowercase_first(question['question'])} There is only one correct choice."
+             f"{sep_after_question}")
     text += "### Choices\n"
     text += "".join(f"{LETTERS[i]}. {opt}\n" for i, opt in enumerate(options))
     if thought_process:
+        if sep_after_question == "\n\n":
+            text += "\n"
         text += "### Thought Process and Answer\nThought process:"
     return text
 
@@ -131,16 +140,56 @@ _ANSWER_RE = re.compile(
 
 
 def extract_answer(completion: str | None) -> int | None:
-    """Index (0-3) of the first `Answer: X.` in a completion, or None when there is none.
+    """Index (0-3) of the first `Answer: X.` in a completion, or None when there is none (the `first_match` rule).
 
-    The first one counts: the reference code stopped generation there (later text would not exist). Unlike the
-    reference parser (the character before the final period), "Answer: AB." is not read as B: it is no answer."""
+    The first one counts, in any case and spacing of "answer". Unlike the reference parser (the character before
+    the final period), "Answer: AB." is not read as B: it is no answer."""
     if not completion:
         return None
     m = _ANSWER_RE.search(completion)
     if m is None:
         return None
     return LETTERS.index((m.group(1) or m.group(2)).upper())
+
+
+# The reference code's stop strings (utils/prompt_utils.py generate_all_answer_strings, used by inference/llama.py of
+# the authors' repository) are `Answer: P.\n` for every ordering P of 1 to 4 distinct letters of ABCD; vLLM ends the
+# completion at the first one, and the answer is the letter before the final period (the last letter of P).
+REFERENCE_STOPS: tuple[str, ...] = tuple(f"Answer: {''.join(p)}.\n" for r in range(1, 5)
+                                         for p in itertools.permutations(LETTERS, r))
+# A stop at the end of the text counts too: an engine that drops a matched stop (a hosted API, where the next
+# stop `\n## Example` swallows the newline) returns the text up to the period.
+_REFERENCE_STOP_RE = re.compile(r"Answer: ([ABCD]{1,4})\.(?:\n|\Z)")
+
+
+def extract_answer_reference(completion: str | None) -> int | None:
+    """Index (0-3) read as the reference does (the `reference` rule): from the first `Answer: X.` stop string.
+
+    The engine stops at the first such string, so the completion ends there; reading the first occurrence gives the
+    same letter for engines that do not stop (a hosted API). A completion cut at max tokens before any stop, or one
+    that only names a letter in other words (`The correct answer: A, since ...`), is not attempted (None). As in
+    the reference, `Answer: AB.` is read as B (the letter before the period)."""
+    if not completion:
+        return None
+    for m in _REFERENCE_STOP_RE.finditer(completion):
+        letters = m.group(1)
+        if len(set(letters)) == len(letters):  # a stop string: distinct letters only
+            return LETTERS.index(letters[-1])
+    return None
+
+
+ANSWER_RULES: dict[str, Callable[[str | None], int | None]] = {
+    "reference": extract_answer_reference,
+    "first_match": extract_answer,
+}
+
+
+def read_answer(completion: str | None, rule: str = "reference") -> int | None:
+    """The answer index of one completion under evaluation.cot.answer_rule."""
+    try:
+        return ANSWER_RULES[rule](completion)
+    except KeyError:
+        raise InputError(f"evaluation.cot.answer_rule {rule!r}: choose one of {', '.join(ANSWER_RULES)}") from None
 
 
 def select_answer(answers: Sequence[int | None], how: str, rng: random.Random) -> int | None:
@@ -221,6 +270,50 @@ def by_difficulty(records: Sequence[dict], key: Callable[[dict], bool], ci: dict
         sel = [key(r) for r in records if r.get("difficult") == flag]
         if sel:
             out[name] = accuracy_block(sel, ci, seed)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- reported numbers
+SPLITS = ("all", "val", "test")
+CONVENTIONS = {"wrong": "unparseable questions counted wrong",
+               "dropped": "unparseable questions dropped from the denominator (reference code)"}
+
+
+def split_order(articles: Sequence[dict]) -> list[dict]:
+    """Articles in the order the reference code splits them: sorted by their raw QuALITY title (`title_raw`, else
+    `title`), a stable sort over articles.jsonl's order (train file, then dev), as tasks/quality.py of the authors'
+    repository sorts train + dev by title before deduplicating."""
+    return sorted(articles, key=lambda a: str(a.get("title_raw") if a.get("title_raw") is not None
+                                              else a.get("title") or ""))
+
+
+def article_split(articles: Sequence[dict], val_fraction: float = 0.2) -> dict[str, str]:
+    """uid -> "val" | "test": the first int(val_fraction * n) articles in `split_order` are val, the rest test
+    (the reference code's performance_stats())."""
+    ordered = split_order(articles)
+    n_val = int(val_fraction * len(ordered))
+    return {a["uid"]: ("val" if i < n_val else "test") for i, a in enumerate(ordered)}
+
+
+def convention_blocks(recs: Sequence[dict], level: float) -> dict:
+    """Accuracy of per-question mode blocks under both conventions, each with its n and Wilson interval."""
+    n = len(recs)
+    att = [r for r in recs if r.get("attempted", r.get("predicted") is not None)]
+    out: dict[str, Any] = {"questions": n, "attempted": len(att) / n if n else float("nan")}
+    for conv, pool in (("wrong", recs), ("dropped", att)):
+        k = int(sum(bool(r["correct"]) for r in pool))
+        lo, hi = wilson_interval(k, len(pool), level)
+        out[conv] = {"n": len(pool), "correct": k, "accuracy": k / len(pool) if pool else float("nan"),
+                     "ci_low": lo, "ci_high": hi}
+    return out
+
+
+def reported_numbers(records: Sequence[dict], mode: str, split_of: dict[str, str] | None, level: float) -> dict:
+    """{all, val, test} x {wrong, dropped}: what the tables can report (val/test only when a split is known)."""
+    out = {"all": convention_blocks([r[mode] for r in records], level)}
+    if split_of:
+        for name in ("val", "test"):
+            out[name] = convention_blocks([r[mode] for r in records if split_of.get(r["article_uid"]) == name], level)
     return out
 
 
@@ -439,11 +532,14 @@ def loglik_records(scorer: LoglikScorer, contexts: Sequence[str], questions: Seq
 
 
 def cot_stops(ccfg: dict, engine: str) -> list[str]:
-    """Stop strings of a CoT request: `Answer: X.` for engines that keep the matched stop in the text (the
-    reference code's stops), plus evaluation.cot.stop. Hosted OpenAI-style APIs drop the matched stop string, so
+    """Stop strings of a CoT request: the answer stops for engines that keep the matched stop in the text (under
+    the `reference` rule the reference code's own `Answer: P.\n` strings, else `Answer: X.`), plus
+    evaluation.cot.stop. Hosted OpenAI-style APIs drop the matched stop string, so
     the answer stops are never sent there; the default `\n## Example` stop (what the few-shot format writes after
     an answer) still ends the completion, and the first answer line is read either way."""
-    stops = [f"Answer: {x}." for x in LETTERS] if ccfg["stop_at_answer"] and engine != "openai" else []
+    answer_stops = (list(REFERENCE_STOPS) if ccfg.get("answer_rule", "reference") == "reference"
+                    else [f"Answer: {x}." for x in LETTERS])
+    stops = answer_stops if ccfg["stop_at_answer"] and engine != "openai" else []
     return stops + [s for s in ccfg["stop"] if s not in stops]
 
 
@@ -465,7 +561,8 @@ def cot_records(backend: Any, prompts: Sequence[str], questions: Sequence[dict],
     requests = cot_requests(prompts, questions, ccfg, seed, engine)
     done: dict[str, dict] = {}
     # A saved completion is reused only for the same model, sampling settings, seed and prompt text.
-    sampling = {k: ccfg[k] for k in ("n", "temperature", "top_p", "max_new_tokens", "stop_at_answer", "stop")}
+    sampling = {k: ccfg[k] for k in ("n", "temperature", "top_p", "max_new_tokens", "stop_at_answer", "stop",
+                                    "answer_rule")}
     key = stable_hash(getattr(backend, "model", ""), sampling, seed, n=10)
     prompt_ids = {r.id: prompt_version(r.prompt) for r in requests}
     if partial_path is not None and partial_path.exists():
@@ -499,7 +596,7 @@ def cot_records(backend: Any, prompts: Sequence[str], questions: Sequence[dict],
         rec = done.get(q["qid"])
         if rec is None:
             raise RuntimeError(f"backend returned no completion for question {q['qid']!r}")
-        answers = [extract_answer(t) for t in rec["texts"]]
+        answers = [read_answer(t, ccfg["answer_rule"]) for t in rec["texts"]]
         rng = random.Random(int(stable_hash(seed, "select", q["qid"], n=8), 16))
         pred = select_answer(answers, ccfg["select"], rng)
         out.append({"completions": rec["texts"], "finish_reasons": rec["finish_reasons"], "answers": answers,
@@ -508,15 +605,17 @@ def cot_records(backend: Any, prompts: Sequence[str], questions: Sequence[dict],
     return out
 
 
-def summarize(records: Sequence[dict], modes: Sequence[str], ecfg: dict, seed: int) -> dict:
+def summarize(records: Sequence[dict], modes: Sequence[str], ecfg: dict, seed: int,
+              split_of: dict[str, str] | None = None) -> dict:
     """Per-mode accuracy blocks (with intervals and the difficulty split); `loglik` also per normalization,
-    `cot` under both conventions."""
+    `cot` under both conventions; `reported`: all questions and the val/test article split under both."""
     ci = ecfg["ci"]
     out: dict[str, Any] = {}
     for mode in modes:
         recs = [r[mode] for r in records]
         block = accuracy_block([r["correct"] for r in recs], ci, seed)
         block["by_difficulty"] = by_difficulty(records, lambda r, m=mode: r[m]["correct"], ci, seed)
+        block["reported"] = reported_numbers(records, mode, split_of, ci["level"])
         if mode == "loglik":
             block["normalization"] = ecfg["loglik"]["normalization"]
             block["continuation"] = ecfg["loglik"]["continuation"]
@@ -537,6 +636,7 @@ def summarize(records: Sequence[dict], modes: Sequence[str], ecfg: dict, seed: i
             block["failed_requests"] = sum(bool(r.get("error")) for r in recs)
             block["samples_per_question"] = ecfg["cot"]["n"]
             block["select"] = ecfg["cot"]["select"]
+            block["answer_rule"] = ecfg["cot"]["answer_rule"]
         out[mode] = block
     return out
 
@@ -617,6 +717,45 @@ def model_modes(ecfg: dict, model_id: str) -> list[str]:
     return list(api["modes"]) if api else list(ecfg["modes"])
 
 
+def evaluate_and_write(cfg: dict, model_id: str, model_path: str | None, questions: list[dict],
+                       articles: dict[str, dict], prefix: str, contexts: list[str], modes: Sequence[str],
+                       output_jsonl: str | Path, output_json: str | Path, summary_head: dict,
+                       extra: Sequence[dict] | None = None, t0: float | None = None) -> dict:
+    """The evaluation loop shared by closed-book QA and RAG: score each question's prompt (`prefix` + its
+    context), write the per-question JSONL (each record with `extra[i]` merged in) and the summary JSON (after
+    `summary_head`); return the summary."""
+    ecfg, seed = cfg["evaluation"], cfg["seed"]
+    t0 = time.time() if t0 is None else t0
+    partial = Path(str(output_jsonl) + ".cot-partial")
+    blocks, info = evaluate_prompts(cfg, model_id, model_path, questions, contexts, prefix, modes, partial)
+    records = []
+    for i, (q, ctx, b) in enumerate(zip(questions, contexts, blocks)):
+        records.append({"qid": q["qid"], "article_uid": q["article_uid"], "prompt_id": prompt_version(prefix + ctx),
+                        "gold": q["gold"], "difficult": q.get("difficult"), **(extra[i] if extra else {}), **b,
+                        "mode": modes[0], "predicted": b[modes[0]]["predicted"], "correct": b[modes[0]]["correct"]})
+    rep = ecfg["report"]
+    split_of = article_split(list(articles.values()), rep["val_fraction"])
+    per_mode = summarize(records, modes, ecfg, seed, split_of)
+    primary = per_mode[modes[0]]
+    summary = {
+        **summary_head, "model": model_id, "model_path": model_path, "mode": modes[0],
+        "n": primary["n"], "accuracy": primary["accuracy"], "ci_low": primary["ci_low"],
+        "ci_high": primary["ci_high"], "attempted": primary["attempted"],
+        "accuracy_attempted": primary["accuracy_attempted"], "modes": per_mode,
+        "split": {"val_fraction": rep["val_fraction"], "order": "articles sorted by raw title (reference code)",
+                  "val_articles": sum(v == "val" for v in split_of.values()),
+                  "test_articles": sum(v == "test" for v in split_of.values())},
+        "prefix_file": summary_head.get("prefix_file", str(ecfg["prompt_prefix"])),
+        "prefix_version": prompt_version(prefix), "config_hash": config_hash(ecfg), "seed": seed, "run": info,
+    }
+    summary["seconds"] = round(time.time() - t0, 2)
+    write_jsonl_atomic(output_jsonl, records)
+    write_json_atomic(output_json, json_safe(summary))
+    if partial.exists():
+        partial.unlink()
+    return summary
+
+
 def run(cfg: dict, model_id: str, model_path: str | None, questions_path: str, articles_path: str,
         output_jsonl: str | Path, output_json: str | Path) -> dict:
     """Closed-book QA of one model: write the per-question JSONL and the summary JSON; return the summary."""
@@ -626,30 +765,9 @@ def run(cfg: dict, model_id: str, model_path: str | None, questions_path: str, a
     questions = select_questions(questions, ecfg["max_questions"], seed)
     prefix = load_prompt_template(ecfg["prompt_prefix"])
     contexts = [render_question(q, articles[q["article_uid"]]) for q in questions]
-    modes = model_modes(ecfg, model_id)
-    partial = Path(str(output_jsonl) + ".cot-partial")
-    blocks, info = evaluate_prompts(cfg, model_id, model_path, questions, contexts, prefix, modes, partial)
-    records = []
-    for q, ctx, b in zip(questions, contexts, blocks):
-        rec = {"qid": q["qid"], "article_uid": q["article_uid"], "prompt_id": prompt_version(prefix + ctx),
-               "gold": q["gold"], "difficult": q.get("difficult"), **b,
-               "mode": modes[0], "predicted": b[modes[0]]["predicted"], "correct": b[modes[0]]["correct"]}
-        records.append(rec)
-    per_mode = summarize(records, modes, ecfg, seed)
-    primary = per_mode[modes[0]]
-    summary = {
-        "model": model_id, "model_path": model_path, "task": "quality-closed-book", "mode": modes[0],
-        "n": primary["n"], "accuracy": primary["accuracy"], "ci_low": primary["ci_low"],
-        "ci_high": primary["ci_high"], "attempted": primary["attempted"],
-        "accuracy_attempted": primary["accuracy_attempted"], "modes": per_mode,
-        "prefix_file": str(ecfg["prompt_prefix"]), "prefix_version": prompt_version(prefix),
-        "config_hash": config_hash(ecfg), "seed": seed, "run": info, "seconds": round(time.time() - t0, 2),
-    }
-    write_jsonl_atomic(output_jsonl, records)
-    write_json_atomic(output_json, json_safe(summary))
-    if partial.exists():
-        partial.unlink()
-    return summary
+    return evaluate_and_write(cfg, model_id, model_path, questions, articles, prefix, contexts,
+                              model_modes(ecfg, model_id), output_jsonl, output_json,
+                              {"task": "quality-closed-book"}, t0=t0)
 
 
 def eval_cli(prog: str, doc: str | None, run_fn: Callable[..., dict], argv: list[str] | None,

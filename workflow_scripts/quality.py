@@ -4,7 +4,8 @@
     python -m workflow_scripts.quality prepare --configfile config.yaml [--zip ZIP] --outdir results/data
 
 Output contract (DESIGN.md step 2):
-- articles.jsonl: uid, title, author, year, text, n_chars (+ source, splits)
+- articles.jsonl: uid, title, author, year, text, n_chars (+ source, splits, and title_raw when QuALITY's title has
+  surrounding spaces)
 - questions.jsonl: qid, article_uid, question, options (4), gold (0-based), difficult (0/1/null) (+ split, set_id)
 - prepare_stats.json: counts, characters, approximate tokens, and every dropped record counted by reason.
 
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .config import add_config_args, config_from_args
-from .io_utils import InputError, atomic_path, iter_jsonl, sha256_file, write_json_atomic, write_jsonl_atomic
+from .io_utils import InputError, atomic_path, decode_text, iter_jsonl, sha256_file, write_json_atomic, write_jsonl_atomic
 
 OFFICIAL_URL = "https://github.com/nyu-mll/quality/raw/main/data/v1.0.1/QuALITY.v1.0.1.zip"
 # The official release: 300 train + 230 dev question-set lines -> 265 articles, 4,609 questions
@@ -102,10 +103,7 @@ def read_quality_zip(zip_path: str | Path, splits: Iterable[str]) -> Iterator[tu
 
 
 def _parse_lines(data: bytes, name: str) -> Iterator[tuple[int, dict]]:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{name}: not valid UTF-8 (byte {e.start})") from None
+    text = decode_text(data, name)  # a leading byte-order mark is accepted
     for i, line in enumerate(text.split("\n"), start=1):  # '\n' only: train holds U+2028 inside strings
         if not line.strip():
             continue
@@ -192,6 +190,10 @@ def add_quality_records(prep: Prepared, records: Iterable[tuple[str, str, int, d
         text = rec["article"]
         art = {"uid": uid, "title": rec["title"].strip(), "author": rec["author"], "year": rec.get("year"),
                "text": text, "n_chars": len(text), "source": rec.get("source"), "splits": [split]}
+        if rec["title"] != art["title"]:
+            # the raw title (QuALITY keeps leading spaces in some): the reference code sorts articles by it, which
+            # decides its 20/80 val/test split (qa_eval.split_order)
+            art["title_raw"] = rec["title"]
         if not prep.add_article(art, where):
             prep.dropped["question_of_empty_article"] += len(rec["questions"])
             continue
@@ -231,10 +233,7 @@ def read_folder(folder: str | Path, prep: Prepared) -> None:
     if not files:
         raise InputError(f"{folder}: no .txt or .md documents found")
     for p in files:
-        try:
-            text = p.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise InputError(f"{p}: not valid UTF-8 (byte {e.start}); re-save it as UTF-8 or remove it") from None
+        text = decode_text(p.read_bytes(), p)  # a leading byte-order mark is accepted
         title = p.stem
         m = re.match(r"\s*#\s+(.+)", text)
         if p.suffix.lower() == ".md" and m:

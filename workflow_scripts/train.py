@@ -53,7 +53,7 @@ import numpy as np
 from .config import add_config_args, config_from_args, config_hash
 from .corpus import RAW_METHOD, budget_tokens, load_corpus, load_tokenizer
 from .io_utils import InputError, write_json_atomic
-from .replay import general_tokens, to_blocks
+from . import replay
 
 LOG_FIELDS = ["step", "epoch", "loss", "lr", "grad_norm", "sequences", "replay_sequences", "tokens", "tokens_seen",
               "step_seconds", "tokens_per_s", "elapsed_s"]
@@ -235,8 +235,9 @@ def save_checkpoint(acc, workdir: Path, state: dict, keep: int) -> Path:  # type
 # ------------------------------------------------------------------------------------------------- train
 def train(cfg: dict, corpus: str | Path, budget: int | str, model_location: str, output: str | Path,
           workdir: str | Path | None = None, method: str | None = None,
-          stop_after_steps: int | None = None) -> dict[str, Any]:
-    """Continued pretraining of `model_location` on `budget` tokens of `corpus`; returns the train summary."""
+          stop_after_steps: int | None = None, articles: str | Path | None = None) -> dict[str, Any]:
+    """Continued pretraining of `model_location` on `budget` tokens of `corpus`; returns the train summary.
+    `articles` (articles.jsonl) is what the forgetting probe is checked against besides the training tokens."""
     import torch
 
     t_start = time.time()
@@ -260,15 +261,8 @@ def train(cfg: dict, corpus: str | Path, budget: int | str, model_location: str,
     specials = {k: manifest["tokenizer"][k] for k in ("bos", "eos")}  # general text tokenized like the corpus
     replay_blocks, n_replay = None, int((plan < 0).sum())
     if n_replay:
-        rp = cpt["replay"]
-        if not rp["source"]:
-            raise InputError("cpt.replay.rate > 0 needs cpt.replay.source (a local text/JSONL path or a "
-                             "Hugging Face dataset id); or set cpt.replay.rate: 0")
-        want = min(n_replay * T, rp["max_tokens"])
-        replay_blocks = to_blocks(general_tokens(rp["source"], tok, specials, want, text_field=rp["text_field"],
-                                                 split=rp["split"], hf_config=rp["hf_config"]), T)
-        if len(replay_blocks) == 0:
-            raise InputError(f"{rp['source']}: fewer than {T} tokens of general text; a replay block needs one block")
+        # random blocks of a shuffled pool, the held-out part kept apart (workflow_scripts/replay.py)
+        replay_blocks = replay.replay_blocks(cpt["replay"], tok, specials, T, n_replay, seed)
     blocks = Blocks(corpus_blocks, replay_blocks, seed)
     steps = math.ceil(len(plan) / gb)
     warmup = warmup_steps_for(steps, cpt["warmup_ratio"])
@@ -293,11 +287,9 @@ def train(cfg: dict, corpus: str | Path, budget: int | str, model_location: str,
                                "budget": str(budget), "model": model_location, "method": method})
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "train_log.csv"
-    probe_blocks = None
-    if cpt["probe"]["source"]:
-        pt = general_tokens(cpt["probe"]["source"], tok, specials, cpt["probe"]["max_tokens"],
-                            text_field=cpt["probe"]["text_field"], split=cpt["probe"]["split"])
-        probe_blocks = to_blocks(pt, T) if len(pt) >= T else pt[None, :]
+    # the probe is refused if it overlaps what this run trains on or the prepared articles (replay.check_probe)
+    probe_blocks, probe_overlap = replay.probe_blocks(cpt, tok, specials, T, seed, [corpus_blocks, replay_blocks],
+                                                      articles)
 
     # ---- resume or start
     ckpt = latest_checkpoint(workdir, fingerprint)
@@ -416,7 +408,7 @@ def train(cfg: dict, corpus: str | Path, budget: int | str, model_location: str,
             "peak_memory_mb": round(peak, 1), "peak_memory_kind": peak_kind,
             "resumed_from_steps": state["resumed_from"],
             "forgetting_probe": None if probe_blocks is None else {
-                "source": cpt["probe"]["source"], "tokens": int(probe_blocks.size),
+                "source": cpt["probe"]["source"], "tokens": int(probe_blocks.size), "overlap": probe_overlap,
                 "loss_before": state["probe_loss_before"], "loss_after": probe_after,
                 "ppl_before": math.exp(state["probe_loss_before"]), "ppl_after": math.exp(probe_after),
                 "seconds": round(state["probe_seconds"], 2)},
@@ -447,12 +439,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop-after-steps", type=int, default=None,
                    help="checkpoint and stop after this many steps (exit code 3), as a killed or time-limited job; "
                         "a rerun resumes")
+    p.add_argument("--articles", default=None,
+                   help="articles.jsonl: the forgetting probe must not overlap it (nor the training tokens)")
     add_config_args(p)
     args = p.parse_args(argv)
     try:
         cfg = config_from_args(args)
         summary = train(cfg, args.corpus, args.budget, args.model, args.output, args.workdir, args.method,
-                        args.stop_after_steps)
+                        args.stop_after_steps, args.articles)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

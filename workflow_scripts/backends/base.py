@@ -6,6 +6,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Protocol
 
+from ..io_utils import EngineUnavailable
+
 
 @dataclass
 class GenerationRequest:
@@ -73,7 +75,7 @@ _ENGINES = {
 def get_backend(name: str, settings: dict[str, Any]) -> Backend:
     """Instantiate engine `name` with its settings dict (the config's `backends.<name>` section plus the model)."""
     if name not in _ENGINES:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(_ENGINES)}")
+        raise EngineUnavailable(f"unknown backend {name!r}; choose one of {', '.join(_ENGINES)}")
     module_name, cls_name = _ENGINES[name].split(":")
     module = importlib.import_module(module_name)
     return getattr(module, cls_name)(**settings)

@@ -36,6 +36,7 @@ import urllib.request
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Iterable, Iterator
 
+from ..io_utils import InputError
 from .base import Completion, GenerationRequest
 from .common import apply_stop, error_completion, validate_request
 
@@ -153,7 +154,7 @@ class OpenAIBackend:
         if api_key_env:
             key = os.environ.get(api_key_env)
             if not key:
-                raise ValueError(f"backends.openai.api_key_env names the environment variable {api_key_env!r}, "
+                raise InputError(f"backends.openai.api_key_env names the environment variable {api_key_env!r}, "
                                  "which is not set; export it (the key is never read from the config), or set "
                                  "api_key_env: null for a local server without authentication")
             self._key = key

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from ..io_utils import EngineUnavailable
 from .base import Completion, GenerationRequest
 from .common import apply_stop, error_completion, order_by_group, validate_request
 
@@ -153,10 +154,10 @@ class VLLMBackend:
         try:
             import vllm  # noqa: F401 - imported here only: it cannot import on a CPU-only machine
         except Exception as e:  # ImportError, or a CUDA/driver error raised while importing
-            raise RuntimeError(
+            raise EngineUnavailable(
                 f"the vllm backend needs vLLM on a CUDA machine ({type(e).__name__}: {e}); install "
                 "requirements-gpu.txt in a GPU environment (or run with --use-conda, envs/synthesis-vllm.yaml), "
-                "or choose the transformers or openai backend") from e
+                "or choose the transformers or openai backend") from None
         from vllm import LLM, SamplingParams
 
         self.model = str(model)
