@@ -7,6 +7,7 @@ import sys
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
+from workflow_scripts import job_keys
 from workflow_scripts.config import check_budgets, method_budgets
 
 validate(config, "../schemas/config.schema.yaml")
@@ -32,9 +33,20 @@ def all_targets():
     return ALL_TARGETS
 
 
-def section(*keys):
-    """JSON of the config sections a job needs, passed as --config-json, so that a job reruns when they change."""
-    return json.dumps({k: config[k] for k in keys}, sort_keys=True)
+def job_config(job, *wildcards):
+    """--config-json of a job: the config keys that shape its outputs (workflow_scripts/job_keys.py), for the job
+    as named by `wildcards` (e.g. "method"). A tracked param: changing one of them reruns exactly the jobs that
+    read it."""
+    if not wildcards:
+        return job_keys.shaping_json(config, job)
+    return lambda wc: job_keys.shaping_json(config, job, **{w: wc[w] for w in wildcards})
+
+
+def job_ops(job, *wildcards):
+    """--ops-json of a job: the operational keys it reads (threads, logging, engine start-up). Snakemake does not
+    track params computed from `resources` (it counts them as derived from the job), so changing an operational
+    key on a finished workflow plans nothing."""
+    return lambda wc, resources: job_keys.operational_json(config, job, **{w: wc[w] for w in wildcards})
 
 
 def model_location(role):
@@ -136,26 +148,6 @@ def eval_model_path(wildcards):
     return "" if wildcards.model.startswith("api-") else model_dir(wildcards.model)
 
 
-def eval_params(wildcards, rag=False):
-    """--config-json of one evaluation: the evaluation keys that change its numbers (not resources; rag only for
-    RAG jobs), plus the backend settings when the model is sampled (cot)."""
-    ev = {k: v for k, v in EVAL.items() if k not in ("resources", "rag")}
-    if rag:
-        ev["rag"] = EVAL["rag"]
-    api = next((a for a in EVAL["api_models"] if f"api-{a['name']}" == wildcards.model), None)
-    if api is not None:
-        ev["api_models"] = [api]
-        modes, engine = api["modes"], api["engine"]
-    else:
-        ev["api_models"] = []
-        modes = (EVAL["rag"]["modes"] or EVAL["modes"]) if rag else EVAL["modes"]
-        engine = EVAL["cot"]["engine"]
-    cfg = {"seed": config["seed"], "evaluation": ev}
-    if "cot" in modes:
-        cfg["backends"] = {engine: config["backends"].get(engine) or {}}
-    return json.dumps(cfg, sort_keys=True)
-
-
 # ---- figures stage (rules/figures.smk) ----
 FIGURES = "results/figures"
 QA_TABLE = "results/tables/qa_accuracy.csv"
@@ -164,19 +156,6 @@ QA_TABLE = "results/tables/qa_accuracy.csv"
 def figure_extras(name):
     """A figure's outputs besides the PNG (figures.formats): the PNG is the one the report embeds."""
     return [f"{FIGURES}/{name}.{ext}" for ext in config["figures"]["formats"] if ext != "png"]
-
-
-def figures_params(keys, *sections):
-    """The figures keys a plot uses (+ whole top-level sections), as --config-json: restyling one figure reruns
-    only that figure's rule, and a change of the fit settings reruns the fit and the scaling plot only."""
-    figures = {k: v for k, v in config["figures"].items() if k in keys}
-    return json.dumps({"figures": figures, **{s: config[s] for s in sections}}, sort_keys=True)
-
-
-FIT_KEYS = ("fit", "accuracy_scale")
-SCALING_KEYS = ("style", "dpi", "figsize", "formats", "paper_reference", "show_fit", "show_chance", "modes",
-                "accuracy_scale")
-DIVERSITY_KEYS = ("style", "dpi", "diversity_figsize", "formats")
 
 
 def synth_files(kind):

@@ -5,12 +5,6 @@ CPT = config["cpt"]
 # Local general-text files (replay source, forgetting probe) are inputs; Hugging Face dataset ids are not files.
 CPT_GENERAL = [p for p in ([CPT["probe"]["source"]] + ([CPT["replay"]["source"]] if CPT["replay"]["rate"] > 0 else []))
                if p and os.path.exists(p)]
-# The cpt keys that shape a model; the budget list and the resources are left out, so that adding a budget or
-# raising a time limit does not retrain the existing models.
-CPT_CFG = json.dumps({"seed": config["seed"], "cpt": {k: v for k, v in CPT.items() if k not in ("budgets", "resources")}},
-                     sort_keys=True)
-
-
 rule cpt:
     input:
         corpus=f"{CORPUS}/{{method}}/tokens.npy",
@@ -24,7 +18,8 @@ rule cpt:
     benchmark:
         "results/benchmarks/cpt/{method}/{budget}.tsv"
     params:
-        cfg=CPT_CFG,
+        cfg=job_config("cpt"),
+        ops=job_ops("cpt"),
         model=lambda wc: model_location("base"),  # a folder, or a hub id (no input file)
         corpus=lambda wc, input: os.path.dirname(input.corpus),
         workdir=lambda wc: f"results/checkpoints/{wc.method}/{wc.budget}",
@@ -41,7 +36,7 @@ rule cpt:
     shell:
         "OMP_NUM_THREADS={threads} TOKENIZERS_PARALLELISM=false {params.launch} -m workflow_scripts.train "
         "--corpus {params.corpus} --method {wildcards.method} --budget {wildcards.budget} --model {params.model:q} "
-        "--output {output} --workdir {params.workdir} --config-json {params.cfg:q} 2> {log}"
+        "--output {output} --workdir {params.workdir} --config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"
 
 
 ALL_TARGETS.extend([model_dir(model_id(m, b)) for m, b in cpt_models()])

@@ -27,7 +27,7 @@ checkpoint prepare_articles:
     log:
         f"{LOGS}/prepare_articles.log",
     params:
-        cfg=section("data"),
+        cfg=job_config("prepare_articles"),
         zip=lambda wc, input: f"--zip {input.zip}" if "zip" in input.keys() else "",
     conda:
         "../envs/base.yaml"

@@ -17,7 +17,8 @@ rule eval_qa:
     benchmark:
         "results/benchmarks/evaluation/eval_qa/{model}.tsv"
     params:
-        cfg=eval_params,
+        cfg=job_config("eval_qa", "model"),
+        ops=job_ops("eval_qa", "model"),
         model_path=eval_model_path,
     threads: EVAL["threads"]
     resources:
@@ -29,7 +30,7 @@ rule eval_qa:
     shell:
         "python -m workflow_scripts.qa_eval --model-id {wildcards.model} --model-path {params.model_path:q} "
         "--questions {input.questions} --articles {input.articles} --output-jsonl {output.jsonl} "
-        "--output-json {output.json} --threads {threads} --config-json {params.cfg:q} 2> {log}"
+        "--output-json {output.json} --threads {threads} --config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"
 
 
 rule eval_rag:
@@ -45,7 +46,8 @@ rule eval_rag:
     benchmark:
         "results/benchmarks/evaluation/eval_rag/{model}.tsv"
     params:
-        cfg=lambda wildcards: eval_params(wildcards, rag=True),
+        cfg=job_config("eval_rag", "model"),
+        ops=job_ops("eval_rag", "model"),
         model_path=eval_model_path,
     threads: EVAL["threads"]
     resources:
@@ -57,7 +59,7 @@ rule eval_rag:
     shell:
         "python -m workflow_scripts.rag --model-id {wildcards.model} --model-path {params.model_path:q} "
         "--questions {input.questions} --articles {input.articles} --output-jsonl {output.jsonl} "
-        "--output-json {output.json} --threads {threads} --config-json {params.cfg:q} 2> {log}"
+        "--output-json {output.json} --threads {threads} --config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"
 
 
 rule aggregate:

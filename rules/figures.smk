@@ -12,7 +12,7 @@ rule fit_scaling:
     log:
         f"{LOGS}/figures/fit_scaling.log",
     params:
-        cfg=figures_params(FIT_KEYS),
+        cfg=job_config("fit_scaling"),
     conda:
         "../envs/base.yaml"
     shell:
@@ -30,7 +30,7 @@ rule plot_scaling:
     log:
         f"{LOGS}/figures/plot_scaling.log",
     params:
-        cfg=figures_params(SCALING_KEYS, "run_name", "models", "data"),
+        cfg=job_config("plot_scaling"),
     conda:
         "../envs/base.yaml"
     shell:
@@ -47,7 +47,7 @@ rule plot_diversity:
     log:
         f"{LOGS}/figures/plot_diversity.log",
     params:
-        cfg=figures_params(DIVERSITY_KEYS, "run_name", "models", "data"),
+        cfg=job_config("plot_diversity"),
     conda:
         "../envs/base.yaml"
     shell:

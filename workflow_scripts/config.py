@@ -96,15 +96,24 @@ def config_hash(section: Any) -> str:
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """--configfile, --config-json and --ops-json, as every stage's command line takes them."""
     parser.add_argument("--configfile", nargs="+", default=None, metavar="YAML",
                         help="config files merged in order (default: the repository's config.yaml)")
     parser.add_argument("--config-json", default=None, metavar="JSON",
                         help="config values (a JSON object shaped like the config) merged last; the Snakemake "
-                             "rules pass the sections a stage needs this way")
+                             "rules pass the keys that shape a job's outputs this way (workflow_scripts/job_keys.py)")
+    parser.add_argument("--ops-json", default=None, metavar="JSON",
+                        help="operational config values (threads, logging, engine start-up) merged after "
+                             "--config-json; the rules pass them apart so that changing them reruns nothing")
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
+    """The validated config of a stage run: --configfile (default config.yaml) or, when a rule passes
+    --config-json alone, the schema defaults; then --config-json and --ops-json merged over it."""
     overrides = json.loads(args.config_json) if args.config_json else None
+    ops = json.loads(args.ops_json) if getattr(args, "ops_json", None) else None
+    if ops:
+        overrides = deep_merge(overrides or {}, ops)
     if overrides is not None and args.configfile is None:
         # A rule passes the resolved sections it needs: start from the defaults alone, not config.yaml.
         return validate_config(copy.deepcopy(overrides))
