@@ -7,8 +7,8 @@ import sys
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
-from workflow_scripts import job_keys
-from workflow_scripts.config import check_budgets, method_budgets
+from workflow_scripts import job_keys, layout
+from workflow_scripts.config import check_budgets
 
 validate(config, "../schemas/config.schema.yaml")
 check_budgets(config)
@@ -21,12 +21,14 @@ if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
     _PREFIX += f'export PATH={shlex.quote(os.path.dirname(sys.executable))}:"$PATH"; '
 shell.prefix(_PREFIX)
 
-ARTICLES = "results/data/articles.jsonl"
-QUESTIONS = "results/data/questions.jsonl"
-LOGS = "results/logs"
+# The shared names (paths, model ids, model lists, final targets) live in workflow_scripts/layout.py; the
+# functions below bind them to this run's config.
+ARTICLES = layout.ARTICLES
+QUESTIONS = layout.QUESTIONS
+LOGS = layout.LOGS
 
-# Stage files register their final outputs here; `rule all` asks for all of them.
-ALL_TARGETS = []
+# `rule all` asks for these: layout.final_targets, plus what a stage file adds.
+ALL_TARGETS = layout.final_targets(config)
 
 
 def all_targets():
@@ -51,14 +53,12 @@ def job_ops(job, *wildcards):
 
 def model_location(role):
     """Folder or hub id for models.<role> (base | generator), as workflow_scripts.models resolves it."""
-    spec = config["models"][role]
-    return f"results/hf_models/{spec['name']}" if spec["source"] == "package" else spec["name"]
+    return layout.model_location(config["models"][role])
 
 
 def model_input(role):
     """Rule input for a model: the converted folder for packaged/local models, nothing for hub ids."""
-    spec = config["models"][role]
-    return [model_location(role)] if spec["source"] in ("package", "path") else []
+    return layout.model_inputs(config, role)
 
 
 def article_uids(wildcards=None):
@@ -68,42 +68,32 @@ def article_uids(wildcards=None):
         return [json.loads(line)["uid"] for line in f if line.strip()]
 
 
-# ---- the cross-stage vocabulary: methods, budgets, model ids (DESIGN.md "The DAG and its files") ----
-
-
+# ---- the cross-stage vocabulary: methods, budgets, model ids (workflow_scripts/layout.py) ----
 def synth_methods():
-    """Synthesis methods whose corpora are trained on (synthesis.methods), e.g. entigraph, rephrase."""
-    return list(config["synthesis"].get("methods", []))
+    return layout.synth_methods(config)
 
 
 def budgets(method=None):
-    """Synthetic-token budgets of the scaling curve: cpt.method_budgets[method] if set, else cpt.budgets.
-    Each is a prefix of the method's shuffled corpus."""
-    return method_budgets(config, method) if method else [int(b) for b in config["cpt"].get("budgets", [])]
+    return layout.budgets(config, method)
 
 
 def model_id(method, budget):
-    return f"{method}-{budget}"
+    return layout.model_id(method, budget)
 
 
 def cpt_models():
-    """(method, budget) of every CPT model: the Raw baseline on all raw tokens, and each method x budget."""
-    return [("raw", "all")] + [(m, b) for m in synth_methods() for b in budgets(m)]
+    return layout.cpt_models(config)
 
 
 def model_dir(mid):
-    """Folder (or hub id) of a model id: `base` is the CPT base model, `METHOD-BUDGET` a CPT output."""
-    if mid == "base":
-        return model_location("base")
-    method, budget = mid.rsplit("-", 1)
-    return f"results/models/{method}/{budget}"
+    return layout.model_dir(mid, config)
 
 
 # ---- data stage (rules/data.smk) ----
 def prepare_inputs(wildcards):
     src = config["data"]["source"]
     if src == "quality":
-        return {"zip": "results/data/quality/QuALITY.v1.0.1.zip"}
+        return {"zip": layout.QUALITY_ZIP}
     custom = config["data"]["custom"]
     return {"corpus": custom["path"], **({"questions": custom["questions"]} if custom["questions"] else {})}
 
@@ -111,33 +101,30 @@ def prepare_inputs(wildcards):
 # ---- evaluation stage (rules/evaluation.smk) ----
 EVAL = config["evaluation"]
 EVAL_RES = EVAL["resources"]
-QA_DIR = "results/eval/qa"
-RAG_DIR = "results/eval/rag"
+QA_DIR = layout.QA_DIR
+RAG_DIR = layout.RAG_DIR
 # vLLM cannot share an environment with the CPU pins (envs/eval.yaml explains): CoT on vllm uses its env.
 EVAL_ENV = ("../envs/synthesis-vllm.yaml" if "cot" in EVAL["modes"] and EVAL["cot"]["engine"] == "vllm"
             else "../envs/eval.yaml")
 
 
 def eval_models():
-    """Model ids of closed-book QA: the base model, Raw CPT, every method x budget, then the API references."""
-    return (["base"] + [model_id(m, b) for m, b in cpt_models()]
-            + [f"api-{a['name']}" for a in EVAL["api_models"]])
+    return layout.eval_models(config)
 
 
 def rag_models():
-    """Model ids of the RAG baseline (evaluation.rag.models; default: base and the largest budget of the first
-    synthesis method, or Raw CPT when no method is configured)."""
-    if EVAL["rag"]["models"] is not None:
-        return list(EVAL["rag"]["models"])
-    methods = synth_methods()
-    bs = budgets(methods[0]) if methods else []
-    return ["base", model_id(methods[0], max(bs)) if methods and bs else "raw-all"]
+    return layout.rag_models(config)
+
+
+def cpt_dirs(models):
+    """The CPT model folders among model ids: aggregate reads their train_summary.json."""
+    return [model_dir(m) for m in models if layout.is_cpt_model(m)]
 
 
 def eval_model_input(wildcards):
     """The model folder an evaluation reads: none for API models or hub ids."""
     mid = wildcards.model
-    if mid.startswith("api-"):
+    if mid.startswith(layout.API_PREFIX):
         return []
     if mid == "base":
         return model_input("base")
@@ -145,19 +132,19 @@ def eval_model_input(wildcards):
 
 
 def eval_model_path(wildcards):
-    return "" if wildcards.model.startswith("api-") else model_dir(wildcards.model)
+    return "" if wildcards.model.startswith(layout.API_PREFIX) else model_dir(wildcards.model)
 
 
 # ---- figures stage (rules/figures.smk) ----
-FIGURES = "results/figures"
-QA_TABLE = "results/tables/qa_accuracy.csv"
+FIGURES = layout.FIGURES
+QA_TABLE = layout.QA_TABLE
 
 
 def figure_extras(name):
     """A figure's outputs besides the PNG (figures.formats): the PNG is the one the report embeds."""
-    return [f"{FIGURES}/{name}.{ext}" for ext in config["figures"]["formats"] if ext != "png"]
+    return layout.figure_files(config, name)[1:]
 
 
 def synth_files(kind):
     """results/synth/{method}/{kind}.json of every synthesis method (kind: report | ledger)."""
-    return [f"results/synth/{m}/{kind}.json" for m in synth_methods()]
+    return [f"{layout.SYNTH}/{m}/{kind}.json" for m in synth_methods()]

@@ -1,7 +1,7 @@
 # Stage 5: one token corpus per method (raw = the articles): tokenized with the CPT base model's tokenizer,
 # shuffled with the seed, concatenated into a memory-mapped array; budgets are prefixes of it.
 # Logic: workflow_scripts/corpus.py; docs/cpt.md.
-CORPUS = "results/corpus"
+CORPUS = layout.CORPUS
 
 
 rule build_corpus:

@@ -12,7 +12,7 @@ rule cpt:
         model=model_input("base"),
         general=CPT_GENERAL,
     output:
-        directory("results/models/{method}/{budget}"),
+        directory(f"{layout.MODELS}/{{method}}/{{budget}}"),
     log:
         f"{LOGS}/cpt/{{method}}/{{budget}}.log",
     benchmark:
@@ -22,7 +22,7 @@ rule cpt:
         ops=job_ops("cpt"),
         model=lambda wc: model_location("base"),  # a folder, or a hub id (no input file)
         corpus=lambda wc, input: os.path.dirname(input.corpus),
-        workdir=lambda wc: f"results/checkpoints/{wc.method}/{wc.budget}",
+        workdir=lambda wc: f"{layout.CHECKPOINTS}/{wc.method}/{wc.budget}",
         # one process, or torchrun with one worker per GPU the job declares
         launch=lambda wc, resources: (f"python -m torch.distributed.run --standalone --nproc_per_node {resources.gpu}"
                                       if int(resources.gpu) > 1 else "python"),
@@ -37,6 +37,3 @@ rule cpt:
         "OMP_NUM_THREADS={threads} TOKENIZERS_PARALLELISM=false {params.launch} -m workflow_scripts.train "
         "--corpus {params.corpus} --method {wildcards.method} --budget {wildcards.budget} --model {params.model:q} "
         "--output {output} --workdir {params.workdir} --config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"
-
-
-ALL_TARGETS.extend([model_dir(model_id(m, b)) for m, b in cpt_models()])

@@ -4,7 +4,7 @@
 
 rule download_quality:
     output:
-        "results/data/quality/QuALITY.v1.0.1.zip",
+        layout.QUALITY_ZIP,
     log:
         f"{LOGS}/download_quality.log",
     params:
@@ -23,7 +23,7 @@ checkpoint prepare_articles:
     output:
         articles=ARTICLES,
         questions=QUESTIONS,
-        stats="results/data/prepare_stats.json",
+        stats=layout.PREPARE_STATS,
     log:
         f"{LOGS}/prepare_articles.log",
     params:
@@ -45,6 +45,3 @@ rule convert_packaged_model:
         "../envs/train.yaml"
     shell:
         "python -m workflow_scripts.models convert --name {wildcards.name} --output {output} 2> {log}"
-
-
-ALL_TARGETS.extend([rules.prepare_articles.output.stats, *model_input("base"), *model_input("generator")])

@@ -65,29 +65,33 @@ rule eval_rag:
 rule aggregate:
     input:
         summaries=expand(f"{QA_DIR}/{{model}}.json", model=eval_models()),
+        # the train summaries (tokens trained on) that --models-dir points to
+        models=cpt_dirs(eval_models()),
     output:
-        report("results/tables/qa_accuracy.csv", caption="../report/qa_accuracy.rst", category="QA accuracy"),
+        report(layout.QA_TABLE, caption="../report/qa_accuracy.rst", category="QA accuracy"),
     log:
         f"{LOGS}/evaluation/aggregate.log",
+    params:
+        models_dir=layout.MODELS,
     conda:
         "../envs/eval.yaml"
     shell:
-        "python -m workflow_scripts.aggregate qa --summaries {input.summaries} --models-dir results/models "
+        "python -m workflow_scripts.aggregate qa --summaries {input.summaries} --models-dir {params.models_dir} "
         "--output {output} 2> {log}"
 
 
 rule aggregate_rag:
     input:
         summaries=expand(f"{RAG_DIR}/{{model}}.json", model=rag_models()),
+        models=cpt_dirs(rag_models()),
     output:
-        report("results/tables/rag_accuracy.csv", caption="../report/rag_accuracy.rst", category="QA accuracy"),
+        report(layout.RAG_TABLE, caption="../report/rag_accuracy.rst", category="QA accuracy"),
     log:
         f"{LOGS}/evaluation/aggregate_rag.log",
+    params:
+        models_dir=layout.MODELS,
     conda:
         "../envs/eval.yaml"
     shell:
-        "python -m workflow_scripts.aggregate rag --summaries {input.summaries} --models-dir results/models "
+        "python -m workflow_scripts.aggregate rag --summaries {input.summaries} --models-dir {params.models_dir} "
         "--output {output} 2> {log}"
-
-
-ALL_TARGETS.extend([*rules.aggregate.output, *(rules.aggregate_rag.output if EVAL["rag"]["enabled"] else [])])

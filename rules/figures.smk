@@ -8,7 +8,7 @@ rule fit_scaling:
     input:
         table=QA_TABLE,
     output:
-        report(f"{FIGURES}/scaling_fit.json", caption="../report/scaling_fit.rst", category="Scaling curve"),
+        report(layout.SCALING_FIT, caption="../report/scaling_fit.rst", category="Scaling curve"),
     log:
         f"{LOGS}/figures/fit_scaling.log",
     params:
@@ -60,8 +60,8 @@ rule synthesis_summary:
         ledgers=synth_files("ledger"),
         reports=synth_files("report"),
     output:
-        csv="results/tables/synthesis_summary.csv",
-        html=report("results/tables/synthesis_summary.html", caption="../report/synthesis_summary.rst",
+        csv=f"{layout.SYNTH_SUMMARY}.csv",
+        html=report(f"{layout.SYNTH_SUMMARY}.html", caption="../report/synthesis_summary.rst",
                     category="Synthetic data"),
     log:
         f"{LOGS}/figures/synthesis_summary.log",
@@ -70,13 +70,3 @@ rule synthesis_summary:
     shell:
         "python -m workflow_scripts.figures synthesis-table --ledgers {input.ledgers} --reports {input.reports} "
         "--csv {output.csv} --html {output.html} 2> {log}"
-
-
-ALL_TARGETS.extend(
-    [
-        *rules.fit_scaling.output,
-        *rules.plot_scaling.output,
-        *rules.plot_diversity.output,
-        *rules.synthesis_summary.output,
-    ]
-)

@@ -5,8 +5,8 @@
 # triple cap reruns synthesis but not extraction, and new prices rerun only the report.
 from workflow_scripts.synthesis import method_needs_entities
 
-SYNTH = "results/synth"
-ENTITIES = f"{SYNTH}/entigraph/entities"
+SYNTH = layout.SYNTH
+ENTITIES = layout.ENTITIES
 SYNTH_RES = config["synthesis"]["resources"]
 
 
@@ -99,6 +99,3 @@ rule synthesis_report:
         "python -m workflow_scripts.synthesis report --method {wildcards.method} --articles {input.articles} "
         "--synth-dir {params.synth_dir} {params.entities} --ledger {output.ledger} "
         "--report {output.report} --table {output.table} --config-json {params.cfg:q} 2> {log}"
-
-
-ALL_TARGETS.extend([f"{SYNTH}/{m}/report.json" for m in synth_methods()])

@@ -42,6 +42,11 @@ OPERATIONAL: tuple[str, ...] = (
     "backends.openai.backoff_max_s",
 )
 
+# Keys read by no job: they decide which jobs exist (the budget lists, the methods, the RAG switch and its model
+# list), or only feed the planner (python -m workflow_scripts.plan).
+STRUCTURAL: tuple[str, ...] = ("cpt.budgets", "cpt.method_budgets", "synthesis.methods", "evaluation.rag.enabled",
+                               "evaluation.rag.models", "planner")
+
 # Shaping keys a resumed CPT run may change: they act after the loop (the saved dtype, the forgetting probe) or
 # only on the memory layout of the same optimisation (micro-batches, FSDP, activation checkpointing).
 RESUME_EXEMPT: dict[str, tuple[str, ...]] = {
@@ -91,7 +96,7 @@ def _evaluate(cfg: dict, model: str, rag: bool = False) -> Reads:
         modes = (ev["rag"]["modes"] or ev["modes"]) if rag else ev["modes"]
         engine = ev["cot"]["engine"]
     paths = ["seed", "evaluation"] + ([f"backends.{engine}"] if "cot" in modes else [])
-    return Reads(paths, exclude=[] if rag else ["evaluation.rag"],
+    return Reads(paths, exclude=list(STRUCTURAL) + ([] if rag else ["evaluation.rag"]),
                  values={"evaluation.api_models": [api] if api is not None else []})
 
 
@@ -106,13 +111,15 @@ _PLOT_CONTEXT = ["run_name", "models", "data"]
 
 # Every job that reads config: rule name -> what it reads (a function of the config and the job's wildcards).
 JOBS: dict[str, Callable[..., Reads]] = {
+    # download_quality passes its two keys as the rule's own params (--url, --sha256)
+    "download_quality": lambda cfg: Reads(["data.quality.url", "data.quality.sha256"]),
     "prepare_articles": lambda cfg: Reads(["data"]),
     "extract_entities": _extract,
     "synthesize": _synthesize,
     "synthesis_report": lambda cfg: Reads([f"synthesis.{k}" for k in ("prices", "report", "sampling", "backend")]),
     "build_corpus": lambda cfg: Reads(["seed", "corpus"]),
     # the budget lists only decide which models exist
-    "cpt": lambda cfg: Reads(["seed", "cpt"], exclude=["cpt.budgets", "cpt.method_budgets"]),
+    "cpt": lambda cfg: Reads(["seed", "cpt"], exclude=list(STRUCTURAL)),
     "eval_qa": lambda cfg, model: _evaluate(cfg, model),
     "eval_rag": lambda cfg, model: _evaluate(cfg, model, rag=True),
     "fit_scaling": lambda cfg: Reads([f"figures.{k}" for k in FIGURE_KEYS["fit_scaling"]]),

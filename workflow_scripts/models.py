@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .io_utils import InputError
-
-HF_MODELS_DIR = "results/hf_models"
+from .layout import HF_MODELS_DIR, model_location  # noqa: F401  (model_location: imported from here by stages)
 
 # Offline packaged models: key -> (import name of the package, GGUF file inside it, pip requirement).
 PACKAGED_MODELS: dict[str, tuple[str, str, str]] = {
@@ -45,14 +44,6 @@ def packaged_gguf(name: str) -> Path:
     if not path.exists():
         raise InputError(f"{path}: GGUF file missing from the installed package; reinstall {requirement}")
     return path
-
-
-def model_location(spec: dict[str, Any]) -> str:
-    """What `from_pretrained` receives for a spec (a folder path or a hub id)."""
-    source, name = spec["source"], spec["name"]
-    if source == "package":
-        return f"{HF_MODELS_DIR}/{name}"
-    return name
 
 
 def resolve_dtype(dtype: str, device: str) -> Any:
