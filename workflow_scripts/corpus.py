@@ -41,6 +41,7 @@ import numpy as np
 
 from .config import add_config_args, config_from_args, config_hash
 from .io_utils import InputError, atomic_path, iter_jsonl, sha256_file, write_json_atomic
+from .models import load_tokenizer
 
 RAW_METHOD = "raw"
 DOC_SEPARATORS = ("<|end_of_text|>", "<|endoftext|>", "</s>")
@@ -109,20 +110,6 @@ def encode_documents(tok: Any, texts: Sequence[str], specials: dict[str, Any], d
         ids = tok(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
         out.extend(np.asarray(bos + x + eos, dtype=dtype) for x in ids)
     return out
-
-
-def load_tokenizer(location: str):  # type: ignore[no-untyped-def]
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(location)
-    except OSError as e:
-        raise InputError(f"{location}: cannot load the tokenizer ({e}); build the base model first "
-                         f"(snakemake {location}) or point models.base at an existing model") from None
-    if not tok.is_fast:
-        print(f"warning: {location}: no fast tokenizer; tokenizing will be slow", file=sys.stderr)
-    tok.model_max_length = 1 << 40  # documents are cut into blocks later, never truncated here
-    return tok
 
 
 # ----------------------------------------------------------------------------------------------- records

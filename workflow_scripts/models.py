@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .io_utils import InputError
-from .layout import HF_MODELS_DIR, model_location  # noqa: F401  (model_location: imported from here by stages)
+from .layout import model_location  # noqa: F401  (stages import it from here)
 
 # Offline packaged models: key -> (import name of the package, GGUF file inside it, pip requirement).
 PACKAGED_MODELS: dict[str, tuple[str, str, str]] = {
@@ -61,11 +61,21 @@ def default_device() -> str:
 
 
 def load_tokenizer(location: str):  # type: ignore[no-untyped-def]
+    """The tokenizer of a model folder or hub id, for every stage (corpora, CPT, evaluation): a missing model is
+    one clear error; padding uses EOS when the model has no pad token; documents are never truncated here (the
+    corpus cuts them into blocks later)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(location)
+    try:
+        tok = AutoTokenizer.from_pretrained(location)
+    except OSError as e:
+        raise InputError(f"{location}: cannot load the tokenizer ({e}); build the model first "
+                         f"(snakemake {location}) or point the config at an existing model") from None
+    if not tok.is_fast:
+        print(f"warning: {location}: no fast tokenizer; tokenizing will be slow", file=sys.stderr)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    tok.model_max_length = 1 << 40
     return tok
 
 

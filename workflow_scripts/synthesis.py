@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable
 
 from .backends import GenerationRequest
 from .config import add_config_args, config_from_args, config_hash
+from .estimates import Estimate, article_requests
 from .io_utils import AppendOnlyJsonl, InputError, iter_jsonl, stable_hash, write_json_atomic, write_jsonl_atomic
 from .job_keys import shaping_part
 from .quality import author_first_last
@@ -169,6 +170,13 @@ class Method:
     def plan(self, article: dict, entities_doc: dict | None) -> list[Task]:
         raise NotImplementedError
 
+    def estimate(self, article_tokens: list[float], n_entities: list[int],
+                 prompt_tokens: Callable[[str], float]) -> list[Estimate] | None:
+        """The planner's estimate of this method's requests: (item, {requests, prompt, cached, completion},
+        note) per kind of request, from each article's tokens and entity count; `prompt_tokens(template)` is a
+        system prompt's length. None: the method has no request model (the planner says it is not priced)."""
+        return None
+
 
 class TemplateMethod(Method):
     """System-prompt templates applied to each article, `repeats` times each (rephrase, qa, user families).
@@ -199,6 +207,19 @@ class TemplateMethod(Method):
     def plan(self, article: dict, entities_doc: dict | None) -> list[Task]:
         return [template_task(self.kind_of(t), t, article, repeat=r, max_new_tokens=self.max_new_tokens())
                 for r in range(self.repeats) for t in self.templates]
+
+    def estimate(self, article_tokens: list[float], n_entities: list[int],
+                 prompt_tokens: Callable[[str], float]) -> list[Estimate] | None:
+        """`repeats` rewrites of every article per template; each template with the article is a cached prefix."""
+        assume = self.cfg["planner"]["assume"]
+        mean = assume["rephrase_completion_tokens"]
+        new = float(mean if mean is not None else self.max_new_tokens())
+        total = {"requests": 0.0, "prompt": 0.0, "cached": 0.0, "completion": 0.0}
+        for t in self.templates:
+            g = article_requests([self.repeats] * len(article_tokens), article_tokens,
+                                 prompt_tokens(t) + float(assume["prompt_overhead_tokens"]), 0.0, new)
+            total = {k: total[k] + g[k] for k in total}
+        return [("rewrites", total, f"{len(self.templates)} templates x {self.repeats} repeats per article")]
 
 
 class Rephrase(TemplateMethod):
