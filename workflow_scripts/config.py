@@ -60,6 +60,12 @@ def validate_config(cfg: dict) -> dict:
     return cfg
 
 
+def with_defaults(cfg: dict) -> dict:
+    """A validated copy of a (possibly partial) config with the schema's defaults filled in: how a stage function
+    called from Python reads keys it was not given, so that defaults live only in the schema."""
+    return validate_config(copy.deepcopy(cfg))
+
+
 def load_config(configfiles: list[str | Path] | None = None, overrides: dict | None = None) -> dict:
     """Merge YAML files in order (default: config.yaml), then `overrides`, then validate with defaults."""
     cfg: dict = {}

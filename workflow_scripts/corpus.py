@@ -5,7 +5,7 @@
     python -m workflow_scripts.corpus build --method raw --model MODEL --inputs results/data/articles.jsonl --outdir results/corpus/raw
     python -m workflow_scripts.corpus info results/corpus/entigraph [--budget 4096]
 
-Output contract (DESIGN.md step 5): `tokens.npy`, a 1-D memory-mappable array (uint16 when the vocabulary has
+Output contract (docs/architecture.md): `tokens.npy`, a 1-D memory-mappable array (uint16 when the vocabulary has
 fewer than 65,536 ids, else uint32) holding every document, in the seeded shuffled order, as
 `[BOS] text [EOS]`; and `manifest.json`: tokenizer, special tokens, seed, dtype, total tokens, the record ids
 with their offsets into the array, statistics (tokens per kind, dropped records and why), inputs with their

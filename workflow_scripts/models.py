@@ -13,7 +13,6 @@ A spec is `{source, name}`:
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import shutil
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import stage
 from .io_utils import InputError
 from .layout import model_location  # noqa: F401  (stages import it from here)
 
@@ -126,20 +126,13 @@ def convert_packaged(name: str, output: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workflow_scripts.models", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = stage.parser("models", __doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("convert", help="convert a packaged GGUF model into a Hugging Face folder")
     c.add_argument("--name", required=True, choices=sorted(PACKAGED_MODELS))
     c.add_argument("--output", required=True)
     args = p.parse_args(argv)
-    try:
-        info = convert_packaged(args.name, args.output)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(info))
-    return 0
+    return stage.run(lambda: print(json.dumps(convert_packaged(args.name, args.output))))
 
 
 if __name__ == "__main__":

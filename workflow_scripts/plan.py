@@ -25,7 +25,6 @@ each --configfile in order. All arithmetic lives in pure functions that the test
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -33,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from . import stage
 from .config import DEFAULT_CONFIG, ROOT, load_config
 from .estimates import article_requests, n_tuples  # noqa: F401  (n_tuples: the tests pin it here)
 from .io_utils import InputError
@@ -188,7 +188,7 @@ def entity_counts(cfg: dict, root: Path, n_articles: int, uids: list[str] | None
     """E per article: measured entity lists where they exist (a failed extraction has none), else
     planner.assume.entities_per_article. A method's own entity cap is applied by its estimate."""
     default = int(cfg["planner"]["assume"]["entities_per_article"])
-    src = f"E = {default} (planner.assume.entities_per_article, before the method's entity cap)"
+    src = f"E = {default} (planner.assume.entities_per_article), then each method's own entity cap"
     counts = [default] * n_articles
     measured = 0
     for i, uid in enumerate(uids or []):
@@ -568,7 +568,7 @@ def config_files(given: Iterable[str] | None) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m workflow_scripts.plan", description=__doc__.split("\n\n")[0])
+    ap = stage.parser("plan", __doc__.split("\n\n")[0])
     ap.add_argument("--configfile", nargs="+", default=None, metavar="YAML",
                     help="config overlays, merged after the repository's config.yaml (as Snakemake does)")
     ap.add_argument("--articles", default=None,
@@ -576,14 +576,13 @@ def main(argv: list[str] | None = None) -> int:
                          "config's data selection, else planner.assume)")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = ap.parse_args(argv)
-    try:
+
+    def body() -> None:
         cfg = load_config(config_files(args.configfile))
         plan = make_plan(cfg, ROOT, args.articles)
-    except (InputError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else render(plan, cfg))
-    return 0
+        print(json.dumps(plan.to_dict(), indent=2) if args.json else render(plan, cfg))
+
+    return stage.run(body, errors=(InputError, ValueError, OSError))
 
 
 if __name__ == "__main__":
