@@ -277,7 +277,7 @@ FIGS = {"fit_scaling": 1, "plot_scaling": 1, "all": 1}
 EVAL = {"eval_qa": 3, "aggregate": 1, **FIGS}
 CPT = {"cpt": 2, "eval_qa": 2, "aggregate": 1, **FIGS}
 SHAPING = [
-    ("figures.dpi", 2, {"plot_scaling": 1, "plot_diversity": 1, "all": 1}),
+    ("figures.dpi", 100, {"plot_scaling": 1, "plot_diversity": 1, "all": 1}),
     ("figures.fit.n_starts", 5, {"fit_scaling": 1, "plot_scaling": 1, "all": 1}),
     ("evaluation.max_questions", 1, EVAL),
     ("cpt.lr", 1e-3, CPT),
