@@ -27,8 +27,8 @@ ARTICLES = layout.ARTICLES
 QUESTIONS = layout.QUESTIONS
 LOGS = layout.LOGS
 
-# `rule all` asks for these: layout.final_targets, plus what a stage file adds.
-ALL_TARGETS = layout.final_targets(config)
+# Each stage file adds its final outputs (layout.stage_targets); the Snakefile's default target asks for them.
+ALL_TARGETS = []
 
 
 def all_targets():
@@ -129,6 +129,12 @@ def eval_model_input(wildcards):
     if mid == "base":
         return model_input("base")
     return [model_dir(mid)]
+
+
+def eval_prefix_input():
+    """The few-shot prefix when it is the user's own file (a name under workflow_scripts/prompts/ is code)."""
+    path = EVAL["prompt_prefix"]
+    return [path] if os.path.isfile(path) else []
 
 
 def eval_model_path(wildcards):

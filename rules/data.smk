@@ -45,3 +45,6 @@ rule convert_packaged_model:
         "../envs/train.yaml"
     shell:
         "python -m workflow_scripts.models convert --name {wildcards.name} --output {output} 2> {log}"
+
+
+ALL_TARGETS.extend(layout.stage_targets(config, "data"))

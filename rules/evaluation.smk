@@ -9,6 +9,7 @@ rule eval_qa:
         questions=QUESTIONS,
         articles=ARTICLES,
         model=eval_model_input,
+        prefix=eval_prefix_input(),
     output:
         jsonl=f"{QA_DIR}/{{model}}.jsonl",
         json=f"{QA_DIR}/{{model}}.json",
@@ -38,6 +39,7 @@ rule eval_rag:
         questions=QUESTIONS,
         articles=ARTICLES,
         model=eval_model_input,
+        prefix=eval_prefix_input(),
     output:
         jsonl=f"{RAG_DIR}/{{model}}.jsonl",
         json=f"{RAG_DIR}/{{model}}.json",
@@ -72,7 +74,7 @@ rule aggregate:
     log:
         f"{LOGS}/evaluation/aggregate.log",
     params:
-        models_dir=layout.MODELS,
+        models_dir=lambda wc, input: layout.MODELS,  # where the train summaries (input.models) live
     conda:
         "../envs/eval.yaml"
     shell:
@@ -89,9 +91,12 @@ rule aggregate_rag:
     log:
         f"{LOGS}/evaluation/aggregate_rag.log",
     params:
-        models_dir=layout.MODELS,
+        models_dir=lambda wc, input: layout.MODELS,  # where the train summaries (input.models) live
     conda:
         "../envs/eval.yaml"
     shell:
         "python -m workflow_scripts.aggregate rag --summaries {input.summaries} --models-dir {params.models_dir} "
         "--output {output} 2> {log}"
+
+
+ALL_TARGETS.extend(layout.stage_targets(config, "evaluation"))

@@ -70,3 +70,6 @@ rule synthesis_summary:
     shell:
         "python -m workflow_scripts.figures synthesis-table --ledgers {input.ledgers} --reports {input.reports} "
         "--csv {output.csv} --html {output.html} 2> {log}"
+
+
+ALL_TARGETS.extend(layout.stage_targets(config, "figures"))

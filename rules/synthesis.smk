@@ -99,3 +99,6 @@ rule synthesis_report:
         "python -m workflow_scripts.synthesis report --method {wildcards.method} --articles {input.articles} "
         "--synth-dir {params.synth_dir} {params.entities} --ledger {output.ledger} "
         "--report {output.report} --table {output.table} --config-json {params.cfg:q} 2> {log}"
+
+
+ALL_TARGETS.extend(layout.stage_targets(config, "synthesis"))

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from workflow_scripts import job_keys
-from workflow_scripts.config import load_config, load_schema
+from workflow_scripts.config import deep_merge, load_config, load_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -141,12 +141,12 @@ def test_every_schema_key_is_classified():
     """A key is operational, read by no job (it decides which jobs exist), or read by some job."""
     read = set().union(*(read_paths(cfg) for cfg in configs()))
     unread = [leaf for leaf in LEAVES
-              if not job_keys._under(leaf, job_keys.OPERATIONAL + job_keys.STRUCTURAL)
-              and not any(job_keys._under(leaf, [p]) or p.startswith(leaf + ".") for p in read)]
+              if not job_keys.under(leaf, job_keys.OPERATIONAL + job_keys.STRUCTURAL)
+              and not any(job_keys.under(leaf, [p]) or p.startswith(leaf + ".") for p in read)]
     assert unread == []
 
 
-@pytest.mark.parametrize("path", [p for p in LEAVES if job_keys._under(p, job_keys.OPERATIONAL)])
+@pytest.mark.parametrize("path", [p for p in LEAVES if job_keys.under(p, job_keys.OPERATIONAL)])
 def test_operational_key_changes_no_job_config(path):
     for cfg in configs():
         before = all_jobs(cfg)
@@ -260,15 +260,9 @@ def test_all_operational_keys_together_plan_nothing(finished):
     cfg = load_config([ROOT / "config.yaml", work / "tiny.yaml"])
     overlay: dict = {}
     for path in LEAVES:
-        if job_keys._under(path, job_keys.OPERATIONAL):
-            overlay = job_keys_merge(overlay, nest(path, changed(get_path(cfg, path), LEAVES[path], path)))
+        if job_keys.under(path, job_keys.OPERATIONAL):
+            overlay = deep_merge(overlay, nest(path, changed(get_path(cfg, path), LEAVES[path], path)))
     assert planned(work, tiny, overlay) == {}
-
-
-def job_keys_merge(a: dict, b: dict) -> dict:
-    from workflow_scripts.config import deep_merge
-
-    return deep_merge(a, b)
 
 
 # A shaping key -> the jobs it reruns on the tiny DAG (1 article, entigraph at one budget + Raw, base evaluated):

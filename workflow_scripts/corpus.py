@@ -41,6 +41,7 @@ import numpy as np
 
 from .config import add_config_args, config_from_args, config_hash
 from .io_utils import InputError, atomic_path, iter_jsonl, sha256_file, write_json_atomic
+from .job_keys import shaping_part
 from .models import load_tokenizer
 
 RAW_METHOD = "raw"
@@ -223,7 +224,7 @@ def build_corpus(method: str, inputs: Sequence[str | Path], tokenizer: str, outd
         "mean_tokens_per_record": round(total / len(docs), 1),
         "dropped": stats["dropped"],
         "inputs": stats["inputs"],
-        "config_hash": config_hash({"seed": seed, "corpus": cfg["corpus"], "tokenizer": str(tokenizer)}),
+        "config_hash": config_hash({"seed": seed, "corpus": shaping_part(cfg, "corpus"), "tokenizer": str(tokenizer)}),
         "seconds": round(time.time() - t0, 2),
         "records": {"ids": [d["id"] for d in docs], "offsets": offsets.tolist()},
     }

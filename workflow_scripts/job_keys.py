@@ -129,7 +129,8 @@ JOBS: dict[str, Callable[..., Reads]] = {
 
 
 # ---------------------------------------------------------------------------------------------- selection
-def _under(path: str, prefixes: tuple[str, ...] | list[str]) -> bool:
+def under(path: str, prefixes: tuple[str, ...] | list[str]) -> bool:
+    """Whether the dotted `path` is one of `prefixes` or lies in one of their subtrees."""
     return any(path == p or path.startswith(p + ".") for p in prefixes)
 
 
@@ -168,7 +169,7 @@ def _split(cfg: dict, job: str, operational: bool, **wildcards: str) -> dict:
     for path in reads.paths:
         found, value = _get(view, path)
         if found:
-            _select(value, path, lambda p: not _under(p, reads.exclude) and _under(p, OPERATIONAL) == operational,
+            _select(value, path, lambda p: not under(p, reads.exclude) and under(p, OPERATIONAL) == operational,
                     out)
     return out
 
@@ -197,7 +198,7 @@ def resume_config(cfg: dict, job: str, **wildcards: str) -> dict:
     exempt = RESUME_EXEMPT.get(job, ())
     out: dict = {}
     for key, value in shaping(cfg, job, **wildcards).items():
-        _select(value, key, lambda p: not _under(p, exempt), out)
+        _select(value, key, lambda p: not under(p, exempt), out)
     return out
 
 
@@ -207,6 +208,6 @@ def shaping_part(cfg: dict, path: str) -> Any:
     if not found:
         return None
     out: dict = {}
-    _select(value, path, lambda p: not _under(p, OPERATIONAL), out)
+    _select(value, path, lambda p: not under(p, OPERATIONAL), out)
     found, kept = _get(out, path)
     return kept if found else ({} if isinstance(value, dict) else None)

@@ -135,13 +135,27 @@ def figure_files(cfg: dict, name: str) -> list[str]:
                                         if ext != "png"]
 
 
+def stage_targets(cfg: dict, stage: str) -> list[str]:
+    """The final outputs of one stage (data, synthesis, cpt, evaluation, figures): each rules file asks `rule all`
+    for its own, so that a workflow of some stage files (a test's, a user's) builds what it has rules for."""
+    if stage == "data":
+        return [PREPARE_STATS, *model_inputs(cfg, "base"), *model_inputs(cfg, "generator")]
+    if stage == "synthesis":
+        return [f"{SYNTH}/{m}/report.json" for m in synth_methods(cfg)]
+    if stage == "cpt":
+        return [model_dir(model_id(m, b), cfg) for m, b in cpt_models(cfg)]
+    if stage == "evaluation":
+        return [QA_TABLE, *([RAG_TABLE] if cfg["evaluation"]["rag"]["enabled"] else [])]
+    if stage == "figures":
+        return [SCALING_FIT, *figure_files(cfg, "scaling_curve"), *figure_files(cfg, "diversity"),
+                f"{SYNTH_SUMMARY}.csv", f"{SYNTH_SUMMARY}.html"]
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+STAGES = ("data", "synthesis", "cpt", "evaluation", "figures")
+
+
 def final_targets(cfg: dict) -> list[str]:
     """Everything `snakemake` (rule all) builds: prepared data, models, synthesis reports, the accuracy tables,
     the fit and the figures."""
-    rag = cfg["evaluation"]["rag"]["enabled"]
-    return [PREPARE_STATS, *model_inputs(cfg, "base"), *model_inputs(cfg, "generator"),
-            *[f"{SYNTH}/{m}/report.json" for m in synth_methods(cfg)],
-            *[model_dir(model_id(m, b), cfg) for m, b in cpt_models(cfg)],
-            QA_TABLE, *([RAG_TABLE] if rag else []), SCALING_FIT,
-            *figure_files(cfg, "scaling_curve"), *figure_files(cfg, "diversity"),
-            f"{SYNTH_SUMMARY}.csv", f"{SYNTH_SUMMARY}.html"]
+    return [t for stage in STAGES for t in stage_targets(cfg, stage)]

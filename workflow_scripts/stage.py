@@ -2,11 +2,10 @@
 (--configfile / --config-json / --ops-json, workflow_scripts/config.py), bad input as one line on stderr with exit
 status 2, and stats written atomically.
 
-    def main(argv=None) -> int:
-        p = stage.parser("figures", __doc__)
-        ...
-        args = p.parse_args(argv)
-        return stage.run(lambda: do_the_work(args, stage.config(args)))
+    p = stage.parser("figures", __doc__)       # in a stage's main(argv)
+    ...
+    args = p.parse_args(argv)
+    return stage.run(lambda: do_the_work(args, stage.config(args)))
 """
 
 from __future__ import annotations
