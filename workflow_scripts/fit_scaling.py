@@ -36,7 +36,7 @@ from scipy.optimize import least_squares, lsq_linear
 
 from . import stage
 from .config import config_hash, with_defaults
-from .io_utils import InputError, write_json_atomic
+from .io_utils import InputError
 
 X_UNIT = "millions of synthetic tokens"
 Y_UNIT = "accuracy (%)"
@@ -442,7 +442,7 @@ def _run(args: argparse.Namespace) -> None:
         fit = fit_mixture(x, y, max_terms=fcfg["max_terms"], n_starts=fcfg["n_starts"], seed=fcfg["seed"],
                           interval_level=fcfg["interval_level"])
         out = {**fit.to_dict(), "points": str(args.points)}
-    write_json_atomic(args.output, out)
+    stage.write_stats(args.output, out)
     for f in out["fits"] if "fits" in out else [out]:
         label = f"{f.get('method', 'points')}{'/' + f['mode'] if f.get('mode') else ''}"
         print(f"{label}: asymptote {f['asymptote']:.2f}%, {f['n_terms']} term(s), rmse {f['rmse']:.3f} "
