@@ -1,6 +1,6 @@
 # Synthetic continued pretraining (EntiGraph, Yang et al., ICLR 2025) as one DAG:
 # QuALITY articles -> synthesis -> corpora -> CPT at synthetic-token budgets -> closed-book QA -> figures.
-# Logic lives in workflow_scripts/; the rules are thin. See README.md and DESIGN notes in docs/.
+# Logic lives in workflow_scripts/; the rules are thin. See README.md and docs/architecture.md.
 from snakemake.utils import min_version
 
 min_version("9.0")

@@ -5,7 +5,8 @@ import shlex
 import sys
 
 from snakemake.settings.types import DeploymentMethod
-from workflow_scripts.config import ConfigError, check_budgets, method_budgets, validate_config
+from workflow_scripts import job_keys, layout
+from workflow_scripts.config import ConfigError, check_budgets, validate_config
 
 # The schema check of the stage command lines (defaults filled in); a config that fails it (a file, or a
 # --config value) stops planning with one line naming each key, not a validation dump.
@@ -23,11 +24,13 @@ if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
     _PREFIX += f'export PATH={shlex.quote(os.path.dirname(sys.executable))}:"$PATH"; '
 shell.prefix(_PREFIX)
 
-ARTICLES = "results/data/articles.jsonl"
-QUESTIONS = "results/data/questions.jsonl"
-LOGS = "results/logs"
+# The shared names (paths, model ids, model lists, final targets) live in workflow_scripts/layout.py; the
+# functions below bind them to this run's config.
+ARTICLES = layout.ARTICLES
+QUESTIONS = layout.QUESTIONS
+LOGS = layout.LOGS
 
-# Stage files register their final outputs here; `rule all` asks for all of them.
+# Each stage file adds its final outputs (layout.stage_targets); the Snakefile's default target asks for them.
 ALL_TARGETS = []
 
 
@@ -35,21 +38,30 @@ def all_targets():
     return ALL_TARGETS
 
 
-def section(*keys):
-    """JSON of the config sections a job needs, passed as --config-json, so that a job reruns when they change."""
-    return json.dumps({k: config[k] for k in keys}, sort_keys=True)
+def job_config(job, *wildcards):
+    """--config-json of a job: the config keys that shape its outputs (workflow_scripts/job_keys.py), for the job
+    as named by `wildcards` (e.g. "method"). A tracked param: changing one of them reruns exactly the jobs that
+    read it."""
+    if not wildcards:
+        return job_keys.shaping_json(config, job)
+    return lambda wc: job_keys.shaping_json(config, job, **{w: wc[w] for w in wildcards})
+
+
+def job_ops(job, *wildcards):
+    """--ops-json of a job: the operational keys it reads (threads, logging, engine start-up). Snakemake does not
+    track params computed from `resources` (it counts them as derived from the job), so changing an operational
+    key on a finished workflow plans nothing."""
+    return lambda wc, resources: job_keys.operational_json(config, job, **{w: wc[w] for w in wildcards})
 
 
 def model_location(role):
     """Folder or hub id for models.<role> (base | generator), as workflow_scripts.models resolves it."""
-    spec = config["models"][role]
-    return f"results/hf_models/{spec['name']}" if spec["source"] == "package" else spec["name"]
+    return layout.model_location(config["models"][role])
 
 
 def model_input(role):
     """Rule input for a model: the converted folder for packaged/local models, nothing for hub ids."""
-    spec = config["models"][role]
-    return [model_location(role)] if spec["source"] in ("package", "path") else []
+    return layout.model_inputs(config, role)
 
 
 def article_uids(wildcards=None):
@@ -59,42 +71,32 @@ def article_uids(wildcards=None):
         return [json.loads(line)["uid"] for line in f if line.strip()]
 
 
-# ---- the cross-stage vocabulary: methods, budgets, model ids (DESIGN.md "The DAG and its files") ----
-
-
+# ---- the cross-stage vocabulary: methods, budgets, model ids (workflow_scripts/layout.py) ----
 def synth_methods():
-    """Synthesis methods whose corpora are trained on (synthesis.methods), e.g. entigraph, rephrase."""
-    return list(config["synthesis"].get("methods", []))
+    return layout.synth_methods(config)
 
 
 def budgets(method=None):
-    """Synthetic-token budgets of the scaling curve: cpt.method_budgets[method] if set, else cpt.budgets.
-    Each is a prefix of the method's shuffled corpus."""
-    return method_budgets(config, method) if method else [int(b) for b in config["cpt"].get("budgets", [])]
+    return layout.budgets(config, method)
 
 
 def model_id(method, budget):
-    return f"{method}-{budget}"
+    return layout.model_id(method, budget)
 
 
 def cpt_models():
-    """(method, budget) of every CPT model: the Raw baseline on all raw tokens, and each method x budget."""
-    return [("raw", "all")] + [(m, b) for m in synth_methods() for b in budgets(m)]
+    return layout.cpt_models(config)
 
 
 def model_dir(mid):
-    """Folder (or hub id) of a model id: `base` is the CPT base model, `METHOD-BUDGET` a CPT output."""
-    if mid == "base":
-        return model_location("base")
-    method, budget = mid.rsplit("-", 1)
-    return f"results/models/{method}/{budget}"
+    return layout.model_dir(mid, config)
 
 
 # ---- data stage (rules/data.smk) ----
 def prepare_inputs(wildcards):
     src = config["data"]["source"]
     if src == "quality":
-        return {"zip": "results/data/quality/QuALITY.v1.0.1.zip"}
+        return {"zip": layout.QUALITY_ZIP}
     custom = config["data"]["custom"]
     return {"corpus": custom["path"], **({"questions": custom["questions"]} if custom["questions"] else {})}
 
@@ -102,86 +104,56 @@ def prepare_inputs(wildcards):
 # ---- evaluation stage (rules/evaluation.smk) ----
 EVAL = config["evaluation"]
 EVAL_RES = EVAL["resources"]
-QA_DIR = "results/eval/qa"
-RAG_DIR = "results/eval/rag"
+QA_DIR = layout.QA_DIR
+RAG_DIR = layout.RAG_DIR
 # vLLM cannot share an environment with the CPU pins (envs/eval.yaml explains): CoT on vllm uses its env.
 EVAL_ENV = ("../envs/synthesis-vllm.yaml" if "cot" in EVAL["modes"] and EVAL["cot"]["engine"] == "vllm"
             else "../envs/eval.yaml")
 
 
 def eval_models():
-    """Model ids of closed-book QA: the base model, Raw CPT, every method x budget, then the API references."""
-    return (["base"] + [model_id(m, b) for m, b in cpt_models()]
-            + [f"api-{a['name']}" for a in EVAL["api_models"]])
+    return layout.eval_models(config)
 
 
 def rag_models():
-    """Model ids of the RAG baseline (evaluation.rag.models; default: base and the largest budget of the first
-    synthesis method, or Raw CPT when no method is configured)."""
-    if EVAL["rag"]["models"] is not None:
-        return list(EVAL["rag"]["models"])
-    methods = synth_methods()
-    bs = budgets(methods[0]) if methods else []
-    return ["base", model_id(methods[0], max(bs)) if methods and bs else "raw-all"]
+    return layout.rag_models(config)
+
+
+def cpt_dirs(models):
+    """The CPT model folders among model ids: aggregate reads their train_summary.json."""
+    return [model_dir(m) for m in models if layout.is_cpt_model(m)]
 
 
 def eval_model_input(wildcards):
     """The model folder an evaluation reads: none for API models or hub ids."""
     mid = wildcards.model
-    if mid.startswith("api-"):
+    if mid.startswith(layout.API_PREFIX):
         return []
     if mid == "base":
         return model_input("base")
     return [model_dir(mid)]
 
 
+def eval_prefix_input():
+    """The few-shot prefix when it is the user's own file (a name under workflow_scripts/prompts/ is code)."""
+    path = EVAL["prompt_prefix"]
+    return [path] if os.path.isfile(path) else []
+
+
 def eval_model_path(wildcards):
-    return "" if wildcards.model.startswith("api-") else model_dir(wildcards.model)
-
-
-def eval_params(wildcards, rag=False):
-    """--config-json of one evaluation: the evaluation keys that change its numbers (not resources; rag only for
-    RAG jobs), plus the backend settings when the model is sampled (cot)."""
-    ev = {k: v for k, v in EVAL.items() if k not in ("resources", "rag")}
-    if rag:
-        ev["rag"] = EVAL["rag"]
-    api = next((a for a in EVAL["api_models"] if f"api-{a['name']}" == wildcards.model), None)
-    if api is not None:
-        ev["api_models"] = [api]
-        modes, engine = api["modes"], api["engine"]
-    else:
-        ev["api_models"] = []
-        modes = (EVAL["rag"]["modes"] or EVAL["modes"]) if rag else EVAL["modes"]
-        engine = EVAL["cot"]["engine"]
-    cfg = {"seed": config["seed"], "evaluation": ev}
-    if "cot" in modes:
-        cfg["backends"] = {engine: config["backends"].get(engine) or {}}
-    return json.dumps(cfg, sort_keys=True)
+    return "" if wildcards.model.startswith(layout.API_PREFIX) else model_dir(wildcards.model)
 
 
 # ---- figures stage (rules/figures.smk) ----
-FIGURES = "results/figures"
-QA_TABLE = "results/tables/qa_accuracy.csv"
+FIGURES = layout.FIGURES
+QA_TABLE = layout.QA_TABLE
 
 
 def figure_extras(name):
     """A figure's outputs besides the PNG (figures.formats): the PNG is the one the report embeds."""
-    return [f"{FIGURES}/{name}.{ext}" for ext in config["figures"]["formats"] if ext != "png"]
-
-
-def figures_params(keys, *sections):
-    """The figures keys a plot uses (+ whole top-level sections), as --config-json: restyling one figure reruns
-    only that figure's rule, and a change of the fit settings reruns the fit and the scaling plot only."""
-    figures = {k: v for k, v in config["figures"].items() if k in keys}
-    return json.dumps({"figures": figures, **{s: config[s] for s in sections}}, sort_keys=True)
-
-
-FIT_KEYS = ("fit", "accuracy_scale")
-SCALING_KEYS = ("style", "dpi", "figsize", "formats", "paper_reference", "show_fit", "show_chance", "modes",
-                "accuracy_scale")
-DIVERSITY_KEYS = ("style", "dpi", "diversity_figsize", "formats")
+    return layout.figure_files(config, name)[1:]
 
 
 def synth_files(kind):
     """results/synth/{method}/{kind}.json of every synthesis method (kind: report | ledger)."""
-    return [f"results/synth/{m}/{kind}.json" for m in synth_methods()]
+    return [f"{layout.SYNTH}/{m}/{kind}.json" for m in synth_methods()]

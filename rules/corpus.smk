@@ -1,7 +1,7 @@
 # Stage 5: one token corpus per method (raw = the articles): tokenized with the CPT base model's tokenizer,
 # shuffled with the seed, concatenated into a memory-mapped array; budgets are prefixes of it.
 # Logic: workflow_scripts/corpus.py; docs/cpt.md.
-CORPUS = "results/corpus"
+CORPUS = layout.CORPUS
 
 
 rule build_corpus:
@@ -16,7 +16,8 @@ rule build_corpus:
     log:
         f"{LOGS}/corpus/{{method}}.log",
     params:
-        cfg=section("seed", "corpus"),
+        cfg=job_config("build_corpus"),
+        ops=job_ops("build_corpus"),
         model=lambda wc: model_location("base"),  # a folder, or a hub id (no input file)
         outdir=lambda wc, output: os.path.dirname(output.tokens),
     threads: 1
@@ -25,4 +26,4 @@ rule build_corpus:
     shell:
         "python -m workflow_scripts.corpus build --method {wildcards.method} "
         "--model {params.model:q} --inputs {input.records} --outdir {params.outdir} "
-        "--config-json {params.cfg:q} 2> {log}"
+        "--config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"

@@ -5,12 +5,6 @@ CPT = config["cpt"]
 # Local general-text files (replay source, forgetting probe) are inputs; Hugging Face dataset ids are not files.
 CPT_GENERAL = [p for p in ([CPT["probe"]["source"]] + ([CPT["replay"]["source"]] if CPT["replay"]["rate"] > 0 else []))
                if p and os.path.exists(p)]
-# The cpt keys that shape a model; the budget list and the resources are left out, so that adding a budget or
-# raising a time limit does not retrain the existing models.
-CPT_CFG = json.dumps({"seed": config["seed"], "cpt": {k: v for k, v in CPT.items() if k not in ("budgets", "resources")}},
-                     sort_keys=True)
-
-
 rule cpt:
     input:
         corpus=f"{CORPUS}/{{method}}/tokens.npy",
@@ -19,16 +13,17 @@ rule cpt:
         general=CPT_GENERAL,
         articles=ARTICLES,  # the forgetting probe is checked against them (workflow_scripts/replay.py)
     output:
-        directory("results/models/{method}/{budget}"),
+        directory(f"{layout.MODELS}/{{method}}/{{budget}}"),
     log:
         f"{LOGS}/cpt/{{method}}/{{budget}}.log",
     benchmark:
         "results/benchmarks/cpt/{method}/{budget}.tsv"
     params:
-        cfg=CPT_CFG,
+        cfg=job_config("cpt"),
+        ops=job_ops("cpt"),
         model=lambda wc: model_location("base"),  # a folder, or a hub id (no input file)
         corpus=lambda wc, input: os.path.dirname(input.corpus),
-        workdir=lambda wc: f"results/checkpoints/{wc.method}/{wc.budget}",
+        workdir=lambda wc: f"{layout.CHECKPOINTS}/{wc.method}/{wc.budget}",
         # one process, or torchrun with one worker per GPU the job declares
         launch=lambda wc, resources: (f"python -m torch.distributed.run --standalone --nproc_per_node {resources.gpu}"
                                       if int(resources.gpu) > 1 else "python"),
@@ -43,7 +38,7 @@ rule cpt:
         "OMP_NUM_THREADS={threads} TOKENIZERS_PARALLELISM=false {params.launch} -m workflow_scripts.train "
         "--corpus {params.corpus} --method {wildcards.method} --budget {wildcards.budget} --model {params.model:q} "
         "--output {output} --workdir {params.workdir} --articles {input.articles} --config-json {params.cfg:q} "
-        "2> {log}"
+        "--ops-json {params.ops:q} 2> {log}"
 
 
-ALL_TARGETS.extend([model_dir(model_id(m, b)) for m, b in cpt_models()])
+ALL_TARGETS.extend(layout.stage_targets(config, "cpt"))

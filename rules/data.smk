@@ -4,7 +4,7 @@
 
 rule download_quality:
     output:
-        "results/data/quality/QuALITY.v1.0.1.zip",
+        layout.QUALITY_ZIP,
     log:
         f"{LOGS}/download_quality.log",
     params:
@@ -23,11 +23,11 @@ checkpoint prepare_articles:
     output:
         articles=ARTICLES,
         questions=QUESTIONS,
-        stats="results/data/prepare_stats.json",
+        stats=layout.PREPARE_STATS,
     log:
         f"{LOGS}/prepare_articles.log",
     params:
-        cfg=section("data"),
+        cfg=job_config("prepare_articles"),
         zip=lambda wc, input: f"--zip {input.zip}" if "zip" in input.keys() else "",
     conda:
         "../envs/base.yaml"
@@ -47,4 +47,4 @@ rule convert_packaged_model:
         "python -m workflow_scripts.models convert --name {wildcards.name} --output {output} 2> {log}"
 
 
-ALL_TARGETS.extend([rules.prepare_articles.output.stats, *model_input("base"), *model_input("generator")])
+ALL_TARGETS.extend(layout.stage_targets(config, "data"))

@@ -9,6 +9,7 @@ rule eval_qa:
         questions=QUESTIONS,
         articles=ARTICLES,
         model=eval_model_input,
+        prefix=eval_prefix_input(),
     output:
         jsonl=f"{QA_DIR}/{{model}}.jsonl",
         json=f"{QA_DIR}/{{model}}.json",
@@ -17,7 +18,8 @@ rule eval_qa:
     benchmark:
         "results/benchmarks/evaluation/eval_qa/{model}.tsv"
     params:
-        cfg=eval_params,
+        cfg=job_config("eval_qa", "model"),
+        ops=job_ops("eval_qa", "model"),
         model_path=eval_model_path,
     threads: EVAL["threads"]
     resources:
@@ -29,7 +31,7 @@ rule eval_qa:
     shell:
         "python -m workflow_scripts.qa_eval --model-id {wildcards.model} --model-path {params.model_path:q} "
         "--questions {input.questions} --articles {input.articles} --output-jsonl {output.jsonl} "
-        "--output-json {output.json} --threads {threads} --config-json {params.cfg:q} 2> {log}"
+        "--output-json {output.json} --threads {threads} --config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"
 
 
 rule eval_rag:
@@ -37,6 +39,7 @@ rule eval_rag:
         questions=QUESTIONS,
         articles=ARTICLES,
         model=eval_model_input,
+        prefix=eval_prefix_input(),
     output:
         jsonl=f"{RAG_DIR}/{{model}}.jsonl",
         json=f"{RAG_DIR}/{{model}}.json",
@@ -45,7 +48,8 @@ rule eval_rag:
     benchmark:
         "results/benchmarks/evaluation/eval_rag/{model}.tsv"
     params:
-        cfg=lambda wildcards: eval_params(wildcards, rag=True),
+        cfg=job_config("eval_rag", "model"),
+        ops=job_ops("eval_rag", "model"),
         model_path=eval_model_path,
     threads: EVAL["threads"]
     resources:
@@ -57,41 +61,46 @@ rule eval_rag:
     shell:
         "python -m workflow_scripts.rag --model-id {wildcards.model} --model-path {params.model_path:q} "
         "--questions {input.questions} --articles {input.articles} --output-jsonl {output.jsonl} "
-        "--output-json {output.json} --threads {threads} --config-json {params.cfg:q} 2> {log}"
+        "--output-json {output.json} --threads {threads} --config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"
 
 
 rule aggregate:
     input:
         summaries=expand(f"{QA_DIR}/{{model}}.json", model=eval_models()),
+        # the train summaries (tokens trained on) that --models-dir points to
+        models=cpt_dirs(eval_models()),
     output:
-        report("results/tables/qa_accuracy.csv", caption="../report/qa_accuracy.rst", category="QA accuracy"),
+        report(layout.QA_TABLE, caption="../report/qa_accuracy.rst", category="QA accuracy"),
     log:
         f"{LOGS}/evaluation/aggregate.log",
     params:
         split=EVAL["report"]["split"],  # which accuracy the table's accuracy column holds (evaluation.report)
         convention=EVAL["report"]["convention"],
+        models_dir=lambda wc, input: layout.MODELS,  # where the train summaries (input.models) live
     conda:
         "../envs/eval.yaml"
     shell:
-        "python -m workflow_scripts.aggregate qa --summaries {input.summaries} --models-dir results/models "
+        "python -m workflow_scripts.aggregate qa --summaries {input.summaries} --models-dir {params.models_dir} "
         "--output {output} --report-split {params.split} --report-convention {params.convention} 2> {log}"
 
 
 rule aggregate_rag:
     input:
         summaries=expand(f"{RAG_DIR}/{{model}}.json", model=rag_models()),
+        models=cpt_dirs(rag_models()),
     output:
-        report("results/tables/rag_accuracy.csv", caption="../report/rag_accuracy.rst", category="QA accuracy"),
+        report(layout.RAG_TABLE, caption="../report/rag_accuracy.rst", category="QA accuracy"),
     log:
         f"{LOGS}/evaluation/aggregate_rag.log",
     params:
         split=EVAL["report"]["split"],  # which accuracy the table's accuracy column holds (evaluation.report)
         convention=EVAL["report"]["convention"],
+        models_dir=lambda wc, input: layout.MODELS,  # where the train summaries (input.models) live
     conda:
         "../envs/eval.yaml"
     shell:
-        "python -m workflow_scripts.aggregate rag --summaries {input.summaries} --models-dir results/models "
+        "python -m workflow_scripts.aggregate rag --summaries {input.summaries} --models-dir {params.models_dir} "
         "--output {output} --report-split {params.split} --report-convention {params.convention} 2> {log}"
 
 
-ALL_TARGETS.extend([*rules.aggregate.output, *(rules.aggregate_rag.output if EVAL["rag"]["enabled"] else [])])
+ALL_TARGETS.extend(layout.stage_targets(config, "evaluation"))

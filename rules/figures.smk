@@ -8,11 +8,11 @@ rule fit_scaling:
     input:
         table=QA_TABLE,
     output:
-        report(f"{FIGURES}/scaling_fit.json", caption="../report/scaling_fit.rst", category="Scaling curve"),
+        report(layout.SCALING_FIT, caption="../report/scaling_fit.rst", category="Scaling curve"),
     log:
         f"{LOGS}/figures/fit_scaling.log",
     params:
-        cfg=figures_params(FIT_KEYS),
+        cfg=job_config("fit_scaling"),
     conda:
         "../envs/base.yaml"
     shell:
@@ -30,7 +30,7 @@ rule plot_scaling:
     log:
         f"{LOGS}/figures/plot_scaling.log",
     params:
-        cfg=figures_params(SCALING_KEYS, "run_name", "models", "data"),
+        cfg=job_config("plot_scaling"),
     conda:
         "../envs/base.yaml"
     shell:
@@ -47,7 +47,7 @@ rule plot_diversity:
     log:
         f"{LOGS}/figures/plot_diversity.log",
     params:
-        cfg=figures_params(DIVERSITY_KEYS, "run_name", "models", "data"),
+        cfg=job_config("plot_diversity"),
     conda:
         "../envs/base.yaml"
     shell:
@@ -60,8 +60,8 @@ rule synthesis_summary:
         ledgers=synth_files("ledger"),
         reports=synth_files("report"),
     output:
-        csv="results/tables/synthesis_summary.csv",
-        html=report("results/tables/synthesis_summary.html", caption="../report/synthesis_summary.rst",
+        csv=f"{layout.SYNTH_SUMMARY}.csv",
+        html=report(f"{layout.SYNTH_SUMMARY}.html", caption="../report/synthesis_summary.rst",
                     category="Synthetic data"),
     log:
         f"{LOGS}/figures/synthesis_summary.log",
@@ -72,11 +72,4 @@ rule synthesis_summary:
         "--csv {output.csv} --html {output.html} 2> {log}"
 
 
-ALL_TARGETS.extend(
-    [
-        *rules.fit_scaling.output,
-        *rules.plot_scaling.output,
-        *rules.plot_diversity.output,
-        *rules.synthesis_summary.output,
-    ]
-)
+ALL_TARGETS.extend(layout.stage_targets(config, "figures"))

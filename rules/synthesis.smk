@@ -1,12 +1,12 @@
 # Stages 3-4: EntiGraph entity extraction per article; the texts of every synthesis method per article
 # (append-only, resumable shards); a ledger and a corpus report per method. Logic: workflow_scripts/synthesis.py,
 # entigraph.py, synth_report.py; prompts in workflow_scripts/prompts/; docs/synthesis.md.
-# Each step gets only the config keys that shape its output (synthesis.step_config), so that, e.g., a new
+# Each step gets only the config keys that shape its output (workflow_scripts/job_keys.py), so that, e.g., a new
 # triple cap reruns synthesis but not extraction, and new prices rerun only the report.
-from workflow_scripts.synthesis import method_needs_entities, step_config_json
+from workflow_scripts.synthesis import method_needs_entities
 
-SYNTH = "results/synth"
-ENTITIES = f"{SYNTH}/entigraph/entities"
+SYNTH = layout.SYNTH
+ENTITIES = layout.ENTITIES
 SYNTH_RES = config["synthesis"]["resources"]
 
 
@@ -21,7 +21,8 @@ rule extract_entities:
     benchmark:
         "results/benchmarks/synthesis/extract_entities/{article}.tsv"
     params:
-        cfg=step_config_json(config, "extract"),
+        cfg=job_config("extract_entities"),
+        ops=job_ops("extract_entities"),
     threads: SYNTH_RES["threads"]
     resources:
         gpu=SYNTH_RES["gpu"],
@@ -31,7 +32,7 @@ rule extract_entities:
         "../envs/synthesis-vllm.yaml"
     shell:
         "OMP_NUM_THREADS={threads} python -m workflow_scripts.synthesis extract --articles {input.articles} "
-        "--article {wildcards.article} --output {output} --config-json {params.cfg:q} 2> {log}"
+        "--article {wildcards.article} --output {output} --config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"
 
 
 rule synthesize:
@@ -50,7 +51,8 @@ rule synthesize:
     benchmark:
         "results/benchmarks/synthesis/synthesize/{method}/{article}.tsv"
     params:
-        cfg=lambda wc: step_config_json(config, "synthesize", wc.method),
+        cfg=job_config("synthesize", "method"),
+        ops=job_ops("synthesize", "method"),
         entities=lambda wc, input: f"--entities {input.entities}" if input.entities else "",
     threads: SYNTH_RES["threads"]
     resources:
@@ -62,7 +64,7 @@ rule synthesize:
     shell:
         "OMP_NUM_THREADS={threads} python -m workflow_scripts.synthesis synthesize --method {wildcards.method} "
         "--articles {input.articles} --article {wildcards.article} {params.entities} --output {output.shard} "
-        "--stats {output.stats} --config-json {params.cfg:q} 2> {log}"
+        "--stats {output.stats} --config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"
 
 
 rule synthesis_report:
@@ -88,7 +90,7 @@ rule synthesis_report:
     log:
         f"{LOGS}/synthesis/synthesis_report/{{method}}.log",
     params:
-        cfg=step_config_json(config, "report"),
+        cfg=job_config("synthesis_report"),
         entities=lambda wc, input: f"--entities-dir {ENTITIES}" if input.entities else "",
         synth_dir=lambda wc: f"{SYNTH}/{wc.method}",
     conda:
@@ -99,4 +101,4 @@ rule synthesis_report:
         "--report {output.report} --table {output.table} --config-json {params.cfg:q} 2> {log}"
 
 
-ALL_TARGETS.extend([f"{SYNTH}/{m}/report.json" for m in synth_methods()])
+ALL_TARGETS.extend(layout.stage_targets(config, "synthesis"))

@@ -51,7 +51,7 @@ def table_and_fit(tmp_path):
 
 
 def test_paper_reference_values_match_the_protocol():
-    # Values transcribed from the paper (reference/paper_protocol.md); the fitted curve reproduces its own form.
+    # Values transcribed from the paper (workflow_scripts/paper_reference.py); the fitted curve reproduces its own form.
     assert paper.FIT_ASYMPTOTE == 64.5456 and paper.FIT_TERMS[0] == (13.8352, 0.9989)
     assert {r.method: r.accuracy_percent for r in paper.HEADLINE if r.method in ("base", "raw", "entigraph")} == \
         {"base": 39.49, "raw": 38.15, "entigraph": 56.22}

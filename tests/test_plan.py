@@ -174,7 +174,7 @@ def test_system_prompt_tokens_come_from_the_template_files():
 
 def test_measured_entity_lists_replace_the_assumption(tmp_path):
     write_prepared(tmp_path, 2, 4000, {})
-    ents = tmp_path / P.ENTITIES_DIR
+    ents = tmp_path / P.ENTITIES
     ents.mkdir(parents=True)
     (ents / "a0.json").write_text(json.dumps({"status": "ok", "summary": "s", "entities": ["x", "y", "z"]}))
     plan = P.make_plan(small_config(), root=tmp_path)

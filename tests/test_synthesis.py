@@ -121,7 +121,7 @@ EASY_PROMPT = ("You are an assistant to help read a article and then rephrase it
                "using a very small vocabulary and extremely simple sentences that a toddler will understand. Remember "
                "to keep the meaning and every content of the article intact, including the title, year, etc.")
 
-# sha256 of each template's text (paper_prompts.md code blocks, Appendix H.1 / H.2 / E)
+# sha256 of each template's text (the paper's prompts, Appendix H.1 / H.2 / E)
 TEMPLATE_SHA256 = {
     "entigraph_entities": "d8d88a514c6e26e749a8b798f0b7ed632c760ad82c6801e862038dd8d5b928b6",
     "entigraph_pair": "e5d7ea509531729d40d6fb74079bfa1d92828cc4e3c85b0f331f50a118824d32",

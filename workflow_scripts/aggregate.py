@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .io_utils import InputError, atomic_path
+from .layout import parse_model_id
 
 QA_COLUMNS = [
     "model", "method", "budget_tokens", "mode", "accuracy", "ci_low", "ci_high", "n",
@@ -45,23 +46,6 @@ QA_COLUMNS = QA_COLUMNS[:8] + REPORTED_COLUMNS + QA_COLUMNS[8:]
 RAG_COLUMNS = QA_COLUMNS[:8] + REPORTED_COLUMNS + ["retriever", "top_k", "recall_at_k", "recall_at_k_bm25", "recall_at_k_embedding",
                                 "recall_at_k_hybrid", "accuracy_attempted", "attempted", "prefix_version",
                                 "config_hash"]
-
-
-def parse_model_id(model: str) -> tuple[str, int | None]:
-    """(method, budget) of a model id: base, raw-all, api-NAME or METHOD-BUDGET."""
-    if model == "base":
-        return "base", None
-    if model.startswith("api-"):
-        return "api", None
-    method, _, budget = model.rpartition("-")
-    if not method:
-        raise InputError(f"model id {model!r}: expected base, raw-all, api-NAME or METHOD-BUDGET")
-    if budget == "all":
-        return method, None
-    try:
-        return method, int(budget)
-    except ValueError:
-        raise InputError(f"model id {model!r}: budget {budget!r} is not a token count") from None
 
 
 def train_summary(models_dir: str | Path | None, method: str, model: str) -> dict:

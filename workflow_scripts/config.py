@@ -66,6 +66,12 @@ def validate_config(cfg: dict) -> dict:
     return cfg
 
 
+def with_defaults(cfg: dict) -> dict:
+    """A validated copy of a (possibly partial) config with the schema's defaults filled in: how a stage function
+    called from Python reads keys it was not given, so that defaults live only in the schema."""
+    return validate_config(copy.deepcopy(cfg))
+
+
 def load_config(configfiles: list[str | Path] | None = None, overrides: dict | None = None) -> dict:
     """Merge YAML files in order (default: config.yaml), then `overrides`, then validate with defaults."""
     cfg: dict = {}
@@ -112,21 +118,38 @@ def config_hash(section: Any) -> str:
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """--configfile, --config-json and --ops-json, as every stage's command line takes them."""
     parser.add_argument("--configfile", nargs="+", default=None, metavar="YAML",
                         help="config files merged in order (default: the repository's config.yaml)")
     parser.add_argument("--config-json", default=None, metavar="JSON",
                         help="config values (a JSON object shaped like the config) merged last; the Snakemake "
-                             "rules pass the sections a stage needs this way")
+                             "rules pass the keys that shape a job's outputs this way (workflow_scripts/job_keys.py)")
+    parser.add_argument("--ops-json", default=None, metavar="JSON",
+                        help="operational config values (threads, logging, engine start-up) merged after "
+                             "--config-json; the rules pass them apart so that changing them reruns nothing")
+
+
+def _json_arg(text: str | None, flag: str) -> dict | None:
+    """A JSON-object command-line value, or None; anything else is a one-line ConfigError."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{flag}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag}: expected a JSON object shaped like the config")
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
-    """The config of a stage command line (--configfile, --config-json); a bad one is a ConfigError (one line)."""
-    try:
-        overrides = json.loads(args.config_json) if args.config_json else None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--config-json: not valid JSON ({e.msg} at column {e.colno})") from None
-    if overrides is not None and not isinstance(overrides, dict):
-        raise ConfigError("--config-json: expected a JSON object shaped like the config")
+    """The validated config of a stage run: --configfile (default config.yaml) or, when a rule passes
+    --config-json alone, the schema defaults; then --config-json and --ops-json merged over it. A bad one is a
+    ConfigError (one line)."""
+    overrides = _json_arg(args.config_json, "--config-json")
+    ops = _json_arg(getattr(args, "ops_json", None), "--ops-json")
+    if ops:
+        overrides = deep_merge(overrides or {}, ops)
     if overrides is not None and args.configfile is None:
         # A rule passes the resolved sections it needs: start from the defaults alone, not config.yaml.
         return validate_config(copy.deepcopy(overrides))

@@ -5,7 +5,7 @@
     python -m workflow_scripts.corpus build --method raw --model MODEL --inputs results/data/articles.jsonl --outdir results/corpus/raw
     python -m workflow_scripts.corpus info results/corpus/entigraph [--budget 4096]
 
-Output contract (DESIGN.md step 5): `tokens.npy`, a 1-D memory-mappable array (uint16 when the vocabulary has
+Output contract (docs/architecture.md): `tokens.npy`, a 1-D memory-mappable array (uint16 when the vocabulary has
 fewer than 65,536 ids, else uint32) holding every document, in the seeded shuffled order, as
 `[BOS] text [EOS]`; and `manifest.json`: tokenizer, special tokens, seed, dtype, total tokens, the record ids
 with their offsets into the array, statistics (tokens per kind, dropped records and why), inputs with their
@@ -41,6 +41,8 @@ import numpy as np
 
 from .config import add_config_args, config_from_args, config_hash
 from .io_utils import InputError, atomic_path, iter_jsonl, sha256_file, write_json_atomic
+from .job_keys import shaping_part
+from .models import load_tokenizer
 
 RAW_METHOD = "raw"
 DOC_SEPARATORS = ("<|end_of_text|>", "<|endoftext|>", "</s>")
@@ -109,20 +111,6 @@ def encode_documents(tok: Any, texts: Sequence[str], specials: dict[str, Any], d
         ids = tok(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
         out.extend(np.asarray(bos + x + eos, dtype=dtype) for x in ids)
     return out
-
-
-def load_tokenizer(location: str):  # type: ignore[no-untyped-def]
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(location)
-    except OSError as e:
-        raise InputError(f"{location}: cannot load the tokenizer ({e}); build the base model first "
-                         f"(snakemake {location}) or point models.base at an existing model") from None
-    if not tok.is_fast:
-        print(f"warning: {location}: no fast tokenizer; tokenizing will be slow", file=sys.stderr)
-    tok.model_max_length = 1 << 40  # documents are cut into blocks later, never truncated here
-    return tok
 
 
 # ----------------------------------------------------------------------------------------------- records
@@ -236,7 +224,7 @@ def build_corpus(method: str, inputs: Sequence[str | Path], tokenizer: str, outd
         "mean_tokens_per_record": round(total / len(docs), 1),
         "dropped": stats["dropped"],
         "inputs": stats["inputs"],
-        "config_hash": config_hash({"seed": seed, "corpus": cfg["corpus"], "tokenizer": str(tokenizer)}),
+        "config_hash": config_hash({"seed": seed, "corpus": shaping_part(cfg, "corpus"), "tokenizer": str(tokenizer)}),
         "seconds": round(time.time() - t0, 2),
         "records": {"ids": [d["id"] for d in docs], "offsets": offsets.tolist()},
     }

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .backends import GenerationRequest
+from .estimates import Estimate, article_requests, n_tuples
 from .io_utils import AppendOnlyJsonl, stable_hash
 from .synthesis import (Method, Task, generation_hash, generator_name, load_template, prompt_version, read_work_shard,
                         record_id, request_seed, sampling_key, template_task, user_message)
@@ -466,3 +467,28 @@ class EntiGraph(Method):
         for triple in triples:
             tasks.append(template_task("triple", TRIPLE_TEMPLATE, article, triple, max_new_tokens=new))
         return tasks
+
+    def estimate(self, article_tokens: list[float], n_entities: list[int],
+                 prompt_tokens: Callable[[str], float]) -> list[Estimate] | None:
+        """One extraction request per article, then relation requests for min(C(E,k), cap) entity tuples
+        (k = 2, 3); a relation prompt is the article prefix plus the tuple's entity names."""
+        assume = self.cfg["planner"]["assume"]
+        extra, n_art = float(assume["prompt_overhead_tokens"]), len(article_tokens)
+        ent_new = assume["entity_completion_tokens"]
+        ent_new = float(ent_new if ent_new is not None else self.ec["extraction_max_new_tokens"])
+        rel_new = assume["completion_tokens"]
+        rel_new = float(rel_new if rel_new is not None else self.max_new_tokens())
+        cap_e = self.ec["max_entities"]
+        entities = [min(e, int(cap_e)) if cap_e else e for e in n_entities]
+        groups: list[Estimate] = [
+            ("entities + summary", article_requests([1] * n_art, article_tokens,
+                                                    prompt_tokens(ENTITIES_TEMPLATE) + extra, 0.0, ent_new),
+             "1 extraction request per article (the summary is its text)")]
+        for k, name, template in ((2, "pairs", PAIR_TEMPLATE), (3, "triples", TRIPLE_TEMPLATE)):
+            cap = self.ec[f"max_{name}"]
+            groups.append((f"relations, entity {name}",
+                           article_requests([n_tuples(e, k, cap) for e in entities], article_tokens,
+                                            prompt_tokens(template) + extra, k * float(assume["tokens_per_entity"]),
+                                            rel_new),
+                           f"min(C(E,{k}), {cap if cap is not None else 'all'}) per article"))
+        return groups

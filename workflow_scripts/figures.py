@@ -36,7 +36,8 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import EngFormatter, NullFormatter  # noqa: E402
 
 from . import paper_reference as paper  # noqa: E402
-from .config import add_config_args, config_from_args  # noqa: E402
+from . import stage  # noqa: E402
+from .config import add_config_args, with_defaults  # noqa: E402
 from .fit_scaling import LEVEL_METHODS, ScalingFit, read_accuracy_table, synthesis_points  # noqa: E402
 from .io_utils import InputError, atomic_path, read_json_object, write_text_atomic  # noqa: E402
 
@@ -71,15 +72,14 @@ def method_color(method: str, order: Sequence[str] = ()) -> str:
 
 def figure_title(cfg: dict, what: str) -> str:
     """'<what>: <base model> on <corpus> (<run_name>)', from config run_name, models.base.name, data.source."""
-    model = (cfg.get("models", {}).get("base") or {}).get("name", "base model")
-    data = cfg.get("data", {})
-    source = data.get("source", "quality")
-    corpus = "QuALITY" if source == "quality" else Path(str((data.get("custom") or {}).get("path") or source)).name
-    return f"{what}: {model} on {corpus} ({cfg.get('run_name', 'run')})"
+    model, data = cfg["models"]["base"]["name"], cfg["data"]
+    source = data["source"]
+    corpus = "QuALITY" if source == "quality" else Path(str(data["custom"]["path"] or source)).name
+    return f"{what}: {model} on {corpus} ({cfg['run_name']})"
 
 
 def _style(fcfg: dict):
-    style = fcfg.get("style", "default")
+    style = fcfg["style"]
     if style not in ("default", *plt.style.available) and not Path(style).exists():
         raise InputError(f"figures.style {style!r} is not a matplotlib style; use one of: default, "
                          f"{', '.join(sorted(plt.style.available))} (or a .mplstyle path)")
@@ -198,23 +198,24 @@ def plotted_number(df: Any) -> str:
 
 def plot_scaling(table: str | Path, fit_json: str | Path | None, cfg: dict, outputs: Sequence[str | Path]) -> dict:
     """Draw the scaling curve (see module docstring) into every path of `outputs`; return what was drawn."""
-    fcfg = cfg.get("figures", {})
-    df = read_accuracy_table(table, fcfg.get("accuracy_scale", "auto"))
-    if fcfg.get("modes"):
+    cfg = with_defaults(cfg)
+    fcfg = cfg["figures"]
+    df = read_accuracy_table(table, fcfg["accuracy_scale"])
+    if fcfg["modes"]:
         df = df[df["mode"].isin(fcfg["modes"])]
     fits: list[dict] = []
-    if fit_json and fcfg.get("show_fit", True):
+    if fit_json and fcfg["show_fit"]:
         with open(fit_json, encoding="utf-8") as f:
             fits = json.load(f).get("fits", [])
     modes = sorted(set(df["mode"]))
     multi_mode = len(modes) > 1
     pts = synthesis_points(df)
     levels = df[df["method"].isin(LEVEL_METHODS)].drop_duplicates(["model", "mode"])
-    layout = fcfg.get("paper_reference", "panel")
+    layout = fcfg["paper_reference"]
     methods = sorted(set(pts["method"]), key=lambda m: (m not in METHOD_COLORS, m))
 
     with _style(fcfg):
-        figsize = fcfg.get("figsize", [12.0, 5.0])
+        figsize = fcfg["figsize"]
         if layout == "panel":
             fig, (ax, ax_paper) = plt.subplots(1, 2, figsize=figsize, gridspec_kw={"width_ratios": [1.35, 1]})
         else:
@@ -256,7 +257,7 @@ def plot_scaling(table: str | Path, fit_json: str | Path | None, cfg: dict, outp
                 drawn["fits"].append(method)
         _draw_levels(ax, levels, multi_mode, legend)
         drawn["levels"] = list(levels["model"])
-        if fcfg.get("show_chance", True):
+        if fcfg["show_chance"]:
             legend.append((ax.axhline(CHANCE_PERCENT, color="#bbbbbb", linestyle=":", linewidth=1.0),
                            "chance (25%, 4 options)"))
         if pts.empty:
@@ -293,7 +294,7 @@ def plot_scaling(table: str | Path, fit_json: str | Path | None, cfg: dict, outp
         if layout != "none":
             fig.text(0.5, bottom - 0.01, f"Paper values: {paper.CITATION}.", ha="center", va="top", fontsize=7,
                      color="#666666")
-        save_figure(fig, outputs, int(fcfg.get("dpi", 150)))
+        save_figure(fig, outputs, int(fcfg["dpi"]))
     return drawn
 
 
@@ -367,13 +368,14 @@ def diversity_series(reports: Sequence[dict]) -> dict[str, dict[str, list[tuple[
 
 def plot_diversity(report_paths: Sequence[str | Path], cfg: dict, outputs: Sequence[str | Path]) -> dict:
     """Four panels of synthetic-data statistics against tokens, one colour per method (see module docstring)."""
-    fcfg = cfg.get("figures", {})
+    cfg = with_defaults(cfg)
+    fcfg = cfg["figures"]
     reports = [read_synth_report(p) for p in report_paths]
     data = diversity_series(reports)
     methods = sorted(data, key=lambda m: (m not in METHOD_COLORS, m))
     drawn: dict[str, list[str]] = {}
     with _style(fcfg):
-        fig, axes = plt.subplots(2, 2, figsize=fcfg.get("diversity_figsize", [11.0, 8.0]))
+        fig, axes = plt.subplots(2, 2, figsize=fcfg["diversity_figsize"])
         for ax, (metric, ylabel, hint) in zip(axes.ravel(), DIVERSITY_METRICS):
             keys = [("distinct_1", "-", "o"), ("distinct_2", "--", "s"), ("distinct_3", ":", "^")] \
                 if metric == "distinct" else [(metric, "-", "o")]
@@ -408,7 +410,7 @@ def plot_diversity(report_paths: Sequence[str | Path], cfg: dict, outputs: Seque
         what = "Synthetic-data diversity (corpus totals)" if single else "Synthetic-data diversity vs tokens"
         fig.suptitle(figure_title(cfg, what), fontsize=12)
         fig.tight_layout()
-        save_figure(fig, outputs, int(fcfg.get("dpi", 150)))
+        save_figure(fig, outputs, int(fcfg["dpi"]))
     return drawn
 
 
@@ -462,8 +464,7 @@ def synthesis_table(ledgers: Sequence[str | Path], reports: Sequence[str | Path]
 # ----------------------------------------------------------------------------------------------- command line
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workflow_scripts.figures", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = stage.parser("figures", __doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("scaling", help="QA accuracy vs synthetic tokens with the fit (+ paper reference)")
     s.add_argument("--table", required=True, help="results/tables/qa_accuracy.csv")
@@ -480,21 +481,20 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--csv", required=True)
     t.add_argument("--html", required=True)
     args = p.parse_args(argv)
-    try:
-        if args.cmd == "synthesis-table":
-            df = synthesis_table(args.ledgers, args.reports, args.csv, args.html)
-            print(f"synthesis table: {len(df)} method(s) -> {args.csv}, {args.html}", file=sys.stderr)
-            return 0
-        cfg = config_from_args(args)
-        if args.cmd == "scaling":
-            drawn = plot_scaling(args.table, args.fit, cfg, args.output)
-        else:
-            drawn = plot_diversity(args.reports, cfg, args.output)
-        print(json.dumps({"outputs": args.output, "drawn": drawn}), file=sys.stderr)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return stage.run(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.cmd == "synthesis-table":
+        df = synthesis_table(args.ledgers, args.reports, args.csv, args.html)
+        print(f"synthesis table: {len(df)} method(s) -> {args.csv}, {args.html}", file=sys.stderr)
+        return
+    cfg = stage.config(args)
+    if args.cmd == "scaling":
+        drawn = plot_scaling(args.table, args.fit, cfg, args.output)
+    else:
+        drawn = plot_diversity(args.reports, cfg, args.output)
+    print(json.dumps({"outputs": args.output, "drawn": drawn}), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import least_squares, lsq_linear
 
-from .config import add_config_args, config_from_args, config_hash
-from .io_utils import InputError, write_json_atomic
+from . import stage
+from .config import config_hash, with_defaults
+from .io_utils import InputError
 
 X_UNIT = "millions of synthetic tokens"
 Y_UNIT = "accuracy (%)"
@@ -348,8 +349,8 @@ def synthesis_points(df: pd.DataFrame) -> pd.DataFrame:
 
 def fit_table(df: pd.DataFrame, fcfg: dict) -> list[dict]:
     """One fit per (synthesis method, mode) of the table, as dicts with method, mode and the fit's fields."""
-    fit_cfg = fcfg.get("fit", {})
-    wanted = fit_cfg.get("methods")
+    fit_cfg = fcfg["fit"]
+    wanted = fit_cfg["methods"]
     pts = synthesis_points(df)
     fits = []
     for (method, mode), group in pts.groupby(["method", "mode"], sort=True):
@@ -362,13 +363,13 @@ def fit_table(df: pd.DataFrame, fcfg: dict) -> list[dict]:
         x = group["tokens_millions"].to_numpy(float)
         y = group["accuracy_pct"].to_numpy(float)
         anchored = None
-        if fit_cfg.get("include_base", False):
+        if fit_cfg["include_base"]:
             base = df[(df["method"] == "base") & (df["mode"] == mode)]
             if len(base):
                 anchored = float(base["accuracy_pct"].iloc[0])
                 x, y = np.r_[0.0, x], np.r_[anchored, y]
-        fit = fit_mixture(x, y, max_terms=int(fit_cfg.get("max_terms", 3)), n_starts=int(fit_cfg.get("n_starts", 24)),
-                          seed=int(fit_cfg.get("seed", 0)), interval_level=fit_cfg.get("interval_level", 0.95))
+        fit = fit_mixture(x, y, max_terms=int(fit_cfg["max_terms"]), n_starts=int(fit_cfg["n_starts"]),
+                          seed=int(fit_cfg["seed"]), interval_level=fit_cfg["interval_level"])
         d = {"method": method, "mode": mode, **fit.to_dict()}
         d["base_anchor_percent"] = anchored
         d["excluded_capped_budgets"] = capped
@@ -381,8 +382,8 @@ def fit_table(df: pd.DataFrame, fcfg: dict) -> list[dict]:
 
 def fit_workflow(table: str | Path, cfg: dict) -> dict:
     """The content of results/figures/scaling_fit.json: the fits of every synthesis method, with provenance."""
-    fcfg = cfg.get("figures", {})
-    df = read_accuracy_table(table, fcfg.get("accuracy_scale", "auto"))
+    fcfg = with_defaults(cfg)["figures"]
+    df = read_accuracy_table(table, fcfg["accuracy_scale"])
     fits = fit_table(df, fcfg)
     return {
         "table": str(table),
@@ -415,42 +416,37 @@ def read_points_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workflow_scripts.fit_scaling", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = stage.parser("fit_scaling", __doc__, config=True)
     p.add_argument("points", nargs="?", help="CSV with columns tokens_millions, accuracy_percent")
     p.add_argument("--table", help="results/tables/qa_accuracy.csv: fit every synthesis method (the workflow rule)")
     p.add_argument("--output", required=True, help="JSON file to write")
-    p.add_argument("--max-terms", type=int, default=None, help="terms of the mixture (default 3, or figures.fit)")
-    p.add_argument("--starts", type=int, default=None, help="starting points of the optimiser (default 24)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the random starting points (default 0)")
-    add_config_args(p)
+    p.add_argument("--max-terms", type=int, default=None, help="terms of the mixture (default: figures.fit.max_terms)")
+    p.add_argument("--starts", type=int, default=None, help="starting points of the optimiser (figures.fit.n_starts)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the random starting points (figures.fit.seed)")
     args = p.parse_args(argv)
     if bool(args.points) == bool(args.table):
         p.error("give either POINTS.csv or --table")
-    try:
-        if args.table:
-            cfg = config_from_args(args) if (args.config_json or args.configfile) else {"figures": {}}
-            fcfg = cfg.setdefault("figures", {}).setdefault("fit", {})
-            for key, val in (("max_terms", args.max_terms), ("n_starts", args.starts), ("seed", args.seed)):
-                if val is not None:
-                    fcfg[key] = val
-            out = fit_workflow(args.table, cfg)
-        else:
-            x, y = read_points_csv(args.points)
-            fit = fit_mixture(x, y, max_terms=3 if args.max_terms is None else args.max_terms,
-                              n_starts=24 if args.starts is None else args.starts,
-                              seed=0 if args.seed is None else args.seed)
-            out = {**fit.to_dict(), "points": str(args.points)}
-        write_json_atomic(args.output, out)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    summary = out["fits"] if "fits" in out else [out]
-    for f in summary:
+    return stage.run(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> None:
+    cfg = stage.config(args)
+    fcfg = cfg["figures"]["fit"]
+    for key, val in (("max_terms", args.max_terms), ("n_starts", args.starts), ("seed", args.seed)):
+        if val is not None:
+            fcfg[key] = val
+    if args.table:
+        out = fit_workflow(args.table, cfg)
+    else:
+        x, y = read_points_csv(args.points)
+        fit = fit_mixture(x, y, max_terms=fcfg["max_terms"], n_starts=fcfg["n_starts"], seed=fcfg["seed"],
+                          interval_level=fcfg["interval_level"])
+        out = {**fit.to_dict(), "points": str(args.points)}
+    stage.write_stats(args.output, out)
+    for f in out["fits"] if "fits" in out else [out]:
         label = f"{f.get('method', 'points')}{'/' + f['mode'] if f.get('mode') else ''}"
         print(f"{label}: asymptote {f['asymptote']:.2f}%, {f['n_terms']} term(s), rmse {f['rmse']:.3f} "
               f"over {f['n_points']} points{'; ' + f['note'] if f['note'] else ''}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ A spec is `{source, name}`:
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import shutil
@@ -22,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import stage
 from .io_utils import InputError
-
-HF_MODELS_DIR = "results/hf_models"
+from .layout import model_location  # noqa: F401  (stages import it from here)
 
 # Offline packaged models: key -> (import name of the package, GGUF file inside it, pip requirement).
 PACKAGED_MODELS: dict[str, tuple[str, str, str]] = {
@@ -47,14 +46,6 @@ def packaged_gguf(name: str) -> Path:
     return path
 
 
-def model_location(spec: dict[str, Any]) -> str:
-    """What `from_pretrained` receives for a spec (a folder path or a hub id)."""
-    source, name = spec["source"], spec["name"]
-    if source == "package":
-        return f"{HF_MODELS_DIR}/{name}"
-    return name
-
-
 def resolve_dtype(dtype: str, device: str) -> Any:
     import torch
 
@@ -70,11 +61,21 @@ def default_device() -> str:
 
 
 def load_tokenizer(location: str):  # type: ignore[no-untyped-def]
+    """The tokenizer of a model folder or hub id, for every stage (corpora, CPT, evaluation): a missing model is
+    one clear error; padding uses EOS when the model has no pad token; documents are never truncated here (the
+    corpus cuts them into blocks later)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(location)
+    try:
+        tok = AutoTokenizer.from_pretrained(location)
+    except OSError as e:
+        raise InputError(f"{location}: cannot load the tokenizer ({e}); build the model first "
+                         f"(snakemake {location}) or point the config at an existing model") from None
+    if not tok.is_fast:
+        print(f"warning: {location}: no fast tokenizer; tokenizing will be slow", file=sys.stderr)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    tok.model_max_length = 1 << 40
     return tok
 
 
@@ -125,20 +126,13 @@ def convert_packaged(name: str, output: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workflow_scripts.models", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = stage.parser("models", __doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("convert", help="convert a packaged GGUF model into a Hugging Face folder")
     c.add_argument("--name", required=True, choices=sorted(PACKAGED_MODELS))
     c.add_argument("--output", required=True)
     args = p.parse_args(argv)
-    try:
-        info = convert_packaged(args.name, args.output)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(info))
-    return 0
+    return stage.run(lambda: print(json.dumps(convert_packaged(args.name, args.output))))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 Every value here is what Yang et al. (2025) report, not something this workflow measured: the figures draw them
 grey and dashed, labelled "paper (Yang et al. 2025)", in their own panel by default, and never pool them with
 measured points (nor does the fit). Units follow the paper: synthetic tokens in millions, accuracy in percent
-(QuALITY closed-book QA, 4,609 questions, Llama 3 8B). Source for all values:
-/work/shared/reference/paper_protocol.md, which transcribes the paper.
+(QuALITY closed-book QA, 4,609 questions, Llama 3 8B). Source for all values: the paper (Yang et al., ICLR 2025,
+arXiv:2409.07431) as the project's design notes transcribe it; docs/figures.md lists each value's place.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ should see before submitting.
 Where the numbers come from:
 - articles: `results/data/articles.jsonl` when it exists and was prepared with this config's data selection,
   else `planner.assume` (265 articles of about 4,900 tokens on the paper's QuALITY set);
-- entity counts E: `results/synth/entigraph/entities/*.json` where those exist, else
-  `planner.assume.entities_per_article`, capped by `synthesis.entigraph.max_entities`;
+- entity counts E: the extracted entity lists (workflow_scripts/layout.py ENTITIES) where those exist, else
+  `planner.assume.entities_per_article`, capped by the method's own entity cap;
 - system prompts: the template files in workflow_scripts/prompts/ (characters / `planner.assume.chars_per_token`);
 - completion tokens: `planner.assume.*completion_tokens` when set (a measured mean), else the configured
   `max_new_tokens` (an upper bound).
@@ -25,22 +25,20 @@ each --configfile in order. All arithmetic lives in pure functions that the test
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import DEFAULT_CONFIG, ROOT, load_config, method_budgets
+from . import stage
+from .config import DEFAULT_CONFIG, ROOT, load_config
+from .estimates import article_requests, n_tuples  # noqa: F401  (n_tuples: the tests pin it here)
 from .io_utils import InputError
+from .layout import ARTICLES, ENTITIES, PREPARE_STATS, QUESTIONS, cpt_models, model_id, rag_models, synth_methods
+from .synthesis import method_needs_entities
 
-ARTICLES = "results/data/articles.jsonl"
-QUESTIONS = "results/data/questions.jsonl"
-PREPARE_STATS = "results/data/prepare_stats.json"
-ENTITIES_DIR = "results/synth/entigraph/entities"
 FLOPS_PER_TOKEN_PER_PARAM = 6  # forward + backward of a dense decoder (Kaplan et al.)
 
 
@@ -85,21 +83,7 @@ class Plan:
                 "totals": totals, "notes": list(dict.fromkeys(self.notes))}
 
 
-# ------------------------------------------------------------------------------------------ config access
-def pick(d: dict | None, *paths: str, default: Any = None) -> Any:
-    """First present, non-null value among dotted `paths` in `d` (read defensively: stages own their keys)."""
-    for path in paths:
-        cur: Any = d
-        for part in path.split("."):
-            if not isinstance(cur, dict) or part not in cur:
-                cur = None
-                break
-            cur = cur[part]
-        if cur is not None:
-            return cur
-    return default
-
-
+# ------------------------------------------------------------------------------------------------ models
 def model_params(name: str, table: dict[str, float]) -> tuple[float, str]:
     """Parameter count of a model: `planner.model_params`, else read from its name (`...-8B`, `...-135M`)."""
     if name in table:
@@ -118,7 +102,7 @@ def model_params(name: str, table: dict[str, float]) -> tuple[float, str]:
 # ---------------------------------------------------------------------------------------------- articles
 def _selection_matches(stats: dict, data_cfg: dict) -> str | None:
     """None when prepare_stats.json was made with this data selection, else why not."""
-    if stats.get("source") != data_cfg.get("source", "quality"):
+    if stats.get("source") != data_cfg["source"]:
         return f"prepared from source {stats.get('source')!r}, config says {data_cfg.get('source')!r}"
     sel = stats.get("selection") or {}
     if sel.get("max_article_chars") != data_cfg.get("max_article_chars"):
@@ -133,8 +117,8 @@ def _selection_matches(stats: dict, data_cfg: dict) -> str | None:
             return f"prepared {n_sel} articles, config keeps up to {data_cfg['max_articles']}"
     elif n_sel != n_all:
         return f"prepared {n_sel} of {n_all} articles, config keeps all"
-    url = pick(data_cfg, "quality.url", default="")
-    if data_cfg.get("source", "quality") == "quality" and str(url).startswith("http") \
+    url = data_cfg["quality"]["url"]
+    if data_cfg["source"] == "quality" and str(url).startswith("http") \
             and not stats.get("official_counts_checked"):
         return "config names the official QuALITY release, the prepared files are not it"
     return None
@@ -201,51 +185,28 @@ def question_count(cfg: dict, root: Path, articles_from_file: bool, n_articles: 
 
 
 def entity_counts(cfg: dict, root: Path, n_articles: int, uids: list[str] | None) -> tuple[list[int], str]:
-    """E per article: measured entity lists where they exist (a failed extraction has none), capped by
-    synthesis.entigraph.max_entities; else the cap; else planner.assume.entities_per_article."""
-    cap = pick(cfg["synthesis"], "entigraph.max_entities")
-    assumed = int(cfg["planner"]["assume"]["entities_per_article"])
-    default = min(int(cap), assumed) if cap else assumed
-    src = f"E = {default} (planner.assume.entities_per_article" + (", capped by max_entities)" if cap else ")")
+    """E per article: measured entity lists where they exist (a failed extraction has none), else
+    planner.assume.entities_per_article. A method's own entity cap is applied by its estimate."""
+    default = int(cfg["planner"]["assume"]["entities_per_article"])
+    src = f"E = {default} (planner.assume.entities_per_article), then each method's own entity cap"
     counts = [default] * n_articles
     measured = 0
     for i, uid in enumerate(uids or []):
-        p = root / ENTITIES_DIR / f"{uid}.json"
+        p = root / ENTITIES / f"{uid}.json"
         if p.exists():
             try:
                 doc = json.loads(p.read_text(encoding="utf-8"))
             except json.JSONDecodeError:
                 continue
             ok = doc.get("status", "ok") in ("ok", "fallback")
-            n = len(doc.get("entities") or []) if ok else 0
-            counts[i] = min(n, int(cap)) if cap else n
+            counts[i] = len(doc.get("entities") or []) if ok else 0
             measured += 1
     if measured:
-        src = f"{measured} entity files in {ENTITIES_DIR}; other articles {src}"
+        src = f"{measured} entity files in {ENTITIES}; other articles {src}"
     return counts, src
 
 
 # ------------------------------------------------------------------------------------------- arithmetic
-def n_tuples(n_entities: int, k: int, cap: int | None) -> int:
-    """Entity tuples of size k for one article: C(E, k), capped (None = all)."""
-    total = math.comb(n_entities, k)
-    return total if cap is None else min(total, int(cap))
-
-
-def article_requests(per_article: list[int], tokens: list[float], overhead: float, suffix: float,
-                     completion: float) -> dict[str, float]:
-    """Tokens of requests whose prompt is a per-article prefix (prompt overhead + the article) and a
-    per-request suffix (e.g. the entity names): `per_article[a]` requests for article a.
-
-    The engines order requests by article, so a prefix cache computes each article's prefix once; `cached` is
-    the prompt tokens it avoids.
-    """
-    n = sum(per_article)
-    prompt = sum(k * (overhead + t + suffix) for k, t in zip(per_article, tokens))
-    uncached = sum(overhead + t for k, t in zip(per_article, tokens) if k) + n * suffix
-    return {"requests": n, "prompt": prompt, "cached": prompt - uncached, "completion": n * completion}
-
-
 def api_usd(prompt: float, completion: float, price: dict, cached: float = 0.0) -> float:
     """USD at per-million-token prices; cached input is billed at `cached_input_per_mtok` when set."""
     cached_price = price.get("cached_input_per_mtok")
@@ -281,7 +242,7 @@ def _price_engine(line: Line, engine: str, model: str, cfg: dict, throughput_key
         if tp is None:
             plan.notes.append(f"no throughput for engine {engine!r} in planner.throughputs.{throughput_key}")
             return
-        if not planner.get("prefix_caching", True):
+        if not planner["prefix_caching"]:
             line.cached_prompt_tokens = 0.0
         line.gpu_hours = engine_gpu_hours(line.prompt_tokens, line.cached_prompt_tokens,
                                           line.completion_tokens, tp)
@@ -292,7 +253,7 @@ def _price_engine(line: Line, engine: str, model: str, cfg: dict, throughput_key
 def synthesis_engine(cfg: dict) -> tuple[str, str]:
     """(engine, model name) of synthesis. Every engine is given models.generator.name (for the openai backend,
     the model the endpoint serves, e.g. gpt-4-turbo)."""
-    return cfg["synthesis"].get("backend", "transformers"), str(cfg["models"]["generator"]["name"])
+    return cfg["synthesis"]["backend"], str(cfg["models"]["generator"]["name"])
 
 
 def system_tokens(cfg: dict, template: str) -> float:
@@ -307,65 +268,27 @@ def system_tokens(cfg: dict, template: str) -> float:
 
 def synthesis_groups(cfg: dict, method: str, tokens: list[float], entities: list[int]
                      ) -> list[tuple[str, dict[str, float], str]] | None:
-    """(item, token counts, note) for each kind of request of `method`; None for a method with no model here.
+    """(item, token counts, note) for each kind of request of `method`, as the method estimates them
+    (synthesis.Method.estimate); None for a method with no request model here or one that cannot be loaded.
 
     A request is the kind's system prompt + the article (with its header) [+ the entity list]; the kind's
     system prompt and the article form the per-article prefix that a prefix cache reuses.
     """
-    syn, assume = cfg["synthesis"], cfg["planner"]["assume"]
-    n_art = len(tokens)
-    extra = float(assume["prompt_overhead_tokens"])
-    default_new = pick(syn, "sampling.max_new_tokens", default=1024)
-    if method == "entigraph":
-        eg = syn.get("entigraph") or {}
-        ent_new = float(pick(assume, "entity_completion_tokens",
-                             default=pick(eg, "extraction_max_new_tokens", default=default_new)))
-        rel_new = float(pick(assume, "completion_tokens", default=pick(eg, "max_new_tokens", default=default_new)))
-        groups = [("entities + summary",
-                   article_requests([1] * n_art, tokens, system_tokens(cfg, "entigraph_entities") + extra, 0.0,
-                                    ent_new), "1 extraction request per article (the summary is its text)")]
-        per_entity = float(assume["tokens_per_entity"])
-        for k, name, template in ((2, "pairs", "entigraph_pair"), (3, "triples", "entigraph_triple")):
-            cap = pick(eg, f"max_{name}")
-            per_article = [n_tuples(e, k, cap) for e in entities]
-            groups.append((f"relations, entity {name}",
-                           article_requests(per_article, tokens, system_tokens(cfg, template) + extra,
-                                            k * per_entity, rel_new),
-                           f"min(C(E,{k}), {cap if cap is not None else 'all'}) per article"))
-        return groups
-    families = syn.get("families") or {}
-    if method in families:
-        spec = families[method]
-        if spec.get("module") or not spec.get("templates"):
-            return None
-        templates, repeats, new = spec["templates"], spec.get("repeats", 1), spec.get("max_new_tokens")
-        mean = pick(assume, "rephrase_completion_tokens")
-    elif method == "rephrase":
-        rp = syn.get("rephrase") or {}
-        styles = pick(rp, "styles", default=["easy", "medium", "hard"])
-        templates, repeats, new = [f"rephrase_{s}" for s in styles], pick(rp, "repeats", default=1), rp.get(
-            "max_new_tokens")
-        mean = pick(assume, "rephrase_completion_tokens")
-    elif method == "qa":
-        qa = syn.get("qa") or {}
-        templates, repeats, new = ["qa"], pick(qa, "repeats", default=1), qa.get("max_new_tokens")
-        mean = pick(assume, "rephrase_completion_tokens")
-    else:
+    from .synthesis import get_method
+
+    try:
+        m = get_method(method, cfg)
+    except InputError as e:
+        print(f"warning: synthesis method {method!r}: {e}", file=sys.stderr)
         return None
-    new = float(mean if mean is not None else (new or default_new))
-    total = {"requests": 0.0, "prompt": 0.0, "cached": 0.0, "completion": 0.0}
-    for t in templates:
-        # each template is its own prefix; the repeats of one template and article share it
-        g = article_requests([int(repeats)] * n_art, tokens, system_tokens(cfg, t) + extra, 0.0, new)
-        total = {k: total[k] + g[k] for k in total}
-    return [("rewrites", total, f"{len(templates)} templates x {repeats} repeats per article")]
+    return m.estimate(tokens, entities, lambda template: system_tokens(cfg, template))
 
 
 def synthesis_price(cfg: dict, model: str) -> tuple[dict | None, str]:
     """API price of the generator: synthesis.prices (the ledger's) when set, else planner.prices[model]."""
-    sp = cfg["synthesis"].get("prices") or {}
-    if sp.get("input_per_mtok") or sp.get("output_per_mtok"):
-        return {"input_per_mtok": sp.get("input_per_mtok", 0.0), "output_per_mtok": sp.get("output_per_mtok", 0.0),
+    sp = cfg["synthesis"]["prices"]
+    if sp["input_per_mtok"] or sp["output_per_mtok"]:
+        return {"input_per_mtok": sp["input_per_mtok"], "output_per_mtok": sp["output_per_mtok"],
                 "cached_input_per_mtok": None}, "synthesis.prices"
     price = cfg["planner"]["prices"].get(model)
     return price, f"planner.prices[{model!r}]"
@@ -381,7 +304,7 @@ def plan_synthesis(cfg: dict, tokens: list[float], entities: list[int], plan: Pl
         plan.sources["generator"] = f"{model} via openai at {price_src}"
     else:
         plan.sources["generator"] = f"{model} on {engine} at planner.throughputs.synthesis.{engine}"
-    for method in cfg["synthesis"].get("methods", []):
+    for method in synth_methods(cfg):
         groups = synthesis_groups(cfg, method, tokens, entities)
         if groups is None:
             plan.notes.append(f"synthesis method {method!r}: the planner has no request model for it; not priced")
@@ -410,19 +333,17 @@ def plan_cpt(cfg: dict, raw_tokens: float, produced: dict[str, float], plan: Pla
     base = cfg["models"]["base"]["name"]
     params, src = model_params(base, planner["model_params"])
     plan.sources["base model"] = f"{base}: {params / 1e9:.3g}B parameters ({src})"
-    epochs = float(pick(cpt, "epochs", default=2))
-    raw_epochs = float(pick(cpt, "raw.epochs", "raw_epochs", default=epochs))
-    gpus = int(pick(cpt, "resources.gpu", default=0))
-    methods = [m for m in cfg["synthesis"].get("methods", [])]
-    runs = [("raw", "all", raw_tokens, raw_epochs)] + [(m, str(b), float(b), epochs) for m in methods
-                                                      for b in method_budgets(cfg, m)]
+    epochs, raw_epochs = float(cpt["epochs"]), float(cpt["raw_epochs"])
+    gpus = int(cpt["resources"]["gpu"])
+    runs = [(m, b, raw_tokens if b == "all" else float(b), raw_epochs if b == "all" else epochs)
+            for m, b in cpt_models(cfg)]
     models = []
     capped: dict[str, list[str]] = {}
     for method, budget, tokens, ep in runs:
         corpus = produced.get(method)
         note = ""
         if corpus is not None and tokens > corpus * 1.0001:
-            if cpt.get("allow_budget_cap"):
+            if cpt["allow_budget_cap"]:
                 # the run trains on the whole (smaller) corpus; its model is a duplicate of the largest one
                 capped.setdefault(method, []).append(budget)
                 tokens, note = corpus, " (capped at the estimated corpus)"
@@ -433,7 +354,7 @@ def plan_cpt(cfg: dict, raw_tokens: float, produced: dict[str, float], plan: Pla
         gh = train_gpu_hours(train, params, planner["peak_flops"], planner["utilisation"])
         where = (f"{gh / gpus:,.1f} h on {gpus} GPUs" if gpus > 1 else "on 1 GPU" if gpus == 1
                  else "cpt.resources.gpu = 0")
-        line = Line("cpt", f"{method}-{budget}", "train", 1, train_tokens=train, gpu_hours=gh,
+        line = Line("cpt", model_id(method, budget), "train", 1, train_tokens=train, gpu_hours=gh,
                     note=f"{tokens:,.0f} tokens x {ep:g} epochs{note}; {where}")
         if planner.get("gpu_hour_usd") is not None:
             line.usd = gh * planner["gpu_hour_usd"]
@@ -452,7 +373,7 @@ def plan_cpt(cfg: dict, raw_tokens: float, produced: dict[str, float], plan: Pla
 def fewshot_tokens(cfg: dict, root: Path) -> tuple[float, str]:
     """Tokens of the shared few-shot QA prefix: the configured prompt file's length if it exists, else assumed."""
     assume = cfg["planner"]["assume"]
-    name = pick(cfg["evaluation"], "prompt_prefix")
+    name = cfg["evaluation"]["prompt_prefix"]
     if name:
         for path in (Path(name), root / name, root / "workflow_scripts" / "prompts" / name):
             if path.is_file():
@@ -471,11 +392,12 @@ def qa_line(cfg: dict, mode: str, engine: str, model: str, n_models: int, n_ques
     cached = max(n_questions - 1, 0) * prefix
     if mode == "loglik":
         completion, note = 0.0, "option log-likelihood: one forward pass per question"
-        if pick(ev, "loglik.reuse_prefix_cache", default=True) is False:
+        if not ev["loglik"]["reuse_prefix_cache"]:
             cached = 0.0
     else:
-        n = int(pick(ev, "cot.n", "cot.samples", default=1))
-        new = float(pick(assume, "qa_completion_tokens", default=pick(ev, "cot.max_new_tokens", default=300)))
+        n = int(ev["cot"]["n"])
+        mean = assume["qa_completion_tokens"]
+        new = float(mean if mean is not None else ev["cot"]["max_new_tokens"])
         completion = n_questions * n * new
         note = f"5-shot CoT: {n} sample(s) x {new:g} new tokens per question"
     line = Line("evaluation", f"QA {mode}: {label}", engine, n_models * n_questions, n_models * prompt,
@@ -488,42 +410,31 @@ def qa_line(cfg: dict, mode: str, engine: str, model: str, n_models: int, n_ques
     return line
 
 
-def rag_models(cfg: dict, models: list[tuple[str, str]]) -> list[str]:
-    """Model ids of the RAG baseline, as rules/evaluation.smk picks them."""
-    rag = cfg["evaluation"].get("rag") or {}
-    if rag.get("models") is not None:
-        return list(rag["models"])
-    methods = cfg["synthesis"].get("methods", [])
-    bs = method_budgets(cfg, methods[0]) if methods else []
-    return ["base", f"{methods[0]}-{max(bs)}" if methods and bs else "raw-all"]
-
-
 def plan_evaluation(cfg: dict, root: Path, n_questions: int, models: list[tuple[str, str]], plan: Plan) -> None:
     """Closed-book QA of every local model (base, Raw CPT, each method x budget) and each API model; the RAG
     baseline when enabled (its prompts carry top_k retrieved chunks)."""
     ev = cfg["evaluation"]
-    model_ids = ["base"] + [f"{m}-{b}" for m, b in models]
-    max_q = pick(ev, "max_questions")
+    model_ids = ["base"] + [model_id(m, b) for m, b in models]
+    max_q = ev["max_questions"]
     n_q = min(n_questions, int(max_q)) if max_q else n_questions
     prefix, src = fewshot_tokens(cfg, root)
     plan.sources["QA prompt"] = f"{n_q:,} questions per model; few-shot prefix {prefix:,.0f} tokens ({src})"
     base = cfg["models"]["base"]["name"]
-    modes = pick(ev, "modes", default=["cot"])
-    cot_engine = pick(ev, "cot.engine", default="transformers")
+    modes, cot_engine = ev["modes"], ev["cot"]["engine"]
     for mode in modes:
         engine = "transformers" if mode == "loglik" else cot_engine
         plan.lines.append(qa_line(cfg, mode, engine, base, len(model_ids), n_q, prefix,
                                   f"{len(model_ids)} local models", plan))
-    for spec in pick(ev, "api_models", default=[]) or []:
-        for mode in spec.get("modes", ["cot"]):
-            plan.lines.append(qa_line(cfg, mode, spec.get("engine", "openai"), spec.get("model", spec.get("name")),
-                                      1, n_q, prefix, f"api-{spec.get('name')}", plan))
-    rag = ev.get("rag") or {}
-    if rag.get("enabled"):
-        chunks = float(rag.get("top_k", 8)) * float(rag.get("chunk_size", 1024)) / float(
+    for spec in ev["api_models"]:
+        for mode in spec["modes"]:
+            plan.lines.append(qa_line(cfg, mode, spec["engine"], spec["model"], 1, n_q, prefix,
+                                      f"api-{spec['name']}", plan))
+    rag = ev["rag"]
+    if rag["enabled"]:
+        chunks = float(rag["top_k"]) * float(rag["chunk_size"]) / float(
             cfg["planner"]["assume"]["chars_per_token"])
-        ids = rag_models(cfg, models)
-        for mode in rag.get("modes") or modes:
+        ids = rag_models(cfg)
+        for mode in rag["modes"] or modes:
             engine = "transformers" if mode == "loglik" else cot_engine
             # retrieved chunks differ per question: they add uncached prompt tokens after the shared prefix
             line = qa_line(cfg, mode, engine, base, len(ids), n_q, prefix, f"RAG, {len(ids)} models", plan,
@@ -547,7 +458,7 @@ def startup_line(cfg: dict, stage: str, jobs: int, gpus_per_job: int) -> Line | 
 
 def make_plan(cfg: dict, root: Path = ROOT, articles: str | None = None) -> Plan:
     """The whole plan for a validated config (pure apart from reading the prepared data, if any)."""
-    plan = Plan(run_name=cfg.get("run_name", ""))
+    plan = Plan(run_name=cfg["run_name"])
     tokens, src = article_tokens(cfg, root, articles)
     plan.sources["articles"] = src
     from_file = not src.startswith("planner.assume")
@@ -557,21 +468,23 @@ def make_plan(cfg: dict, root: Path = ROOT, articles: str | None = None) -> Plan
         with open(path, encoding="utf-8") as f:
             uids = [json.loads(x).get("uid") for x in f if x.strip()]
     entities, esrc = entity_counts(cfg, root, len(tokens), uids)
-    if "entigraph" in cfg["synthesis"].get("methods", []):
+    methods = synth_methods(cfg)
+    extraction = any(method_needs_entities(m, cfg) for m in methods)
+    if extraction:
         plan.sources["entities"] = esrc
     produced = plan_synthesis(cfg, tokens, entities, plan)
-    methods = cfg["synthesis"].get("methods", [])
-    # jobs as the rules cut them: one extraction per article, one synthesis job per method and article
-    n_syn_jobs = len(tokens) * (("entigraph" in methods) + len(methods))
-    lines = [startup_line(cfg, "synthesis", n_syn_jobs, int(pick(cfg["synthesis"], "resources.gpu", default=0)))]
+    # jobs as the rules cut them: one extraction per article (when a method reads entities), one synthesis job
+    # per method and article
+    n_syn_jobs = len(tokens) * (extraction + len(methods))
+    lines = [startup_line(cfg, "synthesis", n_syn_jobs, int(cfg["synthesis"]["resources"]["gpu"]))]
     models = plan_cpt(cfg, float(sum(tokens)), produced, plan)
-    lines.append(startup_line(cfg, "cpt", len(models), int(pick(cfg["cpt"], "resources.gpu", default=0))))
+    lines.append(startup_line(cfg, "cpt", len(models), int(cfg["cpt"]["resources"]["gpu"])))
     n_q, qsrc = question_count(cfg, root, from_file, len(tokens))
     plan.sources["questions"] = qsrc
     plan_evaluation(cfg, root, n_q, models, plan)
     ev = cfg["evaluation"]
-    n_eval_jobs = 1 + len(models) + (len(rag_models(cfg, models)) if pick(ev, "rag.enabled", default=False) else 0)
-    lines.append(startup_line(cfg, "evaluation", n_eval_jobs, int(pick(ev, "resources.gpu", default=0))))
+    n_eval_jobs = 1 + len(models) + (len(rag_models(cfg)) if ev["rag"]["enabled"] else 0)
+    lines.append(startup_line(cfg, "evaluation", n_eval_jobs, int(ev["resources"]["gpu"])))
     for line in lines:
         if line is not None:
             # keep each stage's lines together: insert after the stage's last line
@@ -655,7 +568,7 @@ def config_files(given: Iterable[str] | None) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m workflow_scripts.plan", description=__doc__.split("\n\n")[0])
+    ap = stage.parser("plan", __doc__.split("\n\n")[0])
     ap.add_argument("--configfile", nargs="+", default=None, metavar="YAML",
                     help="config overlays, merged after the repository's config.yaml (as Snakemake does)")
     ap.add_argument("--articles", default=None,
@@ -663,14 +576,13 @@ def main(argv: list[str] | None = None) -> int:
                          "config's data selection, else planner.assume)")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = ap.parse_args(argv)
-    try:
+
+    def body() -> None:
         cfg = load_config(config_files(args.configfile))
         plan = make_plan(cfg, ROOT, args.articles)
-    except (InputError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else render(plan, cfg))
-    return 0
+        print(json.dumps(plan.to_dict(), indent=2) if args.json else render(plan, cfg))
+
+    return stage.run(body, errors=(InputError, ValueError, OSError))
 
 
 if __name__ == "__main__":

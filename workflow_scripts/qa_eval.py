@@ -1,4 +1,4 @@
-"""Stage 7: closed-book QuALITY QA, the paper's knowledge measure (paper_protocol.md "Evaluation").
+"""Stage 7: closed-book QuALITY QA, the paper's knowledge measure (the paper's evaluation section).
 
     python -m workflow_scripts.qa_eval --model-id base --model-path results/hf_models/smollm2-135m-instruct \\
         --questions results/data/questions.jsonl --articles results/data/articles.jsonl \\

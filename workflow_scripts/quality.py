@@ -3,7 +3,7 @@
     python -m workflow_scripts.quality download --url URL_OR_PATH [--sha256 HEX] --output results/data/quality/QuALITY.v1.0.1.zip
     python -m workflow_scripts.quality prepare --configfile config.yaml [--zip ZIP] --outdir results/data
 
-Output contract (DESIGN.md step 2):
+Output contract (docs/architecture.md, data stage):
 - articles.jsonl: uid, title, author, year, text, n_chars (+ source, splits, and title_raw when QuALITY's title has
   surrounding spaces)
 - questions.jsonl: qid, article_uid, question, options (4), gold (0-based), difficult (0/1/null) (+ split, set_id)
@@ -36,7 +36,7 @@ from .io_utils import InputError, atomic_path, decode_text, iter_jsonl, sha256_f
 
 OFFICIAL_URL = "https://github.com/nyu-mll/quality/raw/main/data/v1.0.1/QuALITY.v1.0.1.zip"
 # The official release: 300 train + 230 dev question-set lines -> 265 articles, 4,609 questions
-# (paper_protocol.md "Data"; the EntiGraph loader's doctest expects 265 articles).
+# (the paper's data section; the EntiGraph loader's doctest expects 265 articles).
 OFFICIAL_LINES = {"train": 300, "dev": 230}
 OFFICIAL_COUNTS = {"articles": 265, "questions": 4609}
 CHARS_PER_TOKEN = 4.0  # rough English BPE ratio, for the stats file only

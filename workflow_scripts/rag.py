@@ -4,7 +4,7 @@
         --questions results/data/questions.jsonl --articles results/data/articles.jsonl \\
         --output-jsonl results/eval/rag/base.jsonl --output-json results/eval/rag/base.json [--configfile config.yaml]
 
-The paper (paper_protocol.md "Evaluation") splits every article into 1024-character chunks (recursive character
+The paper (its evaluation section, Appendix on RAG) splits every article into 1024-character chunks (recursive character
 splitter, no overlap, title/author/year prepended), retrieves 128 with OpenAI embeddings, reranks them with Cohere
 to the top k (8 for EntiGraph CPT, 16 for the base model) and puts them in the prompt with the most relevant chunk
 last. Closed APIs are not available offline, so here:

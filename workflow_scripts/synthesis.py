@@ -37,7 +37,9 @@ from typing import Any, Callable, Iterable
 
 from .backends import GenerationRequest
 from .config import add_config_args, config_from_args, config_hash
+from .estimates import Estimate, article_requests
 from .io_utils import AppendOnlyJsonl, InputError, iter_jsonl, stable_hash, write_json_atomic, write_jsonl_atomic
+from .job_keys import shaping_part
 from .quality import author_first_last
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
@@ -168,6 +170,13 @@ class Method:
     def plan(self, article: dict, entities_doc: dict | None) -> list[Task]:
         raise NotImplementedError
 
+    def estimate(self, article_tokens: list[float], n_entities: list[int],
+                 prompt_tokens: Callable[[str], float]) -> list[Estimate] | None:
+        """The planner's estimate of this method's requests: (item, {requests, prompt, cached, completion},
+        note) per kind of request, from each article's tokens and entity count; `prompt_tokens(template)` is a
+        system prompt's length. None: the method has no request model (the planner says it is not priced)."""
+        return None
+
 
 class TemplateMethod(Method):
     """System-prompt templates applied to each article, `repeats` times each (rephrase, qa, user families).
@@ -198,6 +207,19 @@ class TemplateMethod(Method):
     def plan(self, article: dict, entities_doc: dict | None) -> list[Task]:
         return [template_task(self.kind_of(t), t, article, repeat=r, max_new_tokens=self.max_new_tokens())
                 for r in range(self.repeats) for t in self.templates]
+
+    def estimate(self, article_tokens: list[float], n_entities: list[int],
+                 prompt_tokens: Callable[[str], float]) -> list[Estimate] | None:
+        """`repeats` rewrites of every article per template; each template with the article is a cached prefix."""
+        assume = self.cfg["planner"]["assume"]
+        mean = assume["rephrase_completion_tokens"]
+        new = float(mean if mean is not None else self.max_new_tokens())
+        total = {"requests": 0.0, "prompt": 0.0, "cached": 0.0, "completion": 0.0}
+        for t in self.templates:
+            g = article_requests([self.repeats] * len(article_tokens), article_tokens,
+                                 prompt_tokens(t) + float(assume["prompt_overhead_tokens"]), 0.0, new)
+            total = {k: total[k] + g[k] for k in total}
+        return [("rewrites", total, f"{len(self.templates)} templates x {self.repeats} repeats per article")]
 
 
 class Rephrase(TemplateMethod):
@@ -251,36 +273,6 @@ def method_needs_entities(name: str, cfg: dict) -> bool:
     return name == "entigraph"
 
 
-def step_config(cfg: dict, step: str, method: str | None = None) -> dict:
-    """The config a Snakemake rule passes to one step (--config-json): only what shapes that step's output, so a
-    change elsewhere reruns nothing here. extract: generator, engine settings, sampling and the extraction keys
-    (a pair cap re-extracts nothing); synthesize: the same with the method's own section (or family);
-    report: prices, report settings, sampling."""
-    syn = cfg["synthesis"]
-    if step == "report":
-        return {"synthesis": {k: syn[k] for k in ("prices", "report", "sampling", "backend")}}
-    backend = syn["backend"]
-    out = {"models": {"generator": cfg["models"]["generator"]},
-           "backends": {backend: (cfg.get("backends") or {}).get(backend) or {}},
-           "synthesis": {"backend": backend, "sampling": syn["sampling"]}}
-    if step == "extract":
-        out["synthesis"]["entigraph"] = {k: v for k, v in syn["entigraph"].items()
-                                         if k.startswith("extraction_") or k in ("max_entity_chars", "max_entities")}
-    elif step == "synthesize":
-        out["synthesis"]["max_failed_fraction"] = syn["max_failed_fraction"]
-        if method in (syn.get("families") or {}):
-            out["synthesis"]["families"] = {method: syn["families"][method]}
-        elif method in syn:
-            out["synthesis"][method] = syn[method]
-    else:
-        raise ValueError(f"unknown synthesis step {step!r}")
-    return out
-
-
-def step_config_json(cfg: dict, step: str, method: str | None = None) -> str:
-    return json.dumps(step_config(cfg, step, method), sort_keys=True)
-
-
 # ------------------------------------------------------------------------------------------------ engines
 def generator_name(cfg: dict) -> str:
     """The generator's name as recorded in records and ids (the API model for the openai backend)."""
@@ -319,7 +311,7 @@ def generation_hash(cfg: dict, method: Method | None = None) -> str:
     """config_hash of a record: everything that shapes its text (generator, engine, sampling, the method)."""
     backend = cfg["synthesis"]["backend"]
     return config_hash({"generator": cfg["models"]["generator"], "backend": backend,
-                        "backend_settings": (cfg.get("backends") or {}).get(backend) or {},
+                        "backend_settings": shaping_part(cfg, f"backends.{backend}") or {},
                         "sampling": cfg["synthesis"]["sampling"],
                         "method": method.settings() if method else None})
 

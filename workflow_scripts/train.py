@@ -54,12 +54,10 @@ from .config import add_config_args, config_from_args, config_hash
 from .corpus import RAW_METHOD, budget_tokens, load_corpus, load_tokenizer
 from .io_utils import InputError, write_json_atomic
 from . import replay
+from .job_keys import resume_config, shaping
 
 LOG_FIELDS = ["step", "epoch", "loss", "lr", "grad_norm", "sequences", "replay_sequences", "tokens", "tokens_seen",
               "step_seconds", "tokens_per_s", "elapsed_s"]
-# Keys that change how a run is executed or recorded, not what it computes: a resume may change them.
-OPERATIONAL_KEYS = ("budgets", "checkpoint_every", "keep_checkpoints", "delete_checkpoints", "log_every", "threads",
-                    "resources", "micro_batch", "save_dtype", "probe", "fsdp", "gradient_checkpointing")
 
 
 class Interrupted(RuntimeError):
@@ -282,7 +280,7 @@ def train(cfg: dict, corpus: str | Path, budget: int | str, model_location: str,
                                     fused=not acc.is_fsdp2)
     model, optimizer = acc.prepare(model, optimizer)
 
-    fingerprint = config_hash({"cpt": {k: v for k, v in cpt.items() if k not in OPERATIONAL_KEYS}, "seed": seed,
+    fingerprint = config_hash({**resume_config(cfg, "cpt"), "seed": seed,
                                "corpus": manifest["config_hash"], "total": manifest["total_tokens"],
                                "budget": str(budget), "model": model_location, "method": method})
     workdir.mkdir(parents=True, exist_ok=True)
@@ -412,7 +410,7 @@ def train(cfg: dict, corpus: str | Path, budget: int | str, model_location: str,
                 "loss_before": state["probe_loss_before"], "loss_after": probe_after,
                 "ppl_before": math.exp(state["probe_loss_before"]), "ppl_after": math.exp(probe_after),
                 "seconds": round(state["probe_seconds"], 2)},
-            "config_hash": config_hash({"cpt": cpt, "seed": seed}), "fingerprint": fingerprint,
+            "config_hash": config_hash({**shaping(cfg, "cpt"), "seed": seed}), "fingerprint": fingerprint,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": __import__("transformers").__version__},
         }

@@ -1,4 +1,4 @@
-"""Generation backends behind one interface (DESIGN.md "Backends").
+"""Generation backends behind one interface (docs/backends.md).
 
 `get_backend(name, settings)` returns an object with `generate(requests) -> iterator of Completion`.
 Engines are imported lazily: vLLM in particular is never imported unless asked for (it cannot import on CPU).

@@ -1,0 +1,213 @@
+"""Which config keys shape each job, and which are operational: the one table the rules and the resume
+fingerprints read (docs/architecture.md, "Config keys and jobs").
+
+A job *reads* some config paths (dotted, e.g. `cpt` or `synthesis.sampling`; a path stands for its whole subtree).
+What it reads splits in two:
+- **shaping** keys change what the job writes. The rules pass them as a tracked param (`--config-json`), so a
+  change reruns exactly the jobs that read it (and, through their outputs, the jobs downstream).
+- **operational** keys change only how the job runs or reports: threads, resources, logging, progress bars,
+  checkpoint cadence, engine start-up and throughput levers that leave the numbers as they are. The rules pass
+  them as an untracked param (`--ops-json`; see `rules/common.smk` `ops_param`), so changing them on a finished
+  workflow plans nothing.
+Keys that only decide *which* jobs exist (the budget lists, synthesis.methods, evaluation.rag.enabled, the
+planner) are read by no job: adding a budget plans the new model without retraining the others.
+
+A resume fingerprint (a CPT checkpoint) hashes `resume_config`: the shaping keys less those a resumed run may
+change because they act only after the loop or on memory layout (`RESUME_EXEMPT`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+# Keys that never change what any job writes (dotted paths; a path covers its subtree).
+OPERATIONAL: tuple[str, ...] = (
+    # how many threads, GPUs, how much memory and time a job gets
+    "synthesis.resources", "cpt.resources", "evaluation.resources", "cpt.threads", "evaluation.threads",
+    # logging, progress and checkpoint cadence
+    "cpt.log_every", "cpt.checkpoint_every", "cpt.keep_checkpoints", "cpt.delete_checkpoints",
+    "backends.transformers.progress", "backends.vllm.progress", "backends.openai.progress",
+    # throughput levers that leave the numbers as they are (benchmarks/RESULTS.md measures the equality)
+    "corpus.tokenize_batch", "cpt.replay.cache_dir", "evaluation.loglik.batch_questions", "evaluation.loglik.reuse_prefix_cache",
+    "backends.transformers.batch_size", "backends.transformers.max_prefix_reuse",
+    "backends.transformers.num_threads", "backends.vllm.chunk_size", "backends.vllm.enable_prefix_caching",
+    "backends.openai.max_concurrency",
+    # where a job runs and how an engine starts or retries
+    "evaluation.device", "backends.transformers.device", "backends.vllm.tensor_parallel_size",
+    "backends.vllm.gpu_memory_utilization", "backends.vllm.enforce_eager", "backends.openai.api_key_env",
+    "backends.openai.max_retries", "backends.openai.timeout_s", "backends.openai.backoff_base_s",
+    "backends.openai.backoff_max_s",
+)
+
+# Keys read by no job: they decide which jobs exist (the budget lists, the methods, the RAG switch and its model
+# list), or only feed the planner (python -m workflow_scripts.plan).
+STRUCTURAL: tuple[str, ...] = ("cpt.budgets", "cpt.method_budgets", "synthesis.methods", "evaluation.rag.enabled",
+                               "evaluation.rag.models", "planner")
+
+# Shaping keys a resumed CPT run may change: they act after the loop (the saved dtype, the forgetting probe) or
+# only on the memory layout of the same optimisation (micro-batches, FSDP, activation checkpointing).
+RESUME_EXEMPT: dict[str, tuple[str, ...]] = {
+    "cpt": ("cpt.micro_batch", "cpt.save_dtype", "cpt.probe", "cpt.fsdp", "cpt.gradient_checkpointing"),
+}
+
+
+@dataclass
+class Reads:
+    """What one job reads: config paths (subtrees), paths under them it does not read, and values it sees in
+    place of the config's (a list narrowed to the job's own entry)."""
+
+    paths: list[str]
+    exclude: list[str] = field(default_factory=list)
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def _synthesis_engine(cfg: dict) -> list[str]:
+    backend = cfg["synthesis"]["backend"]
+    return ["models.generator", f"backends.{backend}", "synthesis.backend", "synthesis.sampling"]
+
+
+def _extract(cfg: dict) -> Reads:
+    """extract_entities: the generator, its engine, sampling and the extraction keys (a pair cap re-extracts
+    nothing)."""
+    eg = [f"synthesis.entigraph.{k}" for k in cfg["synthesis"]["entigraph"]
+          if k.startswith("extraction_") or k in ("max_entity_chars", "max_entities")]
+    return Reads(_synthesis_engine(cfg) + ["synthesis.resources"] + eg)
+
+
+def _synthesize(cfg: dict, method: str) -> Reads:
+    """synthesize: the generator, engine, sampling, the failure allowance and the method's own section."""
+    syn = cfg["synthesis"]
+    own = ([f"synthesis.families.{method}"] if method in (syn.get("families") or {})
+           else [f"synthesis.{method}"] if method in syn else [])
+    return Reads(_synthesis_engine(cfg) + ["synthesis.resources", "synthesis.max_failed_fraction"] + own)
+
+
+def _evaluate(cfg: dict, model: str, rag: bool = False) -> Reads:
+    """eval_qa / eval_rag of one model: the evaluation keys (RAG's only for RAG jobs; the API list narrowed to
+    this model), and the engine's settings when the model is sampled (cot)."""
+    ev = cfg["evaluation"]
+    api = next((a for a in ev["api_models"] if f"api-{a['name']}" == model), None)
+    if api is not None:
+        modes, engine = api["modes"], api["engine"]
+    else:
+        modes = (ev["rag"]["modes"] or ev["modes"]) if rag else ev["modes"]
+        engine = ev["cot"]["engine"]
+    paths = ["seed", "evaluation"] + ([f"backends.{engine}"] if "cot" in modes else [])
+    return Reads(paths, exclude=list(STRUCTURAL) + ([] if rag else ["evaluation.rag"]),
+                 values={"evaluation.api_models": [api] if api is not None else []})
+
+
+FIGURE_KEYS = {
+    "fit_scaling": ("fit", "accuracy_scale"),
+    "plot_scaling": ("style", "dpi", "figsize", "formats", "paper_reference", "show_fit", "show_chance", "modes",
+                     "accuracy_scale"),
+    "plot_diversity": ("style", "dpi", "diversity_figsize", "formats"),
+}
+# The titles of the plots name the run, the models and the data selection.
+_PLOT_CONTEXT = ["run_name", "models", "data"]
+
+# Every job that reads config: rule name -> what it reads (a function of the config and the job's wildcards).
+JOBS: dict[str, Callable[..., Reads]] = {
+    # download_quality passes its two keys as the rule's own params (--url, --sha256)
+    "download_quality": lambda cfg: Reads(["data.quality.url", "data.quality.sha256"]),
+    "prepare_articles": lambda cfg: Reads(["data"]),
+    "extract_entities": _extract,
+    "synthesize": _synthesize,
+    "synthesis_report": lambda cfg: Reads([f"synthesis.{k}" for k in ("prices", "report", "sampling", "backend")]),
+    "build_corpus": lambda cfg: Reads(["seed", "corpus"]),
+    # the budget lists only decide which models exist
+    "cpt": lambda cfg: Reads(["seed", "cpt"], exclude=list(STRUCTURAL)),
+    "eval_qa": lambda cfg, model: _evaluate(cfg, model),
+    "eval_rag": lambda cfg, model: _evaluate(cfg, model, rag=True),
+    "fit_scaling": lambda cfg: Reads([f"figures.{k}" for k in FIGURE_KEYS["fit_scaling"]]),
+    "plot_scaling": lambda cfg: Reads([f"figures.{k}" for k in FIGURE_KEYS["plot_scaling"]] + _PLOT_CONTEXT),
+    "plot_diversity": lambda cfg: Reads([f"figures.{k}" for k in FIGURE_KEYS["plot_diversity"]] + _PLOT_CONTEXT),
+}
+
+
+# ---------------------------------------------------------------------------------------------- selection
+def under(path: str, prefixes: tuple[str, ...] | list[str]) -> bool:
+    """Whether the dotted `path` is one of `prefixes` or lies in one of their subtrees."""
+    return any(path == p or path.startswith(p + ".") for p in prefixes)
+
+
+def _get(cfg: dict, path: str) -> tuple[bool, Any]:
+    cur: Any = cfg
+    for part in path.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return False, None
+        cur = cur[part]
+    return True, cur
+
+
+def _put(out: dict, path: str, value: Any) -> None:
+    *parents, last = path.split(".")
+    for part in parents:
+        out = out.setdefault(part, {})
+    out[last] = copy.deepcopy(value)
+
+
+def _select(value: Any, path: str, keep: Callable[[str], bool], out: dict) -> None:
+    """Copy the leaves of `value` (at `path`) for which keep(path) holds into `out`. A dict whose keys are data
+    (e.g. families by name) is walked like any other; lists and scalars are leaves."""
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            _select(v, f"{path}.{k}", keep, out)
+    elif keep(path):
+        _put(out, path, value)
+
+
+def _split(cfg: dict, job: str, operational: bool, **wildcards: str) -> dict:
+    reads = JOBS[job](cfg, **wildcards)
+    view = copy.deepcopy(cfg)
+    for path, value in reads.values.items():
+        _put(view, path, value)
+    out: dict = {}
+    for path in reads.paths:
+        found, value = _get(view, path)
+        if found:
+            _select(value, path, lambda p: not under(p, reads.exclude) and under(p, OPERATIONAL) == operational,
+                    out)
+    return out
+
+
+def shaping(cfg: dict, job: str, **wildcards: str) -> dict:
+    """The config values that shape `job`'s outputs (a config-shaped dict): the rule's tracked --config-json."""
+    return _split(cfg, job, False, **wildcards)
+
+
+def operational(cfg: dict, job: str, **wildcards: str) -> dict:
+    """The operational config values `job` reads (threads, logging, engine start-up): the rule's untracked
+    --ops-json."""
+    return _split(cfg, job, True, **wildcards)
+
+
+def shaping_json(cfg: dict, job: str, **wildcards: str) -> str:
+    return json.dumps(shaping(cfg, job, **wildcards), sort_keys=True)
+
+
+def operational_json(cfg: dict, job: str, **wildcards: str) -> str:
+    return json.dumps(operational(cfg, job, **wildcards), sort_keys=True)
+
+
+def resume_config(cfg: dict, job: str, **wildcards: str) -> dict:
+    """The part of `job`'s shaping config that a resumed run must share with the checkpoint it resumes."""
+    exempt = RESUME_EXEMPT.get(job, ())
+    out: dict = {}
+    for key, value in shaping(cfg, job, **wildcards).items():
+        _select(value, key, lambda p: not under(p, exempt), out)
+    return out
+
+
+def shaping_part(cfg: dict, path: str) -> Any:
+    """The config value at `path` less its operational keys (e.g. an engine's settings as they shape texts)."""
+    found, value = _get(cfg, path)
+    if not found:
+        return None
+    out: dict = {}
+    _select(value, path, lambda p: not under(p, OPERATIONAL), out)
+    found, kept = _get(out, path)
+    return kept if found else ({} if isinstance(value, dict) else None)

@@ -1,0 +1,161 @@
+"""The workflow's shared names: where each stage's files live, model ids and their parsing, the lists of CPT,
+evaluated and RAG models, and the final targets. rules/common.smk and the Python stages (plan, aggregate, models)
+read them here, so a path or an id is spelled once (docs/architecture.md, "The DAG and its files").
+
+Model ids: `base` (the CPT base model), `raw-all` (Raw CPT on every article token), `METHOD-BUDGET` (a synthesis
+method's corpus cut at BUDGET synthetic tokens), `api-NAME` (an API reference model, evaluation.api_models).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import method_budgets
+from .io_utils import InputError
+
+RESULTS = "results"
+DATA = f"{RESULTS}/data"
+ARTICLES = f"{DATA}/articles.jsonl"
+QUESTIONS = f"{DATA}/questions.jsonl"
+PREPARE_STATS = f"{DATA}/prepare_stats.json"
+QUALITY_ZIP = f"{DATA}/quality/QuALITY.v1.0.1.zip"
+LOGS = f"{RESULTS}/logs"
+HF_MODELS_DIR = f"{RESULTS}/hf_models"
+SYNTH = f"{RESULTS}/synth"
+ENTITIES = f"{SYNTH}/entigraph/entities"
+CORPUS = f"{RESULTS}/corpus"
+MODELS = f"{RESULTS}/models"
+CHECKPOINTS = f"{RESULTS}/checkpoints"
+QA_DIR = f"{RESULTS}/eval/qa"
+RAG_DIR = f"{RESULTS}/eval/rag"
+TABLES = f"{RESULTS}/tables"
+QA_TABLE = f"{TABLES}/qa_accuracy.csv"
+RAG_TABLE = f"{TABLES}/rag_accuracy.csv"
+SYNTH_SUMMARY = f"{TABLES}/synthesis_summary"
+FIGURES = f"{RESULTS}/figures"
+SCALING_FIT = f"{FIGURES}/scaling_fit.json"
+
+RAW = "raw"  # the Raw CPT baseline's method name (its corpus is the articles)
+BASE = "base"
+API_PREFIX = "api-"
+
+
+# ---------------------------------------------------------------------------------------------- model ids
+def model_id(method: str, budget: int | str) -> str:
+    """The id of a CPT model: METHOD-BUDGET (raw-all for the Raw baseline)."""
+    return f"{method}-{budget}"
+
+
+def parse_model_id(model: str) -> tuple[str, int | None]:
+    """(method, budget) of a model id: base, raw-all, api-NAME or METHOD-BUDGET (method `api` for API models;
+    budget None for base, raw-all and API models)."""
+    if model == BASE:
+        return BASE, None
+    if model.startswith(API_PREFIX):
+        return "api", None
+    method, _, budget = model.rpartition("-")
+    if not method:
+        raise InputError(f"model id {model!r}: expected base, raw-all, api-NAME or METHOD-BUDGET")
+    if budget == "all":
+        return method, None
+    try:
+        return method, int(budget)
+    except ValueError:
+        raise InputError(f"model id {model!r}: budget {budget!r} is not a token count") from None
+
+
+def model_location(spec: dict[str, Any]) -> str:
+    """What `from_pretrained` receives for a config model spec: the converted folder of a packaged model, else
+    its folder path or hub id."""
+    return f"{HF_MODELS_DIR}/{spec['name']}" if spec["source"] == "package" else spec["name"]
+
+
+def model_dir(model: str, cfg: dict) -> str:
+    """Folder (or hub id) of a model id: `base` is models.base, a CPT id its results/models/METHOD/BUDGET."""
+    if model == BASE:
+        return model_location(cfg["models"]["base"])
+    method, _, budget = model.rpartition("-")
+    return f"{MODELS}/{method}/{budget}"
+
+
+def train_summary_path(model: str) -> str:
+    """results/models/METHOD/BUDGET/train_summary.json of a CPT model id."""
+    method, _, budget = model.rpartition("-")
+    return f"{MODELS}/{method}/{budget}/train_summary.json"
+
+
+def is_cpt_model(model: str) -> bool:
+    return model != BASE and not model.startswith(API_PREFIX)
+
+
+# ------------------------------------------------------------------------------------------- model lists
+def synth_methods(cfg: dict) -> list[str]:
+    """Synthesis methods whose corpora are trained on (synthesis.methods)."""
+    return list(cfg["synthesis"].get("methods", []))
+
+
+def budgets(cfg: dict, method: str | None = None) -> list[int]:
+    """Synthetic-token budgets of the scaling curve: a method's (cpt.method_budgets, else cpt.budgets), or the
+    shared list. Each is a prefix of the method's shuffled corpus."""
+    return method_budgets(cfg, method) if method else [int(b) for b in cfg["cpt"].get("budgets", [])]
+
+
+def cpt_models(cfg: dict) -> list[tuple[str, str]]:
+    """(method, budget) of every CPT model: the Raw baseline on all raw tokens, then each method x budget."""
+    return [(RAW, "all")] + [(m, str(b)) for m in synth_methods(cfg) for b in budgets(cfg, m)]
+
+
+def eval_models(cfg: dict) -> list[str]:
+    """Model ids of closed-book QA: the base model, Raw CPT, every method x budget, then the API references."""
+    return ([BASE] + [model_id(m, b) for m, b in cpt_models(cfg)]
+            + [f"{API_PREFIX}{a['name']}" for a in cfg["evaluation"]["api_models"]])
+
+
+def rag_models(cfg: dict) -> list[str]:
+    """Model ids of the RAG baseline (evaluation.rag.models; by default the base model and the largest budget of
+    the first synthesis method, or Raw CPT when no method is configured)."""
+    rag = cfg["evaluation"].get("rag") or {}
+    if rag.get("models") is not None:
+        return list(rag["models"])
+    methods = synth_methods(cfg)
+    bs = budgets(cfg, methods[0]) if methods else []
+    return [BASE, model_id(methods[0], max(bs)) if methods and bs else model_id(RAW, "all")]
+
+
+# ------------------------------------------------------------------------------------------ final targets
+def model_inputs(cfg: dict, role: str) -> list[str]:
+    """A model's folder as a file the DAG builds or reads (packaged and local models), none for hub ids."""
+    spec = cfg["models"][role]
+    return [model_location(spec)] if spec["source"] in ("package", "path") else []
+
+
+def figure_files(cfg: dict, name: str) -> list[str]:
+    """A figure's files: the PNG first (the report embeds it), then the other figures.formats."""
+    return [f"{FIGURES}/{name}.png"] + [f"{FIGURES}/{name}.{ext}" for ext in cfg["figures"]["formats"]
+                                        if ext != "png"]
+
+
+def stage_targets(cfg: dict, stage: str) -> list[str]:
+    """The final outputs of one stage (data, synthesis, cpt, evaluation, figures): each rules file asks `rule all`
+    for its own, so that a workflow of some stage files (a test's, a user's) builds what it has rules for."""
+    if stage == "data":
+        return [PREPARE_STATS, *model_inputs(cfg, "base"), *model_inputs(cfg, "generator")]
+    if stage == "synthesis":
+        return [f"{SYNTH}/{m}/report.json" for m in synth_methods(cfg)]
+    if stage == "cpt":
+        return [model_dir(model_id(m, b), cfg) for m, b in cpt_models(cfg)]
+    if stage == "evaluation":
+        return [QA_TABLE, *([RAG_TABLE] if cfg["evaluation"]["rag"]["enabled"] else [])]
+    if stage == "figures":
+        return [SCALING_FIT, *figure_files(cfg, "scaling_curve"), *figure_files(cfg, "diversity"),
+                f"{SYNTH_SUMMARY}.csv", f"{SYNTH_SUMMARY}.html"]
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+STAGES = ("data", "synthesis", "cpt", "evaluation", "figures")
+
+
+def final_targets(cfg: dict) -> list[str]:
+    """Everything `snakemake` (rule all) builds: prepared data, models, synthesis reports, the accuracy tables,
+    the fit and the figures."""
+    return [t for stage in STAGES for t in stage_targets(cfg, stage)]
