@@ -41,7 +41,7 @@ rule cpt:
     shell:
         "OMP_NUM_THREADS={threads} TOKENIZERS_PARALLELISM=false {params.launch} -m workflow_scripts.train "
         "--corpus {params.corpus} --method {wildcards.method} --budget {wildcards.budget} --model {params.model:q} "
-        "--output {output} --workdir {params.workdir} --config-json {params.cfg:q} 2> {log}"
+        "--output {output} --workdir {params.workdir} --gpus {resources.gpu} --config-json {params.cfg:q} 2> {log}"
 
 
 ALL_TARGETS.extend([model_dir(model_id(m, b)) for m, b in cpt_models()])
