@@ -3,7 +3,7 @@
 #
 #     bash scripts/local-slurm.sh start     # install slurm-wlm + munge if missing (apt, as root), configure, start
 #     bash scripts/local-slurm.sh status    # exit 0 when the node is up and idle/allocated
-#     bash scripts/local-slurm.sh env       # prints `export SLURM_CONF=...` for sbatch/squeue/scancel/snakemake
+#     eval "$(bash scripts/local-slurm.sh env)"   # SLURM_CONF and PATH for sbatch/squeue/scancel/snakemake
 #     bash scripts/local-slurm.sh stop      # stop the three daemons started here (by their pid files)
 #
 # Everything it writes (slurm.conf, munge key and socket, state, spool, logs, pid files) lives under one folder,
@@ -14,7 +14,11 @@
 # The cluster: this host as one node with all its CPUs and its memory less 1 GB, one default partition `local`,
 # daemons running as root, no accounting database (so Snakemake's SLURM executor must read job states with
 # `--slurm-status-command squeue`; docs/cluster.md), MinJobAge=600 so that finished jobs stay visible to
-# squeue/scontrol for ten minutes. Ports: SCPT_SLURM_PORTS="ctld slurmd" (default "6817 6818").
+# squeue/scontrol for an hour. Ports: SCPT_SLURM_PORTS="ctld slurmd" (default "6817 6818").
+# Client wrappers: Snakemake's SLURM job step removes every SLURM_* variable (SLURM_CONF included) before it calls
+# srun inside a job, which would then look for /etc/slurm/slurm.conf. $SCPT_SLURM_DIR/bin holds wrappers of the
+# client commands that set SLURM_CONF to this cluster's file; `env` puts that folder first on PATH, and jobs
+# inherit PATH (sbatch --export=ALL).
 # Exit codes: 0 done, 1 failed (the log named in the message says why), 3 cannot start here (not root, no apt).
 set -euo pipefail
 
@@ -78,13 +82,25 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 MpiDefault=none
 ReturnToService=2
-MinJobAge=600
+MinJobAge=3600
 SlurmctldTimeout=30
 SlurmdTimeout=30
 NodeName=$NODE CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=local Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
     mv "$CONF.tmp" "$CONF"
+    mkdir -p "$BASE/bin"
+    local cmd
+    for cmd in srun sbatch squeue scancel scontrol sinfo sacct; do
+        printf '#!/bin/sh\n# scripts/local-slurm.sh: this cluster'"'"'s config, also where SLURM_CONF was removed\n'\
+'SLURM_CONF=%s exec %s "$@"\n' "$CONF" "$(real_command "$cmd")" > "$BASE/bin/$cmd"
+        chmod +x "$BASE/bin/$cmd"
+    done
+}
+
+real_command() {
+    # the installed client, not a wrapper of ours that may already be on PATH
+    PATH="$(printf %s "$PATH" | tr ':' '\n' | grep -vxF "$BASE/bin" | paste -sd:)" command -v "$1"
 }
 
 pid_alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -157,6 +173,6 @@ case "${1:-}" in
     start) start ;;
     stop) stop ;;
     status) status ;;
-    env) echo "export SLURM_CONF=$CONF" ;;
+    env) echo "export SLURM_CONF=$CONF PATH=$BASE/bin:\$PATH" ;;
     *) echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
 esac

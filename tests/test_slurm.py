@@ -63,8 +63,9 @@ def slurm_env():
         pytest.skip(f"local SLURM cluster cannot start here: {r.stderr.strip()}")
     assert r.returncode == 0, r.stdout + r.stderr
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SNAKEMAKE_SLURM_"))}
-    env.update(SLURM_CONF=str(CLUSTER_DIR / "slurm.conf"), PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1")
+    # as `eval "$(scripts/local-slurm.sh env)"`: the cluster's config, and its client wrappers first on PATH
+    env.update(SLURM_CONF=str(CLUSTER_DIR / "slurm.conf"), PATH=f"{CLUSTER_DIR / 'bin'}:{env['PATH']}",
+               PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     yield env
     if not was_running:
         cluster("stop")

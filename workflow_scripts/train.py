@@ -3,7 +3,7 @@
     python -m workflow_scripts.train --corpus results/corpus/entigraph --budget 4096 \\
         --model results/hf_models/smollm2-135m-instruct --output results/models/entigraph/4096 \\
         [--configfile config.yaml]
-    torchrun --nproc_per_node 8 -m workflow_scripts.train ...        # several GPUs: FSDP, one unit per decoder layer
+    torchrun --nproc_per_node 8 -m workflow_scripts.train ... --gpus 8   # several GPUs: FSDP2, one unit per decoder layer
 
 The paper's recipe is the config's default (cpt section of schemas/config.schema.yaml): full parameters, blocks of
 2048 tokens, global batch 16 sequences, AdamW with peak LR 5e-6, 5% linear warmup then cosine decay, weight decay
@@ -22,10 +22,17 @@ micro-batches of `micro_batch`; all ranks run the same number of micro-batches (
 a dummy sequence with weight 0). Each micro-batch loss is weighted by its share of the step, so the update is the
 mean over the step's sequences whatever the world size.
 
+Processes. One process, or torchrun with one process per GPU (or per CPU slot: gloo), driven with
+torch.distributed directly (`Runtime`): FSDP2 (`fully_shard`, one unit per decoder layer, then the root) when
+cpt.fsdp.enabled, else DDP. The same code runs on CPU and GPU, so the CPU tests check the path a GPU job takes.
+A job that asked for GPUs (--gpus, from cpt.resources.gpu) on a machine without CUDA fails before any work.
+
 Checkpoints every `checkpoint_every` steps under --workdir (default results/checkpoints/METHOD/BUDGET, outside the
-Snakemake output folder, which Snakemake deletes before a rerun): model, optimizer, RNG states (accelerate's
-save_state) and trainer_state.json (step, tokens, probe, fingerprint). The LR schedule is a pure function of the
-step. A rerun with the same settings resumes from the latest checkpoint; with other settings it starts afresh.
+Snakemake output folder, which Snakemake deletes before a rerun): model and optimizer through
+torch.distributed.checkpoint (each rank writes its own shards), each rank's RNG state, and trainer_state.json
+(step, tokens, probe, fingerprints). The LR schedule is a pure function of the step. A rerun with the same
+settings and the same layout (world size, FSDP on/off) resumes from the latest checkpoint; with other settings it
+starts afresh; with the same settings under another layout it is refused with a message naming both layouts.
 
 Outputs in --output: the model in Hugging Face format (safetensors) with its tokenizer, train_log.csv (one row per
 step: loss, LR, grad norm, tokens/s, ...) and train_summary.json (tokens, steps, wall time, peak memory,
