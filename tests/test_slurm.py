@@ -36,7 +36,7 @@ CLUSTER_DIR = Path(os.environ.get("SCPT_SLURM_DIR", "/tmp/scpt-slurm"))
 OVERLAY = {
     "run_name": "slurm-slice",
     "data": {"max_articles": 1, "max_article_chars": 600},
-    "cpt": {"block_size": 16, "global_batch": 2, "micro_batch": 2, "raw_epochs": 2, "threads": 2,
+    "cpt": {"block_size": 16, "global_batch": 2, "micro_batch": 2, "raw_epochs": 1, "threads": 2,
             "checkpoint_every": 2, "keep_checkpoints": 2, "log_every": 1, "probe": {"max_tokens": 32},
             "resources": {"gpu": 0, "mem_mb": 3000, "runtime": 25}},
     "evaluation": {"max_questions": 2, "threads": 1, "resources": {"gpu": 0, "mem_mb": 2500, "runtime": 15}},
