@@ -162,3 +162,16 @@ def test_a_dag_slice_runs_through_sbatch_and_a_cancelled_cpt_job_resumes(slurm_e
     assert result["n"] == 2 or result.get("accuracy", {}).get("n") == 2, result
     print(f"SLURM slice: {time.time() - t0:.0f} s, jobs {len(submitted)}", file=sys.stderr)
     shutil.rmtree(work / "results" / "checkpoints", ignore_errors=True)
+
+
+def test_the_cluster_script_is_idempotent_and_keeps_to_its_folder(slurm_env):
+    pids = {n: (CLUSTER_DIR / f"{n}.pid").read_text().strip() for n in ("munged", "slurmctld", "slurmd")}
+    r = cluster("start")
+    assert r.returncode == 0 and "running" in r.stdout
+    assert {n: (CLUSTER_DIR / f"{n}.pid").read_text().strip() for n in pids} == pids  # no second set of daemons
+    assert cluster("status").returncode == 0
+    assert cluster("env").stdout.strip() == f"export SLURM_CONF={CLUSTER_DIR}/slurm.conf PATH={CLUSTER_DIR}/bin:$PATH"
+    conf = (CLUSTER_DIR / "slurm.conf").read_text()
+    paths = re.findall(r"=(/\S+)", conf)
+    assert paths and all(p.startswith(str(CLUSTER_DIR)) for p in paths), paths  # state, spool, logs, pids, socket
+    assert "AccountingStorageType=accounting_storage/none" in conf and "MinJobAge=3600" in conf
