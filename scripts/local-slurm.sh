@@ -118,6 +118,8 @@ start() {
         echo "local-slurm: running (SLURM_CONF=$CONF)"
         return
     fi
+    [ "$(id -u)" = 0 ] || die "not root: the local cluster's daemons (munged, slurmctld, slurmd) run as root; \
+run this script as root" 3
     install_packages
     write_config
     if ! pid_alive "$BASE/munged.pid"; then
