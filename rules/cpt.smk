@@ -37,8 +37,8 @@ rule cpt:
     shell:
         "OMP_NUM_THREADS={threads} TOKENIZERS_PARALLELISM=false {params.launch} -m workflow_scripts.train "
         "--corpus {params.corpus} --method {wildcards.method} --budget {wildcards.budget} --model {params.model:q} "
-        "--output {output} --workdir {params.workdir} --articles {input.articles} --config-json {params.cfg:q} "
-        "--ops-json {params.ops:q} 2> {log}"
+        "--output {output} --workdir {params.workdir} --articles {input.articles} --gpus {resources.gpu} "
+        "--config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"
 
 
 ALL_TARGETS.extend(layout.stage_targets(config, "cpt"))

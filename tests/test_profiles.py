@@ -109,6 +109,8 @@ def test_slurm_profile_parses_and_takes_account_and_partition_from_the_environme
     assert "tasks_per_gpu=0" in bare["default-resources"]
     assert not any(x.startswith(("slurm_account", "slurm_partition")) for x in bare["default-resources"])
     assert "cpt:cpus_per_gpu=8" in bare["set-resources"]
+    for rule in ("extract_entities", "synthesize", "cpt", "eval_qa", "eval_rag"):  # GPU jobs never span nodes
+        assert f"{rule}:nodes=1" in bare["set-resources"]
     assert not any("gpu_model" in x for x in bare["set-resources"])
 
     env = {"SBATCH_ACCOUNT": "proj42", "SBATCH_PARTITION": "cpu", "SCPT_GPU_PARTITION": "gpu",
@@ -153,6 +155,7 @@ def test_one_task_sees_all_gpus_of_a_multi_gpu_rule(tmp_path):
     assert "--gpus=8" in sbatch and "-A 'proj42'" in sbatch and "-p 'gpu'" in sbatch
     assert "--ntasks" not in sbatch  # sbatch's default: one task
     assert "--cpus-per-gpu=8" in sbatch and "--mem 200000" in sbatch and "-t 2880" in sbatch
+    assert "--nodes=1" in sbatch  # all 8 GPUs on one node: torchrun --standalone cannot span nodes
     assert step.split()[:2] == ["srun", "-n1"] and "--gpus=8" in step and "--nodes=1" in step
 
     # why the profile matters: the plugin maps `tasks` of a GPU job to --ntasks-per-gpu (8 tasks here)

@@ -238,6 +238,22 @@ def test_bad_budgets_fail_clearly_on_the_command_line(corpus_dir, tiny_model_dir
     assert capped["budget"] == str(len(tokens) + 1000)
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA: GPUs can be asked for")
+def test_asking_for_a_gpu_without_cuda_is_one_line_before_any_work(corpus_dir, tiny_model_dir, tmp_path):
+    import subprocess
+
+    base = ["--corpus", str(corpus_dir), "--budget", "128", "--model", str(tiny_model_dir), "--output",
+            str(tmp_path / "m"), "--workdir", str(tmp_path / "w")]
+    for extra, key in ((["--gpus", "1", "--config-json", '{"cpt": {"threads": 1}}'], "cpt.resources.gpu is 1"),
+                       (["--config-json", '{"cpt": {"precision": "bf16", "threads": 1}}'], "cpt.precision is bf16")):
+        r = subprocess.run([sys.executable, "-m", "workflow_scripts.train", *base, *extra], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {key}"), r.stderr
+        assert "no CUDA device" in lines[0]
+    assert not (tmp_path / "w").exists() and not (tmp_path / "m").exists()  # failed before any work
+
+
 def test_a_model_converted_from_gguf_trains_and_saves(corpus_dir, tiny_model_dir, tmp_path):
     """models.convert_packaged leaves `quantization_config: gguf` in config.json (as results/hf_models/ has it);
     the weights are plain floats, and the trained model must still save and reload."""
@@ -268,8 +284,8 @@ def test_raw_baseline_uses_its_own_epochs(tmp_path, tiny_model_dir):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo process group on Linux")
 def test_two_processes_train_like_one(corpus_dir, tiny_model_dir, tmp_path):
-    """torchrun with 2 CPU processes (gloo, DDP: FSDP needs GPUs here) gives the single-process result: the step's
-    sequences are split over ranks and gradient accumulation is derived from the world size."""
+    """torchrun with 2 CPU processes (gloo, DDP; FSDP2 has its own test below) gives the single-process result: the
+    step's sequences are split over ranks and gradient accumulation is derived from the world size."""
     cfg = {"seed": 11, "cpt": {"block_size": 32, "global_batch": 4, "micro_batch": 1, "lr": 3e-3, "epochs": 1,
                                "threads": 1, "replay": {"rate": 0.0}, "probe": {"max_tokens": 64,
                                                                                   "source": str(PROBE)},
@@ -288,6 +304,103 @@ def test_two_processes_train_like_one(corpus_dir, tiny_model_dir, tmp_path):
     assert two["steps"] == single["steps"] and two["tokens_seen"] == single["tokens_seen"]
     assert two["final_loss"] == pytest.approx(single["final_loss"], abs=1e-4)
     assert two["forgetting_probe"]["loss_after"] == pytest.approx(single["forgetting_probe"]["loss_after"], abs=1e-4)
+
+
+FSDP_CFG = {"seed": 11, "cpt": {"block_size": 32, "global_batch": 4, "micro_batch": 1, "lr": 3e-3, "epochs": 4,
+                                 "threads": 1, "checkpoint_every": 4, "keep_checkpoints": 2,
+                                 "replay": {"rate": 0.25, "source": str(STORY)},
+                                 "probe": {"max_tokens": 64, "source": str(PROBE)},
+                                 "fsdp": {"enabled": True}}}
+# FSDP2 reduce-scatters fp32 gradients of each rank's half of the step and AdamW updates shards: the same sums in
+# another order, so per-step losses agree with one process to float rounding, not bit for bit.
+FSDP_LOSS_TOLERANCE = 2e-3
+
+
+def torchrun_train(corpus_dir: Path, model: Path, out: Path, work: Path, cfg: dict) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "workflow_scripts.train", "--corpus", str(corpus_dir), "--budget", "1024", "--model", str(model),
+           "--output", str(out), "--workdir", str(work), "--config-json", json.dumps(cfg)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL a process and all its descendants at once, as a node failure would (torchrun's workers run in their
+    own process groups, so killing the launcher's group would leave them training). Returns the pids killed."""
+    import signal
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return tree
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo process group on Linux")
+def test_fsdp_on_two_cpu_processes_survives_kill_9_and_matches_one_process(corpus_dir, tiny_model_dir, tmp_path):
+    """FSDP2 (fully_shard per decoder layer) over 2 gloo processes: sharded training, a checkpoint, kill -9 of the
+    whole job, a refused resume under another layout, the resume under the same one with no lost or repeated step,
+    a final save that the evaluation stage loads, and a loss curve equal to one process's within the tolerance."""
+    import time
+
+    from workflow_scripts.qa_eval import LoglikScorer, load_local_model
+
+    single = T.train(validate_config(json.loads(json.dumps(FSDP_CFG))), corpus_dir, 1024, str(tiny_model_dir),
+                     tmp_path / "one", tmp_path / "w1")
+    work, out = tmp_path / "w2", tmp_path / "two"
+    job = torchrun_train(corpus_dir, tiny_model_dir, out, work, FSDP_CFG)
+    deadline = time.time() + 600
+    while not list(work.glob("step_*/trainer_state.json")) and job.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert len(kill_tree(job.pid)) >= 3  # the launcher and its two workers
+    _, stderr = job.communicate()
+    ckpts = sorted(work.glob("step_*"))
+    assert ckpts and not out.exists(), "the job ended before its first checkpoint was killed: " + stderr[-3000:]
+    state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
+    assert state["layout"] == {"world_size": 2, "fsdp": True}
+    assert len(list(ckpts[-1].glob("*.distcp"))) == 2  # one shard file per rank
+
+    with pytest.raises(InputError, match=r"world size 2 and FSDP on, this run has world size 1 and FSDP off"):
+        T.train(validate_config(json.loads(json.dumps(FSDP_CFG))), corpus_dir, 1024, str(tiny_model_dir),
+                tmp_path / "x", work)
+    assert ckpts[-1].exists()  # refused, not deleted
+
+    job = torchrun_train(corpus_dir, tiny_model_dir, out, work, FSDP_CFG)
+    stdout, stderr = job.communicate(timeout=600)
+    assert job.returncode == 0, stderr[-3000:]
+    two = json.loads((out / "train_summary.json").read_text())
+    assert two["world_size"] == 2 and two["fsdp"] is True and two["resumed_from_steps"] == [state["step"]]
+    assert 0 < state["step"] < two["steps"] and state["step"] % 4 == 0
+    rows1, rows2 = read_log(tmp_path / "one" / "train_log.csv"), read_log(out / "train_log.csv")
+    assert [int(r["step"]) for r in rows2] == list(range(1, two["steps"] + 1))  # no lost or repeated step
+    assert [r["replay_sequences"] for r in rows2] == [r["replay_sequences"] for r in rows1]
+    assert two["tokens_seen"] == single["tokens_seen"] and two["steps"] == single["steps"] == 32
+    l1, l2 = [float(r["loss"]) for r in rows1], [float(r["loss"]) for r in rows2]
+    assert l2 == pytest.approx(l1, abs=FSDP_LOSS_TOLERANCE), list(zip(l1, l2))
+    assert l2[-1] < l2[0] - 1.0
+
+    # the evaluation stage's loader and log-likelihood scorer read the FSDP run's save like any other
+    ecfg = validate_config({})["evaluation"]
+    scores = []
+    for folder in (tmp_path / "one", out):
+        model, tok = load_local_model(str(folder), ecfg)
+        scores.append(LoglikScorer(model, tok, "Read the story.\n").score(
+            [("The man walked into the", [" room.", " sea of stars."])]))
+    lp = [[opt["logprob"] for opt in s[0]] for s in scores]
+    assert lp[1] == pytest.approx(lp[0], abs=0.05), lp
 
 
 def test_command_lines_have_help():

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import yaml
 
 from .io_utils import InputError, stable_hash
@@ -33,6 +32,8 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 
 def _validator_with_defaults() -> type:
+    import jsonschema  # here, not at import: the stage modules (and scripts/gpu_check.sh) import without it
+
     base = jsonschema.Draft202012Validator
     validate_props = base.VALIDATORS["properties"]
 

@@ -3,7 +3,7 @@
     python -m workflow_scripts.train --corpus results/corpus/entigraph --budget 4096 \\
         --model results/hf_models/smollm2-135m-instruct --output results/models/entigraph/4096 \\
         [--configfile config.yaml]
-    torchrun --nproc_per_node 8 -m workflow_scripts.train ...        # several GPUs: FSDP, one unit per decoder layer
+    torchrun --nproc_per_node 8 -m workflow_scripts.train ... --gpus 8   # several GPUs: FSDP2, one unit per decoder layer
 
 The paper's recipe is the config's default (cpt section of schemas/config.schema.yaml): full parameters, blocks of
 2048 tokens, global batch 16 sequences, AdamW with peak LR 5e-6, 5% linear warmup then cosine decay, weight decay
@@ -22,10 +22,17 @@ micro-batches of `micro_batch`; all ranks run the same number of micro-batches (
 a dummy sequence with weight 0). Each micro-batch loss is weighted by its share of the step, so the update is the
 mean over the step's sequences whatever the world size.
 
+Processes. One process, or torchrun with one process per GPU (or per CPU slot: gloo), driven with
+torch.distributed directly (`Runtime`): FSDP2 (`fully_shard`, one unit per decoder layer, then the root) when
+cpt.fsdp.enabled, else DDP. The same code runs on CPU and GPU, so the CPU tests check the path a GPU job takes.
+A job that asked for GPUs (--gpus, from cpt.resources.gpu) on a machine without CUDA fails before any work.
+
 Checkpoints every `checkpoint_every` steps under --workdir (default results/checkpoints/METHOD/BUDGET, outside the
-Snakemake output folder, which Snakemake deletes before a rerun): model, optimizer, RNG states (accelerate's
-save_state) and trainer_state.json (step, tokens, probe, fingerprint). The LR schedule is a pure function of the
-step. A rerun with the same settings resumes from the latest checkpoint; with other settings it starts afresh.
+Snakemake output folder, which Snakemake deletes before a rerun): model and optimizer through
+torch.distributed.checkpoint (each rank writes its own shards), each rank's RNG state, and trainer_state.json
+(step, tokens, probe, fingerprints). The LR schedule is a pure function of the step. A rerun with the same
+settings and the same layout (world size, FSDP on/off) resumes from the latest checkpoint; with other settings it
+starts afresh; with the same settings under another layout it is refused with a message naming both layouts.
 
 Outputs in --output: the model in Hugging Face format (safetensors) with its tokenizer, train_log.csv (one row per
 step: loss, LR, grad norm, tokens/s, ...) and train_summary.json (tokens, steps, wall time, peak memory,
@@ -44,7 +51,9 @@ import resource
 import shutil
 import sys
 import time
+import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -180,80 +189,241 @@ def peak_memory_mb(device_type: str) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process max RSS"
 
 
-def make_accelerator(cpt: dict, world_size: int):  # type: ignore[no-untyped-def]
+def check_devices(cpt: dict, gpus: int) -> None:
+    """Fail before any work when the job asked for GPUs (cpt.resources.gpu, passed as --gpus) or for bf16 and this
+    machine has no CUDA: a silent fallback to fp32 on the CPU would run for days instead of hours."""
     import torch
-    from accelerate import Accelerator
-    from accelerate.utils import FullyShardedDataParallelPlugin
 
-    on_gpu = torch.cuda.is_available()
-    precision = cpt["precision"]
-    if precision == "auto":
-        precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
-    fsdp = None
-    if world_size > 1 and cpt["fsdp"]["enabled"]:
-        # FSDP2, one unit per decoder layer (the model's _no_split_modules, e.g. LlamaDecoderLayer), as the paper.
-        # Within one node the paper's hybrid shard equals full shard.
-        fsdp = FullyShardedDataParallelPlugin(
-            fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-            reshard_after_forward=cpt["fsdp"]["reshard_after_forward"], state_dict_type="SHARDED_STATE_DICT",
-            activation_checkpointing=cpt["gradient_checkpointing"], cpu_offload=cpt["fsdp"]["cpu_offload"])
-    acc = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", fsdp_plugin=fsdp, cpu=not on_gpu)
-    return acc, precision
+    if torch.cuda.is_available():
+        return
+    if gpus > 0:
+        raise InputError(f"cpt.resources.gpu is {gpus} but this machine ({platform.node()}) has no CUDA device: "
+                         "run the job on a GPU node, or set cpt.resources.gpu: 0 to train on the CPU")
+    if cpt["precision"] == "bf16":
+        raise InputError(f"cpt.precision is bf16 but this machine ({platform.node()}) has no CUDA device: "
+                         "set cpt.precision: auto (fp32 on CPU) or run on a GPU node")
+
+
+# ------------------------------------------------------------------------------------ distributed runtime
+class Runtime:
+    """One process of a training run: its rank, device and precision, and the model wrapper of its layout.
+
+    Driven with torch.distributed directly (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK): world size 1 is a plain
+    module; with several processes FSDP2 (`fully_shard`, one unit per decoder layer, then the root) when
+    cpt.fsdp.enabled, else DDP. The same code runs on CPU (gloo) and GPU (nccl); accelerate's FSDP plugin falls
+    back to DDP on a CPU without saying so, so it cannot be what the CPU tests check."""
+
+    def __init__(self, cpt: dict) -> None:
+        import torch
+        import torch.distributed as dist
+
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        on_gpu = torch.cuda.is_available()
+        if on_gpu:
+            torch.cuda.set_device(local_rank)
+        self.device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if on_gpu else "gloo")
+        precision = cpt["precision"]
+        if precision == "auto":
+            precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
+        self.precision, self.cpt = precision, cpt
+        self.fsdp = self.world_size > 1 and bool(cpt["fsdp"]["enabled"])
+        self.is_main = self.rank == 0
+
+    @property
+    def layout(self) -> dict:
+        """What a checkpoint's shards depend on: a resume needs the same."""
+        return {"world_size": self.world_size, "fsdp": self.fsdp}
+
+    def wrap(self, model):  # type: ignore[no-untyped-def]
+        """The model on this device in this run's layout (gradient checkpointing before wrapping)."""
+        import torch
+
+        if self.cpt["gradient_checkpointing"]:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.fsdp:
+            from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+            bf16 = self.precision == "bf16"
+            kw = {"reshard_after_forward": self.cpt["fsdp"]["reshard_after_forward"],
+                  "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                                    reduce_dtype=torch.float32 if bf16 else None),
+                  "offload_policy": CPUOffloadPolicy() if self.cpt["fsdp"]["cpu_offload"] else OffloadPolicy()}
+            if not self.cpt["fsdp"]["cpu_offload"]:
+                model.to(self.device)
+            units = set(getattr(model, "_no_split_modules", None) or [])  # e.g. LlamaDecoderLayer (the paper's)
+            for module in list(model.modules()):
+                if type(module).__name__ in units:
+                    fully_shard(module, **kw)
+            return fully_shard(model, **kw)
+        model.to(self.device)
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                           else None)
+        return model
+
+    def autocast(self):  # type: ignore[no-untyped-def]
+        """bf16 autocast outside FSDP (FSDP2's MixedPrecisionPolicy casts the parameters itself)."""
+        import torch
+
+        if self.precision == "bf16" and not self.fsdp:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def no_sync(self, model, sync: bool):  # type: ignore[no-untyped-def]
+        """Skip the gradient all-reduce on all but a step's last micro-batch."""
+        if self.fsdp:
+            model.set_requires_gradient_sync(sync)
+        elif self.world_size > 1 and not sync:
+            return model.no_sync()
+        return nullcontext()
+
+    def sum(self, value):  # type: ignore[no-untyped-def]
+        import torch.distributed as dist
+
+        if self.world_size > 1:
+            dist.all_reduce(value)
+        return value
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        if self.world_size > 1:
+            dist.barrier()
+
+    def unwrap(self, model):  # type: ignore[no-untyped-def]
+        return model.module if self.world_size > 1 and not self.fsdp else model
+
+    def full_state_dict(self, model) -> dict:  # type: ignore[no-untyped-def]
+        """The full weights on the main process (FSDP gathers the shards; other ranks get an empty dict)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
-def latest_checkpoint(workdir: Path, fingerprint: str) -> Path | None:
-    """The newest complete checkpoint of this run (same fingerprint), or None."""
+def latest_checkpoint(workdir: Path, fingerprint: str, settings: str | None = None,
+                      layout: dict | None = None) -> Path | None:
+    """The newest complete checkpoint of this run (same fingerprint), or None. A checkpoint of the same settings
+    written by another layout (world size, FSDP on/off) is refused: its shards do not fit this run."""
     for ckpt in sorted(workdir.glob("step_*"), reverse=True):
-        state = ckpt / "trainer_state.json"
-        if state.exists() and json.loads(state.read_text())["fingerprint"] == fingerprint:
+        path = ckpt / "trainer_state.json"
+        if not path.exists():
+            continue
+        state = json.loads(path.read_text())
+        if state["fingerprint"] == fingerprint:
             return ckpt
+        if settings is not None and state.get("settings_fingerprint") == settings:
+            theirs, ours = state.get("layout", {}), layout or {}
+            raise InputError(
+                f"{ckpt}: this checkpoint was written with world size {theirs.get('world_size')} and FSDP "
+                f"{'on' if theirs.get('fsdp') else 'off'}, this run has world size {ours.get('world_size')} and FSDP "
+                f"{'on' if ours.get('fsdp') else 'off'}; rerun with the checkpoint's layout (processes, "
+                f"cpt.fsdp.enabled) or delete {workdir} to start afresh")
     return None
 
 
-def save_checkpoint(acc, workdir: Path, state: dict, keep: int) -> Path:  # type: ignore[no-untyped-def]
-    """accelerate state (model, optimizer, RNG) + trainer_state.json, renamed into place when complete."""
+def save_checkpoint(rt: Runtime, model, optimizer, workdir: Path, state: dict,  # type: ignore[no-untyped-def]
+                    keep: int) -> Path:
+    """Model and optimizer (torch.distributed.checkpoint: each rank writes its shards), each rank's RNG state and
+    trainer_state.json, in a temporary folder renamed into place when complete."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     final = workdir / f"step_{state['step']:08d}"
     tmp = workdir / f".{final.name}.partial"
-    if acc.is_main_process:
+    if rt.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
+        tmp.mkdir(parents=True)
+    rt.barrier()
+    msd, osd = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():  # one process: DCP says it saves without a process group, which is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if rt.device.type == "cuda" else None}
+    torch.save(rng, tmp / f"rng_{rt.rank}.pt")
+    rt.barrier()
+    if rt.is_main:
         write_json_atomic(tmp / "trainer_state.json", state)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in sorted(workdir.glob("step_*"))[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
+    rt.barrier()
     return final
 
 
-# ------------------------------------------------------------------------------------------------- train
-def train(cfg: dict, corpus: str | Path, budget: int | str, model_location: str, output: str | Path,
-          workdir: str | Path | None = None, method: str | None = None,
-          stop_after_steps: int | None = None, articles: str | Path | None = None) -> dict[str, Any]:
-    """Continued pretraining of `model_location` on `budget` tokens of `corpus`; returns the train summary.
-    `articles` (articles.jsonl) is what the forgetting probe is checked against besides the training tokens."""
+def load_checkpoint(rt: Runtime, model, optimizer, ckpt: Path) -> dict:  # type: ignore[no-untyped-def]
+    """Restore what save_checkpoint wrote, in place; returns trainer_state.json."""
     import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    t_start = time.time()
+    msd, osd = get_state_dict(model, optimizer)
+    sd = {"model": msd, "optim": osd}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(sd, checkpoint_id=str(ckpt))
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    rng = torch.load(ckpt / f"rng_{rt.rank}.pt", weights_only=False)
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
+    return json.loads((ckpt / "trainer_state.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------- train
+@dataclass
+class Run:
+    """What one CPT run trains on: the budget's blocks, the whole run's order, the step count, the probe."""
+
+    method: str
+    seed: int
+    epochs: int
+    block_size: int
+    global_batch: int
+    micro_batch: int
+    n_tokens: int
+    capped: bool
+    n_blocks: int
+    plan: np.ndarray
+    blocks: Blocks
+    steps: int
+    warmup: int
+    corpus_tokens: int = 0
+    manifest: dict = field(default_factory=dict)
+    tokenizer: Any = None
+    probe_blocks: np.ndarray | None = None
+    probe_overlap: dict | None = None
+    n_replay_blocks: int = 0
+
+
+def prepare_data(cfg: dict, corpus: str | Path, budget: int | str, model_location: str,
+                 method: str | None, articles: str | Path | None = None) -> Run:
+    """Data: the budget prefix in blocks, the replay and probe blocks, the run's plan. `articles`
+    (articles.jsonl) is what the forgetting probe is checked against besides the training tokens."""
     cpt, seed = cfg["cpt"], int(cfg["cpt"]["seed"] if cfg["cpt"]["seed"] is not None else cfg["seed"])
-    output = Path(output)
     tokens, manifest = load_corpus(corpus)
     method = method or manifest["method"]
-    workdir = Path(workdir or Path("results/checkpoints") / method / str(budget))
     epochs = cpt["raw_epochs"] if method == RAW_METHOD else cpt["epochs"]
-    T, gb, mb = cpt["block_size"], cpt["global_batch"], cpt["micro_batch"]
-
-    # ---- data: the budget prefix in blocks, the replay blocks, the run's plan
+    T, gb = cpt["block_size"], cpt["global_batch"]
     n_tokens, capped = budget_tokens(len(tokens), budget, cpt["allow_budget_cap"], str(corpus))
     n_blocks = n_tokens // T
     if n_blocks == 0:
         raise InputError(f"{corpus}: budget {budget} ({n_tokens} tokens) is shorter than one block of {T} tokens; "
                          "raise the budget or lower cpt.block_size")
-    corpus_blocks = tokens[:n_blocks * T].reshape(n_blocks, T)
     plan = data_plan(n_blocks, epochs, seed, cpt["replay"]["rate"])
     tok = load_tokenizer(model_location)
     specials = {k: manifest["tokenizer"][k] for k in ("bos", "eos")}  # general text tokenized like the corpus
@@ -261,167 +431,233 @@ def train(cfg: dict, corpus: str | Path, budget: int | str, model_location: str,
     if n_replay:
         # random blocks of a shuffled pool, the held-out part kept apart (workflow_scripts/replay.py)
         replay_blocks = replay.replay_blocks(cpt["replay"], tok, specials, T, n_replay, seed)
-    blocks = Blocks(corpus_blocks, replay_blocks, seed)
-    steps = math.ceil(len(plan) / gb)
-    warmup = warmup_steps_for(steps, cpt["warmup_ratio"])
-
-    # ---- model, optimizer, distributed set-up
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    acc, precision = make_accelerator(cpt, world_size)
-    rank, device = acc.process_index, acc.device
-    if device.type == "cpu":
-        torch.set_num_threads(cpt["threads"])
-    torch.manual_seed(seed)
-    model = load_base_model(model_location)
-    if cpt["gradient_checkpointing"] and not acc.is_fsdp2:
-        model.gradient_checkpointing_enable()
-    model.train()
-    optimizer = configure_optimizer(model, cpt["lr"], cpt["weight_decay"], tuple(cpt["betas"]), cpt["adam_eps"],
-                                    fused=not acc.is_fsdp2)
-    model, optimizer = acc.prepare(model, optimizer)
-
-    fingerprint = config_hash({**resume_config(cfg, "cpt"), "seed": seed,
-                               "corpus": manifest["config_hash"], "total": manifest["total_tokens"],
-                               "budget": str(budget), "model": model_location, "method": method})
-    workdir.mkdir(parents=True, exist_ok=True)
-    log_path = workdir / "train_log.csv"
+    corpus_blocks = tokens[:n_blocks * T].reshape(n_blocks, T)
     # the probe is refused if it overlaps what this run trains on or the prepared articles (replay.check_probe)
     probe_blocks, probe_overlap = replay.probe_blocks(cpt, tok, specials, T, seed, [corpus_blocks, replay_blocks],
                                                       articles)
+    steps = math.ceil(len(plan) / gb)
+    return Run(method=method, seed=seed, epochs=epochs, block_size=T, global_batch=gb, micro_batch=cpt["micro_batch"],
+               n_tokens=n_tokens, capped=capped, n_blocks=n_blocks, plan=plan,
+               blocks=Blocks(corpus_blocks, replay_blocks, seed), steps=steps,
+               warmup=warmup_steps_for(steps, cpt["warmup_ratio"]), corpus_tokens=int(len(tokens)),
+               manifest=manifest, tokenizer=tok, probe_blocks=probe_blocks, probe_overlap=probe_overlap,
+               n_replay_blocks=0 if replay_blocks is None else len(replay_blocks))
 
-    # ---- resume or start
-    ckpt = latest_checkpoint(workdir, fingerprint)
+
+def set_up(cpt: dict, seed: int, model_location: str):  # type: ignore[no-untyped-def]
+    """Set-up: the process's runtime, the base model in its layout, and its optimizer."""
+    import torch
+
+    rt = Runtime(cpt)
+    if rt.device.type == "cpu":
+        torch.set_num_threads(cpt["threads"])
+    torch.manual_seed(seed)
+    model = rt.wrap(load_base_model(model_location))
+    model.train()
+    optimizer = configure_optimizer(model, cpt["lr"], cpt["weight_decay"], tuple(cpt["betas"]), cpt["adam_eps"],
+                                    fused=not rt.fsdp)
+    return rt, model, optimizer
+
+
+def fingerprints(cfg: dict, run: Run, budget: int | str, model_location: str, layout: dict) -> tuple[str, str]:
+    """(settings, full): the settings that shape the weights, and those plus the process layout (a resume needs
+    both to match; same settings under another layout is refused rather than silently restarted)."""
+    settings = config_hash({**resume_config(cfg, "cpt"), "seed": run.seed,
+                            "corpus": run.manifest["config_hash"], "total": run.manifest["total_tokens"],
+                            "budget": str(budget), "model": model_location, "method": run.method})
+    return settings, config_hash({"settings": settings, "layout": layout})
+
+
+def resume_or_start(rt: Runtime, model, optimizer, run: Run, workdir: Path,  # type: ignore[no-untyped-def]
+                    fps: tuple[str, str]) -> dict:
+    """Resume: the newest checkpoint of this run (its log cut back to its step), or a fresh state with the
+    forgetting probe of the base model."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "train_log.csv"
+    ckpt = latest_checkpoint(workdir, fps[1], fps[0], rt.layout)
     if ckpt is not None:
-        acc.load_state(str(ckpt))
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        if acc.is_main_process:  # keep the log rows of the steps the checkpoint holds
+        state = load_checkpoint(rt, model, optimizer, ckpt)
+        if rt.is_main:  # keep the log rows of the steps the checkpoint holds
             rows = [r for r in csv.DictReader(open(log_path))] if log_path.exists() else []
             with open(log_path, "w", newline="") as f:
                 w = csv.DictWriter(f, LOG_FIELDS)
                 w.writeheader()
                 w.writerows(r for r in rows if int(r["step"]) <= state["step"])
         state["resumed_from"].append(state["step"])
-        print(f"resuming {ckpt} at step {state['step']}/{steps}", file=sys.stderr)
+        print(f"resuming {ckpt} at step {state['step']}/{run.steps}", file=sys.stderr)
     else:
-        if acc.is_main_process:
+        if rt.is_main:
             for old in workdir.glob("step_*"):  # checkpoints of other settings
                 shutil.rmtree(old, ignore_errors=True)
             with open(log_path, "w", newline="") as f:
                 csv.DictWriter(f, LOG_FIELDS).writeheader()
         t0 = time.time()
-        probe = estimate_loss(model, probe_blocks, mb, device) if probe_blocks is not None else None
+        probe = estimate_loss(model, run.probe_blocks, run.micro_batch, rt.device) if run.probe_blocks is not None \
+            else None
         state = {"step": 0, "tokens_seen": 0, "replay_sequences": 0, "train_seconds": 0.0, "loss": None,
-                 "fingerprint": fingerprint, "probe_loss_before": probe, "probe_seconds": time.time() - t0,
-                 "resumed_from": []}
-    acc.wait_for_everyone()
+                 "fingerprint": fps[1], "settings_fingerprint": fps[0], "layout": rt.layout,
+                 "probe_loss_before": probe, "probe_seconds": time.time() - t0, "resumed_from": []}
+    rt.barrier()
+    return state
 
-    # ---- the training loop
-    log_file = open(log_path, "a", newline="") if acc.is_main_process else None
-    log = csv.DictWriter(log_file, LOG_FIELDS) if log_file else None
-    session_tokens, session_seconds = 0, 0.0
-    for step in range(state["step"], steps):
-        t0 = time.perf_counter()
-        lr = lr_at(step, steps, cpt["lr"], warmup, cpt["min_lr_ratio"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_ids = plan[step * gb:(step + 1) * gb]
-        micro = rank_micro_batches(step_ids, rank, acc.num_processes, mb)
-        loss_sum = torch.zeros((), device=device)
-        for i, ids in enumerate(micro):
-            weight = len(ids) * acc.num_processes / len(step_ids)
-            x = blocks.batch(ids if len(ids) else step_ids[:1]).to(device)
-            with acc.no_sync(model) if i < len(micro) - 1 else nullcontext():
+
+def train_step(rt: Runtime, model, optimizer, run: Run, step_ids: np.ndarray,  # type: ignore[no-untyped-def]
+               grad_clip: float | None) -> tuple[float, float | None]:
+    """One optimizer step over the step's sequences (this rank's share, in micro-batches): (mean loss, grad norm)."""
+    import torch
+
+    micro = rank_micro_batches(step_ids, rt.rank, rt.world_size, run.micro_batch)
+    loss_sum = torch.zeros((), device=rt.device)
+    for i, ids in enumerate(micro):
+        weight = len(ids) * rt.world_size / len(step_ids)  # the gradient all-reduce averages over ranks
+        x = run.blocks.batch(ids if len(ids) else step_ids[:1]).to(rt.device)
+        with rt.no_sync(model, sync=i == len(micro) - 1):
+            with rt.autocast():
                 loss = model(input_ids=x, labels=x).loss
-                acc.backward(loss * weight)
-            loss_sum += loss.detach() * (len(ids) / len(step_ids))
-        grad_norm = acc.clip_grad_norm_(model.parameters(), cpt["grad_clip"]) if cpt["grad_clip"] else None
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = float(acc.reduce(loss_sum, reduction="sum"))  # every rank's share: the step's mean loss
-        dt = time.perf_counter() - t0
-        n_tok = len(step_ids) * T
-        state["step"], state["tokens_seen"], state["loss"] = step + 1, state["tokens_seen"] + n_tok, loss_value
-        state["replay_sequences"] += int((step_ids < 0).sum())
-        state["train_seconds"] += dt
-        session_tokens, session_seconds = session_tokens + n_tok, session_seconds + dt
-        if log:
-            log.writerow({"step": step + 1, "epoch": int(step * gb // n_blocks), "loss": f"{loss_value:.6f}",
-                          "lr": f"{lr:.6e}", "grad_norm": "" if grad_norm is None else f"{float(grad_norm):.4f}",
-                          "sequences": len(step_ids), "replay_sequences": int((step_ids < 0).sum()), "tokens": n_tok,
-                          "tokens_seen": state["tokens_seen"], "step_seconds": f"{dt:.4f}",
-                          "tokens_per_s": f"{n_tok / dt:.1f}", "elapsed_s": f"{time.time() - t_start:.2f}"})
-            log_file.flush()
-            if (step + 1) % cpt["log_every"] == 0 or step + 1 == steps:
-                print(f"step {step + 1}/{steps} | loss {loss_value:.4f} | lr {lr:.2e} | {n_tok / dt:.0f} tok/s",
-                      file=sys.stderr)
-        every = cpt["checkpoint_every"]
-        if (every and (step + 1) % every == 0 and step + 1 < steps) or step + 1 == stop_after_steps:
-            save_checkpoint(acc, workdir, state, cpt["keep_checkpoints"])
-            if step + 1 == stop_after_steps:
-                if log_file:
-                    log_file.close()
-                raise Interrupted(f"stopped after step {step + 1} of {steps} (--stop-after-steps); "
-                                  f"rerun to resume from {workdir}")
-    if log_file:
-        log_file.close()
+            (loss * weight).backward()
+        loss_sum += loss.detach().float() * (len(ids) / len(step_ids))
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(rt.sum(loss_sum)), None if grad_norm is None else float(grad_norm)  # every rank's share
 
-    # ---- forgetting probe after CPT, then the Hugging Face folder
+
+def training_loop(cpt: dict, rt: Runtime, model, optimizer, run: Run, state: dict,  # type: ignore[no-untyped-def]
+                  workdir: Path, stop_after_steps: int | None = None) -> tuple[int, float]:
+    """Loop: from the state's step to the last, logging every step and checkpointing every checkpoint_every;
+    returns this session's (tokens, seconds)."""
+    log_file = open(workdir / "train_log.csv", "a", newline="") if rt.is_main else None
+    log = csv.DictWriter(log_file, LOG_FIELDS) if log_file else None
+    session_tokens, session_seconds, t_start = 0, 0.0, time.time()
+    try:
+        for step in range(state["step"], run.steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, run.steps, cpt["lr"], run.warmup, cpt["min_lr_ratio"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_ids = run.plan[step * run.global_batch:(step + 1) * run.global_batch]
+            loss, grad_norm = train_step(rt, model, optimizer, run, step_ids, cpt["grad_clip"])
+            dt, n_tok = time.perf_counter() - t0, len(step_ids) * run.block_size
+            state.update(step=step + 1, tokens_seen=state["tokens_seen"] + n_tok, loss=loss,
+                         replay_sequences=state["replay_sequences"] + int((step_ids < 0).sum()),
+                         train_seconds=state["train_seconds"] + dt)
+            session_tokens, session_seconds = session_tokens + n_tok, session_seconds + dt
+            if log:
+                log.writerow({"step": step + 1, "epoch": int(step * run.global_batch // run.n_blocks),
+                              "loss": f"{loss:.6f}", "lr": f"{lr:.6e}",
+                              "grad_norm": "" if grad_norm is None else f"{grad_norm:.4f}",
+                              "sequences": len(step_ids), "replay_sequences": int((step_ids < 0).sum()),
+                              "tokens": n_tok, "tokens_seen": state["tokens_seen"], "step_seconds": f"{dt:.4f}",
+                              "tokens_per_s": f"{n_tok / dt:.1f}", "elapsed_s": f"{time.time() - t_start:.2f}"})
+                log_file.flush()
+                if (step + 1) % cpt["log_every"] == 0 or step + 1 == run.steps:
+                    print(f"step {step + 1}/{run.steps} | loss {loss:.4f} | lr {lr:.2e} | {n_tok / dt:.0f} tok/s",
+                          file=sys.stderr)
+            every = cpt["checkpoint_every"]
+            if (every and (step + 1) % every == 0 and step + 1 < run.steps) or step + 1 == stop_after_steps:
+                save_checkpoint(rt, model, optimizer, workdir, state, cpt["keep_checkpoints"])
+                if step + 1 == stop_after_steps:
+                    raise Interrupted(f"stopped after step {step + 1} of {run.steps} (--stop-after-steps); "
+                                      f"rerun to resume from {workdir}")
+    finally:
+        if log_file:
+            log_file.close()
+    return session_tokens, session_seconds
+
+
+def finish(cpt: dict, rt: Runtime, model, run: Run, state: dict, output: Path,  # type: ignore[no-untyped-def]
+           workdir: Path, session: tuple[int, float], t_start: float) -> dict | None:
+    """Finish: the forgetting probe after CPT, then the Hugging Face folder (weights, tokenizer, log, summary),
+    renamed into place; returns the summary on the main process."""
+    import torch
+
     t0 = time.time()
-    probe_after = estimate_loss(model, probe_blocks, mb, device) if probe_blocks is not None else None
+    probe_after = estimate_loss(model, run.probe_blocks, run.micro_batch, rt.device) \
+        if run.probe_blocks is not None else None
     state["probe_seconds"] += time.time() - t0
-    acc.wait_for_everyone()
-    state_dict = acc.get_state_dict(model)  # full weights on the main process (FSDP gathers them)
-    peak, peak_kind = peak_memory_mb(device.type)
-    summary = None
-    if acc.is_main_process:
-        save_dtype = cpt["save_dtype"]
-        if save_dtype == "auto":
-            save_dtype = "bfloat16" if precision == "bf16" else "float32"
-        unwrapped = acc.unwrap_model(model)
-        unwrapped.config.dtype = save_dtype
-        tmp = output.with_name(output.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped.save_pretrained(tmp, state_dict={k: v.to(getattr(torch, save_dtype)) for k, v in state_dict.items()},
-                                  safe_serialization=True)
-        tok.save_pretrained(tmp)
-        shutil.copyfile(log_path, tmp / "train_log.csv")
-        synthetic_seqs = len(plan) - int((plan < 0).sum())
-        wall = time.time() - t_start
-        summary = {
-            "method": method, "budget": str(budget), "budget_tokens": n_tokens, "budget_capped": capped,
-            "corpus": str(corpus), "corpus_total_tokens": int(len(tokens)),
-            "corpus_config_hash": manifest["config_hash"],
-            "base_model": model_location, "seed": seed, "epochs": epochs, "block_size": T,
-            "blocks": n_blocks, "tokens_in_blocks": n_blocks * T, "tail_tokens_dropped": n_tokens - n_blocks * T,
-            "steps": steps, "warmup_steps": warmup, "global_batch": gb, "micro_batch": mb,
-            "grad_accum": grad_accum_steps(gb, mb, acc.num_processes), "world_size": acc.num_processes,
-            "sequences_trained": len(plan), "tokens_seen": state["tokens_seen"],
-            "synthetic_tokens_seen": synthetic_seqs * T, "replay_tokens_seen": int((plan < 0).sum()) * T,
-            "replay_rate": cpt["replay"]["rate"], "replay_fraction": float((plan < 0).mean()),
-            "replay_unique_blocks": 0 if replay_blocks is None else len(replay_blocks), "padding_tokens": 0,
-            "final_loss": state["loss"], "lr": cpt["lr"], "precision": precision, "device": str(device),
-            "save_dtype": save_dtype, "wall_seconds": round(wall, 2), "train_seconds": round(state["train_seconds"], 2),
-            "tokens_per_s": round(session_tokens / session_seconds, 1) if session_seconds else None,
-            "peak_memory_mb": round(peak, 1), "peak_memory_kind": peak_kind,
-            "resumed_from_steps": state["resumed_from"],
-            "forgetting_probe": None if probe_blocks is None else {
-                "source": cpt["probe"]["source"], "tokens": int(probe_blocks.size), "overlap": probe_overlap,
-                "loss_before": state["probe_loss_before"], "loss_after": probe_after,
-                "ppl_before": math.exp(state["probe_loss_before"]), "ppl_after": math.exp(probe_after),
-                "seconds": round(state["probe_seconds"], 2)},
-            "config_hash": config_hash({**shaping(cfg, "cpt"), "seed": seed}), "fingerprint": fingerprint,
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "transformers": __import__("transformers").__version__},
-        }
-        write_json_atomic(tmp / "train_summary.json", summary)
-        shutil.rmtree(output, ignore_errors=True)
-        tmp.rename(output)
-        if cpt["delete_checkpoints"]:  # the final model supersedes them
-            for old in workdir.glob("step_*"):
-                shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
-    return summary or {}
+    rt.barrier()
+    state_dict = rt.full_state_dict(model)
+    if not rt.is_main:
+        rt.barrier()
+        return None
+    save_dtype = cpt["save_dtype"]
+    if save_dtype == "auto":
+        save_dtype = "bfloat16" if rt.precision == "bf16" else "float32"
+    unwrapped = rt.unwrap(model)
+    unwrapped.config.dtype = save_dtype
+    tmp = output.with_name(output.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unwrapped.save_pretrained(tmp, state_dict={k: v.to(getattr(torch, save_dtype)) for k, v in state_dict.items()},
+                              safe_serialization=True)
+    run.tokenizer.save_pretrained(tmp)
+    shutil.copyfile(workdir / "train_log.csv", tmp / "train_log.csv")
+    summary = summarize(cpt, rt, run, state, probe_after, session, save_dtype, time.time() - t_start)
+    write_json_atomic(tmp / "train_summary.json", summary)
+    shutil.rmtree(output, ignore_errors=True)
+    tmp.rename(output)
+    if cpt["delete_checkpoints"]:  # the final model supersedes them
+        for old in workdir.glob("step_*"):
+            shutil.rmtree(old, ignore_errors=True)
+    rt.barrier()
+    return summary
+
+
+def summarize(cpt: dict, rt: Runtime, run: Run, state: dict, probe_after: float | None,
+              session: tuple[int, float], save_dtype: str, wall: float) -> dict:
+    """train_summary.json: what was trained, how, how fast, and the forgetting probe."""
+    import torch
+
+    plan, T = run.plan, run.block_size
+    peak, peak_kind = peak_memory_mb(rt.device.type)
+    return {
+        "method": run.method, "budget": state["budget"], "budget_tokens": run.n_tokens, "budget_capped": run.capped,
+        "corpus": state["corpus"], "corpus_total_tokens": run.corpus_tokens,
+        "corpus_config_hash": run.manifest["config_hash"],
+        "base_model": state["base_model"], "seed": run.seed, "epochs": run.epochs, "block_size": T,
+        "blocks": run.n_blocks, "tokens_in_blocks": run.n_blocks * T, "tail_tokens_dropped": run.n_tokens - run.n_blocks * T,
+        "steps": run.steps, "warmup_steps": run.warmup, "global_batch": run.global_batch, "micro_batch": run.micro_batch,
+        "grad_accum": grad_accum_steps(run.global_batch, run.micro_batch, rt.world_size), "world_size": rt.world_size,
+        "fsdp": rt.fsdp, "sequences_trained": len(plan), "tokens_seen": state["tokens_seen"],
+        "synthetic_tokens_seen": int((plan >= 0).sum()) * T, "replay_tokens_seen": int((plan < 0).sum()) * T,
+        "replay_rate": cpt["replay"]["rate"], "replay_fraction": float((plan < 0).mean()),
+        "replay_unique_blocks": run.n_replay_blocks, "padding_tokens": 0,
+        "final_loss": state["loss"], "lr": cpt["lr"], "precision": rt.precision, "device": str(rt.device),
+        "save_dtype": save_dtype, "wall_seconds": round(wall, 2), "train_seconds": round(state["train_seconds"], 2),
+        "tokens_per_s": round(session[0] / session[1], 1) if session[1] else None,
+        "peak_memory_mb": round(peak, 1), "peak_memory_kind": peak_kind,
+        "resumed_from_steps": state["resumed_from"],
+        "forgetting_probe": None if run.probe_blocks is None else {
+            "source": cpt["probe"]["source"], "tokens": int(run.probe_blocks.size),
+            "overlap": run.probe_overlap,
+            "loss_before": state["probe_loss_before"], "loss_after": probe_after,
+            "ppl_before": math.exp(state["probe_loss_before"]), "ppl_after": math.exp(probe_after),
+            "seconds": round(state["probe_seconds"], 2)},
+        "config_hash": config_hash({**shaping({"cpt": cpt, "seed": run.seed}, "cpt"), "seed": run.seed}),
+        "fingerprint": state["fingerprint"],
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__},
+    }
+
+
+def train(cfg: dict, corpus: str | Path, budget: int | str, model_location: str, output: str | Path,
+          workdir: str | Path | None = None, method: str | None = None, stop_after_steps: int | None = None,
+          gpus: int = 0, articles: str | Path | None = None) -> dict[str, Any]:
+    """Continued pretraining of `model_location` on `budget` tokens of `corpus`; returns the train summary (on the
+    main process; {} on the others). `gpus` is what the job asked for (cpt.resources.gpu)."""
+    t_start, cpt = time.time(), cfg["cpt"]
+    check_devices(cpt, gpus)
+    run = prepare_data(cfg, corpus, budget, model_location, method, articles)
+    workdir = Path(workdir or Path("results/checkpoints") / run.method / str(budget))
+    rt, model, optimizer = set_up(cpt, run.seed, model_location)
+    try:
+        fps = fingerprints(cfg, run, budget, model_location, rt.layout)
+        state = resume_or_start(rt, model, optimizer, run, workdir, fps)
+        session = training_loop(cpt, rt, model, optimizer, run, state, workdir, stop_after_steps)
+        state.update(budget=str(budget), corpus=str(corpus), base_model=model_location)
+        return finish(cpt, rt, model, run, state, Path(output), workdir, session, t_start) or {}
+    finally:
+        rt.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -439,12 +675,15 @@ def main(argv: list[str] | None = None) -> int:
                         "a rerun resumes")
     p.add_argument("--articles", default=None,
                    help="articles.jsonl: the forgetting probe must not overlap it (nor the training tokens)")
+    p.add_argument("--gpus", type=int, default=0,
+                   help="GPUs the job asked for (cpt.resources.gpu; the rule passes it): more than 0 on a machine "
+                        "without CUDA is an error before any work")
     add_config_args(p)
     args = p.parse_args(argv)
     try:
         cfg = config_from_args(args)
         summary = train(cfg, args.corpus, args.budget, args.model, args.output, args.workdir, args.method,
-                        args.stop_after_steps, args.articles)
+                        args.stop_after_steps, args.gpus, args.articles)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
