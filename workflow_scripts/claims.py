@@ -1,0 +1,475 @@
+"""Claim-based scoring of summaries by a judge LLM (paper section 4.3 and Appendix I.2), and its table and figure.
+
+    python -m workflow_scripts.claims judge --summaries results/instruct/summaries/entigraph-384-instruct.jsonl \\
+        --articles results/data/articles.jsonl --output-jsonl results/instruct/claims/entigraph-384-instruct.jsonl \\
+        --output-json results/instruct/claims/entigraph-384-instruct.json [--configfile config.yaml]
+    python -m workflow_scripts.claims judge --human results/human_summaries.jsonl --articles ... (the human summaries)
+    python -m workflow_scripts.claims table --claims results/instruct/claims/*.json [--human H.jsonl] \\
+        --table results/tables/summary_claims.csv --figure results/figures/summary_claims.png
+
+The paper describes three steps and released no prompt or code for them (shared reference notes): a judge splits a
+summary into atomic claims; it marks each claim true or false against the article; it marks each true claim
+salient or cosmetic. The three prompts here are this project's (workflow_scripts/prompts/claims_*.txt); their
+hash, `prompt_version`, is in every record. Each step is one batch of requests to the judge engine (any backend:
+transformers, vllm, openai), requests of one article grouped so that the article prefix is computed once.
+
+Judge answers are parsed strictly (`parse_claims`, `parse_labels`). Nothing is dropped silently:
+- a claim list that cannot be read makes the summary `split_status: unparseable`; the summary is counted in
+  `summaries_unparseable` and left out of the means (its claims are unknown);
+- a claim whose verdict line is missing, repeated with different labels, or not one of the allowed labels counts
+  in `truth_unparsed` (resp. `salience_unparsed`) and in neither the false nor the salient count.
+
+Normalisation (`relative_to_human`): where human summaries are given (sQuALITY, `instruct.judge.human_summaries`),
+they are scored by the same judge, and a model's false and salient counts are divided by the human summaries'
+counts. The ratio is taken of the sums over the articles both have (equivalently of the means), not averaged per
+article: a human summary often has 0 false claims, where a per-article ratio is undefined. Without human
+summaries the table reports raw counts per summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .config import add_config_args, config_from_args, config_hash
+from .io_utils import InputError, atomic_path, iter_jsonl, read_json_object, stable_hash, write_json_atomic
+from .io_utils import write_jsonl_atomic
+
+SPLIT, TRUTH, SALIENCE = "claims_split", "claims_truth", "claims_salience"
+TRUTH_LABELS = ("TRUE", "FALSE")
+SALIENCE_LABELS = ("SALIENT", "COSMETIC")
+COUNT_KEYS = ("claims", "true", "false", "salient", "cosmetic", "truth_unparsed", "salience_unparsed")
+TABLE_COLUMNS = ["model", "base_model", "method", "budget", "prompt", "articles", "summaries",
+                 "summaries_unparseable", "summaries_failed", "claims_mean", "false_mean", "salient_mean",
+                 "cosmetic_mean", "truth_unparsed", "salience_unparsed", "normalisation", "human_articles",
+                 "false_rel_human", "salient_rel_human", "judge", "prompt_version"]
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+def judge_prompts() -> dict[str, str]:
+    """The three system prompts of the judge, from workflow_scripts/prompts/."""
+    from .synthesis import load_template
+
+    return {name: load_template(name) for name in (SPLIT, TRUTH, SALIENCE)}
+
+
+def prompt_version(prompts: dict[str, str]) -> str:
+    """One hash of the three judge prompts and of the user-message layout below."""
+    return stable_hash("claims-judge-v1", USER_LAYOUT, [prompts[k] for k in sorted(prompts)], n=12)
+
+
+USER_LAYOUT = "### Article:\n{document}\n\n### Claims:\n1. {claim}\n... | ### Summary:\n{summary}"
+
+
+def split_message(summary: str) -> str:
+    return f"### Summary:\n{summary.strip()}"
+
+
+def claims_message(document: str, claims: Sequence[str]) -> str:
+    """The article first (shared by every request of that article: the engines reuse its prefix), then the
+    numbered claims."""
+    listed = "\n".join(f"{i}. {c}" for i, c in enumerate(claims, start=1))
+    return f"### Article:\n{document}\n\n### Claims:\n{listed}"
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+_BULLET = re.compile(r"^\s*(?:[-*\u2022]|\(?\d{1,3}[.)])\s+(.*\S)\s*$")
+
+
+def parse_claims(text: str | None) -> tuple[list[str], str]:
+    """Claims of a judge's split answer: the lines that are list items (`- x`, `* x`, `• x`, `1. x`, `1) x`).
+
+    Returns (claims, status): `ok`, `empty` (the answer holds no list item, or is empty: unparseable), with
+    duplicates (same text, case-insensitive) kept once. Prose around the list (a heading such as "Claims:") is
+    ignored; an answer with no list at all is unparseable, never guessed at."""
+    if not text or not text.strip():
+        return [], "empty"
+    claims: list[str] = []
+    seen: set[str] = set()
+    for line in text.split("\n"):
+        m = _BULLET.match(line)
+        if not m:
+            continue
+        claim = m.group(1).strip()
+        key = claim.lower()
+        if claim and key not in seen:
+            seen.add(key)
+            claims.append(claim)
+    return (claims, "ok") if claims else ([], "unparseable")
+
+
+def parse_labels(text: str | None, n: int, labels: Sequence[str]) -> tuple[dict[int, str], list[str]]:
+    """Verdicts `{claim number: label}` (numbers 1..n) from lines like `3: TRUE`, `3. false`, `Claim 3 - True`.
+
+    Returns (verdicts, problems). A claim whose number is missing, out of range, repeated with a different label,
+    or followed by no allowed label has no verdict, and each such case is named in `problems`. Labels are matched
+    case-insensitively as whole words; a line naming two different labels is ambiguous and ignored."""
+    allowed = {lab.upper() for lab in labels}
+    word = re.compile(r"\b(" + "|".join(re.escape(lab) for lab in allowed) + r")\b", re.IGNORECASE)
+    line_re = re.compile(r"^\s*(?:claim\s*)?\(?(\d{1,3})\s*[:.)\-]\s*(.*)$", re.IGNORECASE)
+    verdicts: dict[int, str] = {}
+    conflicts: set[int] = set()
+    problems: list[str] = []
+    for line in (text or "").split("\n"):
+        m = line_re.match(line.strip().strip("*"))
+        if not m:
+            continue
+        i = int(m.group(1))
+        found = {w.upper() for w in word.findall(m.group(2))}
+        if not 1 <= i <= n:
+            problems.append(f"claim number {i} out of range 1..{n}")
+            continue
+        if len(found) != 1:
+            problems.append(f"claim {i}: {'no' if not found else 'ambiguous'} label in {line.strip()[:60]!r}")
+            continue
+        lab = found.pop()
+        if i in verdicts and verdicts[i] != lab:
+            conflicts.add(i)
+        verdicts.setdefault(i, lab)
+    for i in sorted(conflicts):
+        problems.append(f"claim {i}: conflicting labels")
+        del verdicts[i]
+    missing = [i for i in range(1, n + 1) if i not in verdicts and i not in conflicts]
+    if missing:
+        problems.append(f"no verdict for claim(s) {', '.join(map(str, missing))}")
+    return verdicts, problems
+
+
+def count_verdicts(n_claims: int, truth: dict[int, str], salience: dict[int, str]) -> dict[str, int]:
+    """Counts of one summary from its parsed verdicts (claims numbered 1..n_claims)."""
+    true_ids = [i for i in range(1, n_claims + 1) if truth.get(i) == "TRUE"]
+    return {
+        "claims": n_claims,
+        "true": len(true_ids),
+        "false": sum(1 for i in range(1, n_claims + 1) if truth.get(i) == "FALSE"),
+        "salient": sum(1 for i in true_ids if salience.get(i) == "SALIENT"),
+        "cosmetic": sum(1 for i in true_ids if salience.get(i) == "COSMETIC"),
+        "truth_unparsed": sum(1 for i in range(1, n_claims + 1) if i not in truth),
+        "salience_unparsed": sum(1 for i in true_ids if i not in salience),
+    }
+
+
+# ------------------------------------------------------------------------------------------ normalisation
+def per_article_counts(records: Iterable[dict], prompt: str | None = None) -> dict[str, dict[str, float]]:
+    """Mean false and salient counts per article over its parsed summaries (several human summaries per article
+    are averaged); records of another prompt, and unparseable or failed summaries, are left out."""
+    acc: dict[str, list[dict]] = {}
+    for r in records:
+        if r.get("split_status") != "ok" or (prompt is not None and r.get("prompt") != prompt):
+            continue
+        acc.setdefault(str(r["article_uid"]), []).append(r["counts"])
+    return {a: {k: sum(c[k] for c in cs) / len(cs) for k in ("false", "salient", "claims")} for a, cs in acc.items()}
+
+
+def relative_to_human(model: dict[str, dict[str, float]], human: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Model counts over human counts, as the ratio of sums over the articles both have scores for.
+
+    Returns {articles, false_rel_human, salient_rel_human}; a ratio whose human sum is 0 is None (undefined)."""
+    common = sorted(set(model) & set(human))
+    out: dict[str, Any] = {"articles": len(common)}
+    for key in ("false", "salient"):
+        num = sum(model[a][key] for a in common)
+        den = sum(human[a][key] for a in common)
+        out[f"{key}_rel_human"] = (num / den) if common and den > 0 else None
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ judging
+def _request(rid: str, system: str, user: str, group: str, jcfg: dict, max_new_tokens: int):  # type: ignore[no-untyped-def]
+    from .backends import GenerationRequest
+
+    return GenerationRequest(id=rid, messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
+                             group=group, max_new_tokens=max_new_tokens, temperature=jcfg["temperature"],
+                             top_p=jcfg["top_p"], seed=int(stable_hash(jcfg["seed"], rid, n=8), 16))
+
+
+def _run(backend: Any, requests: list) -> dict[str, Any]:
+    return {c.id: c for c in backend.generate(requests)} if requests else {}
+
+
+def judge_records(backend: Any, items: Sequence[dict], documents: dict[str, str], jcfg: dict,
+                  prompts: dict[str, str]) -> list[dict]:
+    """Score summaries: items are {id, article_uid, prompt, summary (None when its generation failed)}.
+
+    Three batches to the judge: split every summary, check every claim list, rate every set of true claims."""
+    out = {it["id"]: {**it, "claims": [], "split_status": "failed" if it.get("summary") is None else "pending",
+                      "truth": {}, "salience": {}, "problems": [], "answers": {}} for it in items}
+    reqs = [_request(f"{i}:split", prompts[SPLIT], split_message(r["summary"]), r["article_uid"], jcfg,
+                     jcfg["split_max_new_tokens"]) for i, r in out.items() if r["split_status"] == "pending"]
+    for rid, c in _run(backend, reqs).items():
+        r = out[rid.rsplit(":", 1)[0]]
+        r["answers"]["split"] = c.text
+        if c.error:
+            r["split_status"], r["problems"] = "judge_error", [c.error]
+            continue
+        claims, status = parse_claims(c.text)
+        r["claims"], r["split_status"] = claims[:jcfg["max_claims"]], status
+        if len(claims) > jcfg["max_claims"]:
+            r["problems"].append(f"{len(claims)} claims, judged the first {jcfg['max_claims']} (judge.max_claims)")
+    for stage, labels, key in ((TRUTH, TRUTH_LABELS, "truth"), (SALIENCE, SALIENCE_LABELS, "salience")):
+        todo = {}
+        for i, r in out.items():
+            if r["split_status"] != "ok":
+                continue
+            ids = (list(range(1, len(r["claims"]) + 1)) if key == "truth"
+                   else [k for k, v in r["truth"].items() if v == "TRUE"])
+            if ids:
+                todo[i] = ids
+        reqs = [_request(f"{i}:{key}", prompts[stage],
+                         claims_message(documents[out[i]["article_uid"]], [out[i]["claims"][k - 1] for k in ids]),
+                         out[i]["article_uid"], jcfg, jcfg["verdict_tokens_per_claim"] * len(ids) + 16)
+                for i, ids in todo.items()]
+        for rid, c in _run(backend, reqs).items():
+            i = rid.rsplit(":", 1)[0]
+            r, ids = out[i], todo[i]
+            r["answers"][key] = c.text
+            if c.error:
+                r["problems"].append(f"{key}: judge error: {c.error}")
+                continue
+            verdicts, problems = parse_labels(c.text, len(ids), labels)
+            r[key] = {ids[k - 1]: v for k, v in verdicts.items()}  # back to the summary's claim numbers
+            r["problems"].extend(f"{key}: {p}" for p in problems)
+    records = []
+    for r in out.values():
+        counts = count_verdicts(len(r["claims"]), r["truth"], r["salience"]) if r["split_status"] == "ok" else None
+        labels = [{"claim": c, "truth": r["truth"].get(k), "salience": r["salience"].get(k)}
+                  for k, c in enumerate(r["claims"], start=1)]
+        records.append({k: v for k, v in r.items() if k not in ("truth", "salience", "claims")}
+                       | {"claims": labels, "counts": counts})
+    return records
+
+
+def summarize_judged(records: Sequence[dict]) -> dict[str, dict[str, Any]]:
+    """Per prompt: summaries, unparseable and failed ones, and mean counts over the parsed summaries."""
+    out: dict[str, dict[str, Any]] = {}
+    for prompt in sorted({str(r["prompt"]) for r in records}):
+        rs = [r for r in records if r["prompt"] == prompt]
+        ok = [r["counts"] for r in rs if r["split_status"] == "ok"]
+        block: dict[str, Any] = {
+            "articles": len({r["article_uid"] for r in rs}), "summaries": len(rs),
+            "summaries_unparseable": sum(r["split_status"] in ("unparseable", "empty") for r in rs),
+            "summaries_failed": sum(r["split_status"] in ("failed", "judge_error") for r in rs),
+            "summaries_scored": len(ok)}
+        for k in COUNT_KEYS:
+            total = sum(c[k] for c in ok)
+            if k.endswith("_unparsed"):
+                block[k] = total
+            else:
+                block[f"{k}_mean"] = total / len(ok) if ok else None
+        out[prompt] = block
+    return out
+
+
+def judge_engine_settings(cfg: dict) -> tuple[str, dict, str]:
+    """(engine, backend settings with the judge model, judge name) of instruct.judge; the model defaults to
+    models.generator. For openai the model is the served or hosted model name."""
+    from .models import model_location
+
+    jcfg = cfg["instruct"]["judge"]
+    spec = jcfg["model"] or cfg["models"]["generator"]
+    engine = jcfg["engine"]
+    settings = dict((cfg.get("backends") or {}).get(engine) or {})
+    settings["model"] = spec["name"] if engine == "openai" else model_location(spec)
+    return engine, settings, str(spec["name"])
+
+
+def load_articles_map(path: str | Path) -> dict[str, dict]:
+    return {str(a["uid"]): a for _, a in iter_jsonl(path)}
+
+
+def load_items(summaries: str | Path | None, human: str | Path | None, articles: dict[str, dict]) -> list[dict]:
+    """What to judge: a model's summary records, or the human summaries ({article_uid, summary} per line; several
+    lines per article allowed; articles outside the run are skipped with a count on stderr)."""
+    items: list[dict] = []
+    if summaries is not None:
+        for line, r in iter_jsonl(summaries):
+            if "article_uid" not in r or "prompt" not in r or "id" not in r:
+                raise InputError(f"{summaries}:{line}: a summary record needs id, article_uid and prompt; "
+                                 "rerun the summarize rule")
+            items.append({"id": r["id"], "model": r.get("model"), "article_uid": str(r["article_uid"]),
+                          "prompt": r["prompt"], "summary": None if r.get("error") else r.get("summary")})
+        return items
+    skipped, k = 0, {}
+    for line, r in iter_jsonl(human):  # type: ignore[arg-type]
+        if not isinstance(r.get("summary"), str) or "article_uid" not in r:
+            raise InputError(f"{human}:{line}: a human summary needs 'article_uid' and a string 'summary' "
+                             "(instruct.judge.human_summaries, docs/instruct.md)")
+        uid = str(r["article_uid"])
+        if uid not in articles:
+            skipped += 1
+            continue
+        k[uid] = k.get(uid, 0) + 1
+        items.append({"id": f"human:{uid}:{k[uid]}", "model": "human", "article_uid": uid, "prompt": "human",
+                      "summary": r["summary"]})
+    if skipped:
+        print(f"{human}: {skipped} human summaries of articles outside this run skipped", file=sys.stderr)
+    if not items:
+        raise InputError(f"{human}: no human summary of any article of this run; check the article_uid values")
+    return items
+
+
+def judge_file(cfg: dict, items: list[dict], articles: dict[str, dict], output_jsonl: str | Path,
+               output_json: str | Path, backend: Any = None) -> dict:
+    """Judge `items`, write the per-summary JSONL and the summary JSON; returns the summary."""
+    from .synthesis import render_document
+
+    t0 = time.time()
+    jcfg = cfg["instruct"]["judge"]
+    prompts = judge_prompts()
+    version = prompt_version(prompts)
+    engine, settings, judge_name = judge_engine_settings(cfg)
+    missing = sorted({it["article_uid"] for it in items} - set(articles))
+    if missing:
+        raise InputError(f"summaries of articles not in the articles file: {', '.join(missing[:5])}; "
+                         "rerun the summarize rule on the same articles")
+    documents = {uid: render_document(a) for uid, a in articles.items()}
+    own = backend is None
+    if own:
+        from .backends import get_backend
+
+        backend = get_backend(engine, settings)
+    try:
+        records = judge_records(backend, items, documents, jcfg, prompts)
+    finally:
+        if own:
+            backend.close()
+    order = {it["id"]: n for n, it in enumerate(items)}
+    records.sort(key=lambda r: order[r["id"]])
+    for r in records:
+        r.update(judge=judge_name, judge_engine=engine, prompt_version=version)
+    write_jsonl_atomic(output_jsonl, records)
+    summary = {"model": items[0].get("model") if items else None, "judge": judge_name, "judge_engine": engine,
+               "prompt_version": version, "by_prompt": summarize_judged(records),
+               "config_hash": config_hash({"judge": jcfg}), "seconds": round(time.time() - t0, 1)}
+    write_json_atomic(output_json, summary)
+    return summary
+
+
+# --------------------------------------------------------------------------------------- table and figure
+def table_rows(summaries: Sequence[dict], claims_files: dict[str, list[dict]],
+               human: list[dict] | None) -> list[dict]:
+    """One row per model and prompt; relative-to-human columns when human judgements are given."""
+    from .instruct import parse_instruct_id
+
+    rows = []
+    for s in summaries:
+        model = str(s["model"])
+        base, method, budget = parse_instruct_id(model)
+        for prompt, b in s["by_prompt"].items():
+            row = {"model": model, "base_model": base, "method": method, "budget": budget, "prompt": prompt,
+                   **{k: b.get(k) for k in TABLE_COLUMNS if k in b}, "judge": s["judge"],
+                   "prompt_version": s["prompt_version"], "normalisation": "raw"}
+            if human is not None:
+                rel = relative_to_human(per_article_counts(claims_files[model], prompt),
+                                        per_article_counts(human, "human"))
+                row.update(normalisation="human", human_articles=rel["articles"],
+                           false_rel_human=rel["false_rel_human"], salient_rel_human=rel["salient_rel_human"])
+            rows.append(row)
+    return sorted(rows, key=lambda r: (r["prompt"], r["method"], -1 if r["budget"] is None else r["budget"],
+                                       r["model"]))
+
+
+def write_table(rows: Sequence[dict], path: str | Path) -> None:
+    with atomic_path(path, suffix=".csv") as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, TABLE_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: ("" if r.get(k) is None else (f"{r[k]:.4g}" if isinstance(r[k], float) else r[k]))
+                            for k in TABLE_COLUMNS})
+
+
+def plot(rows: Sequence[dict], path: str | Path, title: str = "") -> None:
+    """False against salient claims, one point per model, one panel per prompt (the paper's Figure 4 layout):
+    relative to the human summaries when the rows have them, else raw counts per summary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prompts = sorted({r["prompt"] for r in rows}) or ["short"]
+    rel = any(r.get("normalisation") == "human" for r in rows)
+    xk, yk = ("salient_rel_human", "false_rel_human") if rel else ("salient_mean", "false_mean")
+    fig, axes = plt.subplots(1, len(prompts), figsize=(5 * len(prompts), 4), squeeze=False)
+    colours: dict[str, Any] = {}
+    for ax, prompt in zip(axes[0], prompts):
+        for r in (r for r in rows if r["prompt"] == prompt):
+            if r.get(xk) is None or r.get(yk) is None:
+                continue
+            c = colours.setdefault(r["method"], f"C{len(colours)}")
+            ax.scatter(r[xk], r[yk], color=c, label=r["method"])
+            ax.annotate(r["base_model"], (r[xk], r[yk]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        unparsed = sum(int(r.get("summaries_unparseable") or 0) for r in rows if r["prompt"] == prompt)
+        ax.set_title(f"{prompt} prompt ({unparsed} unparseable claim lists)", fontsize=9)
+        ax.set_xlabel("salient claims" + (" (relative to human)" if rel else " per summary"))
+        ax.set_ylabel("false claims" + (" (relative to human)" if rel else " per summary"))
+        handles, labels = ax.get_legend_handles_labels()
+        uniq = dict(zip(labels, handles))
+        if uniq:
+            ax.legend(uniq.values(), uniq.keys(), fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path, suffix=Path(path).suffix) as tmp:
+        fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
+    plt.close(fig)
+
+
+def build_table(claims_json: Sequence[str | Path], human: str | Path | None, table: str | Path,
+                figure: str | Path, title: str = "") -> list[dict]:
+    summaries, files = [], {}
+    for p in claims_json:
+        s = read_json_object(p, "the judge rule")
+        summaries.append(s)
+        files[str(s["model"])] = [r for _, r in iter_jsonl(Path(p).with_suffix(".jsonl"))]
+    human_records = [r for _, r in iter_jsonl(human)] if human else None
+    rows = table_rows(summaries, files, human_records)
+    write_table(rows, table)
+    plot(rows, figure, title)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m workflow_scripts.claims", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    j = sub.add_parser("judge", help="split summaries into claims and judge them")
+    src = j.add_mutually_exclusive_group(required=True)
+    src.add_argument("--summaries", help="a model's summaries (summaries.py output)")
+    src.add_argument("--human", help="human summaries, JSONL of {article_uid, summary}")
+    j.add_argument("--articles", required=True)
+    j.add_argument("--output-jsonl", required=True)
+    j.add_argument("--output-json", required=True)
+    add_config_args(j)
+    t = sub.add_parser("table", help="the claims table and the false-vs-salient figure")
+    t.add_argument("--claims", nargs="+", required=True, help="the judge rule's .json summaries (the .jsonl beside)")
+    t.add_argument("--human", default=None, help="the judged human summaries (.jsonl), for normalisation")
+    t.add_argument("--table", required=True)
+    t.add_argument("--figure", required=True)
+    t.add_argument("--title", default="")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "judge":
+            cfg = config_from_args(args)
+            articles = load_articles_map(args.articles)
+            items = load_items(args.summaries, args.human, articles)
+            summary = judge_file(cfg, items, articles, args.output_jsonl, args.output_json)
+            print(json.dumps(summary["by_prompt"]))
+        else:
+            rows = build_table(args.claims, args.human, args.table, args.figure, args.title)
+            print(f"{len(rows)} rows -> {args.table}, {args.figure}", file=sys.stderr)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
