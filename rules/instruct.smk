@@ -3,59 +3,7 @@
 # LLM, the claims table and figure, and a qualitative report per model. Off in the demo (instruct.enabled: false);
 # experiments/cpu-instruct.yaml runs it on CPU. Logic: workflow_scripts/instruct.py, summaries.py, claims.py;
 # docs/instruct.md.
-INSTRUCT = config["instruct"]
-INSTRUCT_DIR = "results/instruct"
-INSTRUCT_CORPUS = f"{INSTRUCT_DIR}/corpus"
-CLAIMS_TABLE = "results/tables/summary_claims.csv"
-CLAIMS_FIGURE = f"{FIGURES}/summary_claims.png"
-HUMAN_CLAIMS = f"{INSTRUCT_DIR}/human/claims.jsonl" if INSTRUCT["judge"]["human_summaries"] else None
-_NOT_INHERITED = ("budgets", "method_budgets", "resources", "allow_budget_cap")  # as workflow_scripts/instruct.py
-
-
-def instruct_models():
-    """Instruct model ids ({model}-instruct) of instruct.models, or of every trained model."""
-    starts = INSTRUCT["models"] if INSTRUCT["models"] is not None else ["base"] + [model_id(m, b) for m, b in cpt_models()]
-    return [f"{m}-instruct" for m in starts]
-
-
-def instruct_start_input(wildcards):
-    return model_input("base") if wildcards.model == "base" else [model_dir(wildcards.model)]
-
-
-def instruct_json(*parts):
-    """--config-json of an instruction stage: the instruct sub-sections it uses (+ top-level sections)."""
-    sub = {k: INSTRUCT[k] for k in parts if k in INSTRUCT}
-    top = {k: config[k] for k in parts if k not in INSTRUCT}
-    return json.dumps({"seed": config["seed"], **top, "instruct": sub}, sort_keys=True)
-
-
-def engine_json(engine, *parts):
-    """instruct_json plus the engine's backend settings (the model is passed separately)."""
-    cfg = json.loads(instruct_json(*parts))
-    cfg["backends"] = {engine: config["backends"].get(engine) or {}}
-    return json.dumps(cfg, sort_keys=True)
-
-
-def judge_json():
-    cfg = json.loads(engine_json(INSTRUCT["judge"]["engine"], "judge"))
-    cfg["models"] = {"generator": config["models"]["generator"]}  # the judge's default model
-    return json.dumps(cfg, sort_keys=True)
-
-
-def judge_model_input():
-    """The judge model folder when it is local (a packaged or path model)."""
-    spec = INSTRUCT["judge"]["model"] or config["models"]["generator"]
-    if INSTRUCT["judge"]["engine"] == "openai" or spec["source"] == "hf":
-        return []
-    return [f"results/hf_models/{spec['name']}" if spec["source"] == "package" else spec["name"]]
-
-
-INSTRUCT_DATA_INPUT = [INSTRUCT["data"]["source"]] if os.path.exists(INSTRUCT["data"]["source"]) else []
-INSTRUCT_TUNE_CFG = json.dumps({"seed": config["seed"],
-                                "cpt": {k: v for k, v in config["cpt"].items() if k not in _NOT_INHERITED},
-                                "instruct": {"train": INSTRUCT["train"],
-                                             "chat_template_from": INSTRUCT["chat_template_from"]}}, sort_keys=True)
-INSTRUCT_RES = INSTRUCT["summaries"]["resources"]
+# Input and params functions of these rules: rules/common.smk ("instruction stages").
 
 
 rule instruct_corpus:
@@ -71,11 +19,12 @@ rule instruct_corpus:
     params:
         cfg=instruct_json("data", "chat_template_from", "corpus"),
         model=lambda wc: model_location("base"),
+        outdir=lambda wc, output: os.path.dirname(output.tokens),
     threads: 1
     conda:
         "../envs/train.yaml"
     shell:
-        "python -m workflow_scripts.instruct corpus --model {params.model:q} --outdir {INSTRUCT_CORPUS} "
+        "python -m workflow_scripts.instruct corpus --model {params.model:q} --outdir {params.outdir} "
         "--config-json {params.cfg:q} 2> {log}"
 
 
@@ -92,6 +41,7 @@ rule instruct_tune:
         "results/benchmarks/instruct/tune/{model}.tsv"
     params:
         cfg=INSTRUCT_TUNE_CFG,
+        corpus=lambda wc, input: os.path.dirname(input.tokens),
         start=lambda wc: model_location("base") if wc.model == "base" else model_dir(wc.model),
         workdir=lambda wc: f"results/checkpoints/instruct/{wc.model}",
         launch=lambda wc, resources: (f"python -m torch.distributed.run --standalone --nproc_per_node {resources.gpu}"
@@ -104,7 +54,7 @@ rule instruct_tune:
     conda:
         "../envs/train.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} {params.launch} -m workflow_scripts.instruct tune --corpus {INSTRUCT_CORPUS} "
+        "OMP_NUM_THREADS={threads} {params.launch} -m workflow_scripts.instruct tune --corpus {params.corpus} "
         "--start {params.start:q} --output {output} --workdir {params.workdir} --config-json {params.cfg:q} 2> {log}"
 
 
