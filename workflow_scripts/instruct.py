@@ -47,6 +47,8 @@ METHOD = "instruct"
 GUTENBERG_LIST = ROOT / "resources" / "instruct" / "gutenberg.json"
 # cpt keys that the instruction-tuning run never inherits from the cpt section (they are about the scaling curve).
 NOT_INHERITED = ("budgets", "method_budgets", "resources", "allow_budget_cap")
+# Applied under instruct.train (which may override them): one epoch, no replay, no forgetting probe.
+TRAIN_DEFAULTS = {"epochs": 1, "replay": {"rate": 0.0}, "probe": {"source": None}}
 
 
 # ------------------------------------------------------------------------------------------------ ids
@@ -198,10 +200,10 @@ def build_instruct_corpus(cfg: dict, model: str, outdir: str | Path) -> dict:
 
 # ------------------------------------------------------------------------------------------------ tuning
 def train_config(cfg: dict) -> dict:
-    """The config train.py receives: the cpt section (less its scaling-curve keys) overridden by instruct.train,
-    validated with the schema's defaults."""
+    """The config train.py receives: the cpt section (less its scaling-curve keys), then TRAIN_DEFAULTS, then
+    instruct.train, validated with the schema's defaults."""
     cpt = {k: v for k, v in cfg["cpt"].items() if k not in NOT_INHERITED}
-    merged = deep_merge(cpt, cfg["instruct"]["train"])
+    merged = deep_merge(deep_merge(cpt, TRAIN_DEFAULTS), cfg["instruct"]["train"])
     merged["allow_budget_cap"] = False
     return validate_config({"seed": cfg["seed"], "cpt": copy.deepcopy(merged)})
 
