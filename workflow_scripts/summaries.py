@@ -104,9 +104,21 @@ def generate(cfg: dict, model_id: str, model_path: str, tasks: list[dict], work:
     return [done[t["id"]] for t in tasks]
 
 
-def summary_tasks(cfg: dict, model_id: str, articles: Sequence[dict]) -> list[dict]:
+def model_fingerprint(model_path: str) -> str:
+    """What identifies the weights behind a model path: its train_summary.json (fingerprint, loss, wall time) when
+    it is a trained folder, else the path or name. Part of every record id, so a retrained model's work file is
+    never reused."""
+    summary = Path(model_path) / "train_summary.json"
+    if summary.exists():
+        s = json.loads(summary.read_text(encoding="utf-8"))
+        return stable_hash(s.get("fingerprint"), s.get("final_loss"), s.get("wall_seconds"), n=12)
+    return str(model_path)
+
+
+def summary_tasks(cfg: dict, model_id: str, articles: Sequence[dict], weights: str = "") -> list[dict]:
     scfg = cfg["instruct"]["summaries"]
-    return [{"id": stable_hash(model_id, a["uid"], kind, summary_prompt(kind, a), scfg, n=16), "article_uid": a["uid"],
+    return [{"id": stable_hash(model_id, weights, a["uid"], kind, summary_prompt(kind, a), scfg, n=16),
+             "article_uid": a["uid"],
              "prompt": kind, "prompt_text": summary_prompt(kind, a), "max_new_tokens": scfg["max_new_tokens"][kind]}
             for a in articles for kind in scfg["prompts"]]
 
@@ -119,7 +131,8 @@ def select_articles(path: str | Path, max_articles: int | None) -> list[dict]:
 def summarize(cfg: dict, model_id: str, model_path: str, articles_path: str | Path, output: str | Path,
               backend: Any = None) -> list[dict]:
     scfg = cfg["instruct"]["summaries"]
-    tasks = summary_tasks(cfg, model_id, select_articles(articles_path, scfg["max_articles"]))
+    tasks = summary_tasks(cfg, model_id, select_articles(articles_path, scfg["max_articles"]),
+                          model_fingerprint(model_path))
     for t in tasks:
         t["prompt"], t["prompt_kind"] = t["prompt_text"], t["prompt"]  # the text goes to the engine
     records = generate(cfg, model_id, model_path, tasks, Path(str(output) + ".work.jsonl"), scfg, backend)
@@ -150,7 +163,8 @@ def examples(cfg: dict, model_id: str, model_path: str, articles_path: str | Pat
     scfg = {**cfg["instruct"]["summaries"], "engine": cfg["instruct"]["summaries"]["engine"]}
     arts = select_articles(articles_path, None)
     qs = [q for _, q in iter_jsonl(questions_path)]
-    tasks = [{**p, "id": stable_hash(model_id, p["kind"], p["prompt"], ecfg, n=16),
+    weights = model_fingerprint(model_path)
+    tasks = [{**p, "id": stable_hash(model_id, weights, p["kind"], p["prompt"], ecfg, scfg, n=16),
               "max_new_tokens": ecfg["max_new_tokens"]} for p in example_prompts(arts, qs)]
     records = generate(cfg, model_id, model_path, tasks, Path(str(output_jsonl) + ".work.jsonl"), scfg, backend)
     write_jsonl_atomic(output_jsonl, records)
