@@ -238,3 +238,5 @@ INSTRUCT_TUNE_CFG = json.dumps({"seed": config["seed"],
                                 "instruct": {"train": INSTRUCT["train"],
                                              "chat_template_from": INSTRUCT["chat_template_from"]}}, sort_keys=True)
 INSTRUCT_RES = INSTRUCT["summaries"]["resources"]
+# The judge's prompt files are inputs: editing one reruns the judging (records carry their version hash too).
+JUDGE_PROMPTS = [f"workflow_scripts/prompts/claims_{s}.txt" for s in ("split", "truth", "salience")]

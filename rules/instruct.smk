@@ -61,6 +61,7 @@ rule instruct_tune:
 rule summarize:
     input:
         articles=ARTICLES,
+        prompts=expand("workflow_scripts/prompts/summary_{kind}.txt", kind=INSTRUCT["summaries"]["prompts"]),
         model=lambda wc: model_dir(wc.model),
     output:
         f"{INSTRUCT_DIR}/summaries/{{model}}.jsonl",
@@ -84,6 +85,7 @@ rule judge_summaries:
     input:
         summaries=f"{INSTRUCT_DIR}/summaries/{{model}}.jsonl",
         articles=ARTICLES,
+        prompts=JUDGE_PROMPTS,
         judge=judge_model_input(),
     output:
         jsonl=f"{INSTRUCT_DIR}/claims/{{model}}.jsonl",
@@ -109,6 +111,7 @@ rule judge_human_summaries:
     input:
         human=INSTRUCT["judge"]["human_summaries"] or [],
         articles=ARTICLES,
+        prompts=JUDGE_PROMPTS,
         judge=judge_model_input(),
     output:
         jsonl=f"{INSTRUCT_DIR}/human/claims.jsonl",

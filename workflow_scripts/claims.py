@@ -399,13 +399,19 @@ def plot(rows: Sequence[dict], path: str | Path, title: str = "") -> None:
     fig, axes = plt.subplots(1, len(prompts), figsize=(5 * len(prompts), 4), squeeze=False)
     colours: dict[str, Any] = {}
     for ax, prompt in zip(axes[0], prompts):
+        shown = 0
         for r in (r for r in rows if r["prompt"] == prompt):
             if r.get(xk) is None or r.get(yk) is None:
                 continue
+            shown += 1
             c = colours.setdefault(r["method"], f"C{len(colours)}")
             ax.scatter(r[xk], r[yk], color=c, label=r["method"])
             ax.annotate(r["base_model"], (r[xk], r[yk]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         unparsed = sum(int(r.get("summaries_unparseable") or 0) for r in rows if r["prompt"] == prompt)
+        if not shown:  # say so in the panel rather than draw an empty plot
+            failed = sum(int(r.get("summaries_failed") or 0) for r in rows if r["prompt"] == prompt)
+            ax.text(0.5, 0.5, f"no model has a scored summary\n({unparsed} unparseable claim lists, {failed} failed)",
+                    ha="center", va="center", transform=ax.transAxes, fontsize=8)
         ax.set_title(f"{prompt} prompt ({unparsed} unparseable claim lists)", fontsize=9)
         ax.set_xlabel("salient claims" + (" (relative to human)" if rel else " per summary"))
         ax.set_ylabel("false claims" + (" (relative to human)" if rel else " per summary"))
