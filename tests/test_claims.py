@@ -269,3 +269,12 @@ def test_train_config_inherits_cpt_and_applies_overrides():
 
 def test_instruct_stages_are_off_in_the_demo():
     assert load_config()["instruct"]["enabled"] is False
+
+
+@pytest.mark.parametrize("mid,expected", [("entigraph-128-instruct", ("entigraph-instruct", 128)),
+                                          ("base-instruct", ("base-instruct", None)),
+                                          ("raw-all-instruct", ("raw-instruct", None))])
+def test_aggregate_parses_instruct_ids_as_their_own_series(mid, expected):
+    from workflow_scripts.aggregate import parse_model_id
+
+    assert parse_model_id(mid) == expected

@@ -36,7 +36,11 @@ RAG_COLUMNS = QA_COLUMNS[:8] + ["retriever", "top_k", "recall_at_k", "recall_at_
 
 
 def parse_model_id(model: str) -> tuple[str, int | None]:
-    """(method, budget) of a model id: base, raw-all, api-NAME or METHOD-BUDGET."""
+    """(method, budget) of a model id: base, raw-all, api-NAME or METHOD-BUDGET; `ID-instruct` (instruction-tuned,
+    workflow_scripts/instruct.py) is its own series: (`{method of ID}-instruct`, budget of ID)."""
+    if model.endswith("-instruct"):
+        method, budget = parse_model_id(model[:-len("-instruct")])
+        return f"{method}-instruct", budget
     if model == "base":
         return "base", None
     if model.startswith("api-"):
