@@ -278,3 +278,33 @@ def test_aggregate_parses_instruct_ids_as_their_own_series(mid, expected):
     from workflow_scripts.aggregate import parse_model_id
 
     assert parse_model_id(mid) == expected
+
+
+@pytest.mark.parametrize("text,label", [("TRUE", "TRUE"), ("1: false.", "FALSE"), ("The claim is true.", "TRUE"),
+                                        ("true or false", None), ("untrue", None), ("", None), (None, None),
+                                        ("TRUE, TRUE", "TRUE")])
+def test_parse_single_label(text, label):
+    assert claims.parse_single_label(text, claims.TRUTH_LABELS) == label
+
+
+class ById:
+    def __init__(self, answers):
+        self.answers, self.ids = answers, []
+
+    def generate(self, requests):
+        for r in requests:
+            self.ids.append(r.id)
+            yield Completion(id=r.id, texts=[self.answers[r.id]], prompt_tokens=1, completion_tokens=1,
+                             finish_reasons=["stop"], model="m")
+
+
+def test_per_claim_judging_sends_one_request_per_claim():
+    jcfg = {**load_config()["instruct"]["judge"], "per_claim": True}
+    items = [{"id": "s1", "article_uid": "a", "prompt": "short", "summary": "Text."}]
+    judge = ById({"s1:split": "- C1\n- C2\n- C3", "s1:truth:1": "TRUE", "s1:truth:2": "It is FALSE.",
+                  "s1:truth:3": "I am not sure.", "s1:salience:1": "SALIENT"})
+    rec = claims.judge_records(judge, items, {"a": "ART"}, jcfg, claims.judge_prompts())[0]
+    assert judge.ids == ["s1:split", "s1:truth:1", "s1:truth:2", "s1:truth:3", "s1:salience:1"]
+    assert rec["counts"] == {"claims": 3, "true": 1, "false": 1, "salient": 1, "cosmetic": 0, "truth_unparsed": 1,
+                             "salience_unparsed": 0}
+    assert any("claim 3: no single label" in p for p in rec["problems"])

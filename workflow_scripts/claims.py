@@ -141,6 +141,15 @@ def parse_labels(text: str | None, n: int, labels: Sequence[str]) -> tuple[dict[
     return verdicts, problems
 
 
+
+def parse_single_label(text: str | None, labels: Sequence[str]) -> str | None:
+    """The verdict of an answer about one claim: the one allowed label it contains (whole word, any case), or None
+    when it contains none or more than one distinct label."""
+    allowed = {lab.upper() for lab in labels}
+    word = re.compile(r"\b(" + "|".join(re.escape(lab) for lab in allowed) + r")\b", re.IGNORECASE)
+    found = {w.upper() for w in word.findall(text or "")}
+    return found.pop() if len(found) == 1 else None
+
 def count_verdicts(n_claims: int, truth: dict[int, str], salience: dict[int, str]) -> dict[str, int]:
     """Counts of one summary from its parsed verdicts (claims numbered 1..n_claims)."""
     true_ids = [i for i in range(1, n_claims + 1) if truth.get(i) == "TRUE"]
@@ -213,28 +222,7 @@ def judge_records(backend: Any, items: Sequence[dict], documents: dict[str, str]
         if len(claims) > jcfg["max_claims"]:
             r["problems"].append(f"{len(claims)} claims, judged the first {jcfg['max_claims']} (judge.max_claims)")
     for stage, labels, key in ((TRUTH, TRUTH_LABELS, "truth"), (SALIENCE, SALIENCE_LABELS, "salience")):
-        todo = {}
-        for i, r in out.items():
-            if r["split_status"] != "ok":
-                continue
-            ids = (list(range(1, len(r["claims"]) + 1)) if key == "truth"
-                   else [k for k, v in r["truth"].items() if v == "TRUE"])
-            if ids:
-                todo[i] = ids
-        reqs = [_request(f"{i}:{key}", prompts[stage],
-                         claims_message(documents[out[i]["article_uid"]], [out[i]["claims"][k - 1] for k in ids]),
-                         out[i]["article_uid"], jcfg, jcfg["verdict_tokens_per_claim"] * len(ids) + 16)
-                for i, ids in todo.items()]
-        for rid, c in _run(backend, reqs).items():
-            i = rid.rsplit(":", 1)[0]
-            r, ids = out[i], todo[i]
-            r["answers"][key] = c.text
-            if c.error:
-                r["problems"].append(f"{key}: judge error: {c.error}")
-                continue
-            verdicts, problems = parse_labels(c.text, len(ids), labels)
-            r[key] = {ids[k - 1]: v for k, v in verdicts.items()}  # back to the summary's claim numbers
-            r["problems"].extend(f"{key}: {p}" for p in problems)
+        _verdict_stage(backend, out, prompts[stage], labels, key, documents, jcfg)
     records = []
     for r in out.values():
         counts = count_verdicts(len(r["claims"]), r["truth"], r["salience"]) if r["split_status"] == "ok" else None
@@ -243,6 +231,41 @@ def judge_records(backend: Any, items: Sequence[dict], documents: dict[str, str]
         records.append({k: v for k, v in r.items() if k not in ("truth", "salience", "claims")}
                        | {"claims": labels, "counts": counts})
     return records
+
+
+def _verdict_stage(backend: Any, out: dict[str, dict], system: str, labels: Sequence[str], key: str,
+                   documents: dict[str, str], jcfg: dict) -> None:
+    """One verdict step (truth: every claim; salience: the true claims) for every parsed summary in `out`: one
+    request per summary listing its claims, or with judge.per_claim one request per claim (for small judges that
+    cannot keep a numbered list). Verdicts land in r[key] under the summary's own claim numbers."""
+    todo: dict[str, list[int]] = {}
+    for i, r in out.items():
+        if r["split_status"] != "ok":
+            continue
+        ids = (list(range(1, len(r["claims"]) + 1)) if key == "truth"
+               else [k for k, v in r["truth"].items() if v == "TRUE"])
+        if ids:
+            todo[i] = ids
+    groups = ({f"{i}:{key}:{k}": (i, [k]) for i, ids in todo.items() for k in ids} if jcfg["per_claim"]
+              else {f"{i}:{key}": (i, ids) for i, ids in todo.items()})
+    reqs = [_request(rid, system, claims_message(documents[out[i]["article_uid"]], [out[i]["claims"][k - 1] for k in ids]),
+                     out[i]["article_uid"], jcfg, jcfg["verdict_tokens_per_claim"] * len(ids) + 16)
+            for rid, (i, ids) in groups.items()]
+    for rid, c in _run(backend, reqs).items():
+        i, ids = groups[rid]
+        r = out[i]
+        r["answers"].setdefault(key, {})[",".join(map(str, ids))] = c.text
+        if c.error:
+            r["problems"].append(f"{key}: judge error: {c.error}")
+            continue
+        if jcfg["per_claim"]:
+            label = parse_single_label(c.text, labels)
+            verdicts = {1: label} if label else {}
+            problems = [] if label else [f"claim {ids[0]}: no single label in {c.text.strip()[:60]!r}"]
+        else:
+            verdicts, problems = parse_labels(c.text, len(ids), labels)
+        r[key].update({ids[k - 1]: v for k, v in verdicts.items()})  # back to the summary's claim numbers
+        r["problems"].extend(f"{key}: {p}" for p in problems)
 
 
 def summarize_judged(records: Sequence[dict]) -> dict[str, dict[str, Any]]:
@@ -406,7 +429,9 @@ def plot(rows: Sequence[dict], path: str | Path, title: str = "") -> None:
             shown += 1
             c = colours.setdefault(r["method"], f"C{len(colours)}")
             ax.scatter(r[xk], r[yk], color=c, label=r["method"])
-            ax.annotate(r["base_model"], (r[xk], r[yk]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            unread = int(r.get("truth_unparsed") or 0) + int(r.get("salience_unparsed") or 0)
+            label = r["base_model"] + (f" [{unread} verdicts unread]" if unread else "")
+            ax.annotate(label, (r[xk], r[yk]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         unparsed = sum(int(r.get("summaries_unparseable") or 0) for r in rows if r["prompt"] == prompt)
         if not shown:  # say so in the panel rather than draw an empty plot
             failed = sum(int(r.get("summaries_failed") or 0) for r in rows if r["prompt"] == prompt)
