@@ -432,6 +432,10 @@ def plot(rows: Sequence[dict], path: str | Path, title: str = "") -> None:
             unread = int(r.get("truth_unparsed") or 0) + int(r.get("salience_unparsed") or 0)
             label = r["base_model"] + (f" [{unread} verdicts unread]" if unread else "")
             ax.annotate(label, (r[xk], r[yk]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        pts = [(r[xk], r[yk]) for r in rows if r["prompt"] == prompt and r.get(xk) is not None and r.get(yk) is not None]
+        xmax, ymax = (max([p[0] for p in pts] + [1.0]) * 1.2, max([p[1] for p in pts] + [1.0]) * 1.2)
+        ax.set_xlim(-0.05 * xmax, xmax)  # counts are never negative: no axis below zero
+        ax.set_ylim(-0.05 * ymax, ymax)
         unparsed = sum(int(r.get("summaries_unparseable") or 0) for r in rows if r["prompt"] == prompt)
         if not shown:  # say so in the panel rather than draw an empty plot
             failed = sum(int(r.get("summaries_failed") or 0) for r in rows if r["prompt"] == prompt)
