@@ -308,3 +308,18 @@ def test_per_claim_judging_sends_one_request_per_claim():
     assert rec["counts"] == {"claims": 3, "true": 1, "false": 1, "salient": 1, "cosmetic": 0, "truth_unparsed": 1,
                              "salience_unparsed": 0}
     assert any("claim 3: no single label" in p for p in rec["problems"])
+
+
+def test_load_items_human_summaries(tmp_path, capsys):
+    arts = {"a": {"uid": "a"}, "b": {"uid": "b"}}
+    human = tmp_path / "h.jsonl"
+    human.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"article_uid": "a", "summary": "One."}, {"article_uid": "a", "summary": "Two."},
+        {"article_uid": "zzz", "summary": "Not in this run."}, {"article_uid": "b", "summary": "Three."}]))
+    items = claims.load_items(None, human, arts)
+    assert [i["id"] for i in items] == ["human:a:1", "human:a:2", "human:b:1"]
+    assert {i["prompt"] for i in items} == {"human"} and {i["model"] for i in items} == {"human"}
+    assert "1 human summaries of articles outside this run skipped" in capsys.readouterr().err
+    human.write_text(json.dumps({"article_uid": "a", "text": "wrong field"}) + "\n")
+    with pytest.raises(claims.InputError, match=r"h.jsonl:1: a human summary needs"):
+        claims.load_items(None, human, arts)

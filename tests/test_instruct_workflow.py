@@ -16,8 +16,8 @@ INSTRUCT_RULES = ("instruct_corpus", "instruct_tune", "summarize", "judge_summar
 
 def planned(*overlays: str) -> dict[str, int]:
     args = [sys.executable, "-m", "snakemake", "-n", "--forceall", "--cores", "1", "--quiet", "rules"]
-    for o in overlays:
-        args += ["--configfile", o]
+    if overlays:
+        args += ["--configfile", *overlays]  # one flag: a repeated --configfile keeps only the last list
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", r.stdout, re.M)}
@@ -34,3 +34,12 @@ def test_overlays_plan_the_instruction_stages(overlay, models):
     assert jobs["instruct_corpus"] == 1 and jobs["claims_table"] == 1
     for rule in ("instruct_tune", "summarize", "judge_summaries", "instruct_examples"):
         assert jobs[rule] == models, (rule, jobs)
+
+
+def test_human_summaries_add_their_judging_to_the_plan(tmp_path):
+    human = tmp_path / "human.jsonl"
+    human.write_text('{"article_uid": "30029", "summary": "A prisoner outwits his captors."}\n')
+    over = tmp_path / "human.yaml"
+    over.write_text(f"instruct: {{judge: {{human_summaries: {human}}}}}\n")
+    jobs = planned("experiments/cpu-instruct.yaml", str(over))
+    assert jobs["judge_human_summaries"] == 1 and jobs["claims_table"] == 1
