@@ -238,5 +238,8 @@ INSTRUCT_TUNE_CFG = json.dumps({"seed": config["seed"],
                                 "instruct": {"train": INSTRUCT["train"],
                                              "chat_template_from": INSTRUCT["chat_template_from"]}}, sort_keys=True)
 INSTRUCT_RES = INSTRUCT["summaries"]["resources"]
+# vLLM cannot share an environment with the CPU pins (envs/eval.yaml explains): a vllm engine uses its own env.
+SUMMARY_ENV = "../envs/synthesis-vllm.yaml" if INSTRUCT["summaries"]["engine"] == "vllm" else "../envs/eval.yaml"
+JUDGE_ENV = "../envs/synthesis-vllm.yaml" if INSTRUCT["judge"]["engine"] == "vllm" else "../envs/eval.yaml"
 # The judge's prompt files are inputs: editing one reruns the judging (records carry their version hash too).
 JUDGE_PROMPTS = [f"workflow_scripts/prompts/claims_{s}.txt" for s in ("split", "truth", "salience")]

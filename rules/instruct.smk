@@ -75,7 +75,7 @@ rule summarize:
         mem_mb=INSTRUCT_RES["mem_mb"],
         runtime=INSTRUCT_RES["runtime"],
     conda:
-        "../envs/eval.yaml"
+        SUMMARY_ENV
     shell:
         "OMP_NUM_THREADS={threads} python -m workflow_scripts.summaries summarize --model-id {wildcards.model} "
         "--model-path {input.model:q} --articles {input.articles} --output {output} --config-json {params.cfg:q} 2> {log}"
@@ -100,7 +100,7 @@ rule judge_summaries:
         mem_mb=INSTRUCT_RES["mem_mb"],
         runtime=INSTRUCT_RES["runtime"],
     conda:
-        "../envs/eval.yaml"
+        JUDGE_ENV
     shell:
         "OMP_NUM_THREADS={threads} python -m workflow_scripts.claims judge --summaries {input.summaries} "
         "--articles {input.articles} --output-jsonl {output.jsonl} --output-json {output.json} "
@@ -126,7 +126,7 @@ rule judge_human_summaries:
         mem_mb=INSTRUCT_RES["mem_mb"],
         runtime=INSTRUCT_RES["runtime"],
     conda:
-        "../envs/eval.yaml"
+        JUDGE_ENV
     shell:
         "OMP_NUM_THREADS={threads} python -m workflow_scripts.claims judge --human {input.human} "
         "--articles {input.articles} --output-jsonl {output.jsonl} --output-json {output.json} "
@@ -172,7 +172,7 @@ rule instruct_examples:
         mem_mb=INSTRUCT_RES["mem_mb"],
         runtime=INSTRUCT_RES["runtime"],
     conda:
-        "../envs/eval.yaml"
+        SUMMARY_ENV
     shell:
         "OMP_NUM_THREADS={threads} python -m workflow_scripts.summaries examples --model-id {wildcards.model} "
         "--model-path {input.model:q} --articles {input.articles} --questions {input.questions} "
