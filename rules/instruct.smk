@@ -1,8 +1,8 @@
 # After CPT (paper section 4.3): instruction tuning of trained models ({model}-instruct in
 # results/models/{model}/instruct), their summaries with the paper's Table 5 prompts, claim-based scoring by a judge
 # LLM, the claims table and figure, and a qualitative report per model. Off in the demo (instruct.enabled: false);
-# experiments/cpu-instruct.yaml runs it on CPU. Logic: workflow_scripts/instruct.py, summaries.py, claims.py;
-# docs/instruct.md.
+# experiments/cpu-instruct.yaml runs it on CPU. Logic: workflow_scripts/instruct.py, summaries.py, claims.py,
+# claims_report.py; docs/instruct.md.
 # Input and params functions of these rules: rules/common.smk ("instruction stages").
 
 
@@ -78,7 +78,8 @@ rule summarize:
         SUMMARY_ENV
     shell:
         "OMP_NUM_THREADS={threads} python -m workflow_scripts.summaries summarize --model-id {wildcards.model} "
-        "--model-path {input.model:q} --articles {input.articles} --output {output} --config-json {params.cfg:q} 2> {log}"
+        "--model-path {input.model:q} --articles {input.articles} --output {output} "
+        "--config-json {params.cfg:q} 2> {log}"
 
 
 rule judge_summaries:
@@ -149,7 +150,7 @@ rule claims_table:
     conda:
         "../envs/base.yaml"
     shell:
-        "python -m workflow_scripts.claims table --claims {input.claims} {params.human} --table {output.table} "
+        "python -m workflow_scripts.claims_report --claims {input.claims} {params.human} --table {output.table} "
         "--figure {output.figure} --title {params.title:q} 2> {log}"
 
 

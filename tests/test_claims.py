@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from workflow_scripts import claims, instruct, summaries
+from workflow_scripts import claims, claims_report, instruct, summaries
 from workflow_scripts.backends import Completion
 from workflow_scripts.config import load_config
 
@@ -93,7 +93,8 @@ def test_per_article_counts_average_human_summaries_and_skip_unparseable():
     recs = [_rec("a", "human", 1, 4), _rec("a", "human", 3, 8), _rec("b", "human", 0, 6),
             _rec("b", "human", 0, 0, status="unparseable"), _rec("a", "short", 9, 9)]
     got = claims.per_article_counts(recs, "human")
-    assert got == {"a": {"false": 2.0, "salient": 6.0, "claims": 20.0}, "b": {"false": 0.0, "salient": 6.0, "claims": 20.0}}
+    assert got == {"a": {"false": 2.0, "salient": 6.0, "claims": 20.0},
+                   "b": {"false": 0.0, "salient": 6.0, "claims": 20.0}}
 
 
 def test_relative_to_human_known_values():
@@ -184,7 +185,7 @@ def test_table_and_figure_relative_to_human(tmp_path):
         paths.append(tmp_path / f"{name}.json")
     human = tmp_path / "human.jsonl"
     human.write_text("".join(json.dumps(r) + "\n" for r in human_recs))
-    rows = claims.build_table(paths, human, tmp_path / "t.csv", tmp_path / "f.png")
+    rows = claims_report.build_table(paths, human, tmp_path / "t.csv", tmp_path / "f.png")
     by = {r["model"]: r for r in rows}
     assert by["entigraph-128-instruct"]["false_rel_human"] == 3.0
     assert by["entigraph-128-instruct"]["salient_rel_human"] == 1.0

@@ -1,11 +1,11 @@
-"""Claim-based scoring of summaries by a judge LLM (paper section 4.3 and Appendix I.2), and its table and figure.
+"""Claim-based scoring of summaries by a judge LLM (paper section 4.3 and Appendix I.2).
 
     python -m workflow_scripts.claims judge --summaries results/instruct/summaries/entigraph-384-instruct.jsonl \\
         --articles results/data/articles.jsonl --output-jsonl results/instruct/claims/entigraph-384-instruct.jsonl \\
         --output-json results/instruct/claims/entigraph-384-instruct.json [--configfile config.yaml]
     python -m workflow_scripts.claims judge --human results/human_summaries.jsonl --articles ... (the human summaries)
-    python -m workflow_scripts.claims table --claims results/instruct/claims/*.json [--human H.jsonl] \\
-        --table results/tables/summary_claims.csv --figure results/figures/summary_claims.png
+
+The table and the figure: workflow_scripts/claims_report.py.
 
 The paper describes three steps and released no prompt or code for them (shared reference notes): a judge splits a
 summary into atomic claims; it marks each claim true or false against the article; it marks each true claim
@@ -29,7 +29,6 @@ summaries the table reports raw counts per summary.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import re
 import sys
@@ -38,13 +37,14 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .config import add_config_args, config_from_args, config_hash
-from .io_utils import InputError, atomic_path, iter_jsonl, read_json_object, stable_hash, write_json_atomic
+from .io_utils import InputError, iter_jsonl, stable_hash, write_json_atomic
 from .io_utils import write_jsonl_atomic
 
 SPLIT, TRUTH, SALIENCE = "claims_split", "claims_truth", "claims_salience"
 TRUTH_LABELS = ("TRUE", "FALSE")
 SALIENCE_LABELS = ("SALIENT", "COSMETIC")
 COUNT_KEYS = ("claims", "true", "false", "salient", "cosmetic", "truth_unparsed", "salience_unparsed")
+
 TABLE_COLUMNS = ["model", "base_model", "method", "budget", "prompt", "articles", "summaries",
                  "summaries_unparseable", "summaries_failed", "claims_mean", "false_mean", "salient_mean",
                  "cosmetic_mean", "truth_unparsed", "salience_unparsed", "normalisation", "human_articles",
@@ -141,7 +141,6 @@ def parse_labels(text: str | None, n: int, labels: Sequence[str]) -> tuple[dict[
     return verdicts, problems
 
 
-
 def parse_single_label(text: str | None, labels: Sequence[str]) -> str | None:
     """The verdict of an answer about one claim: the one allowed label it contains (whole word, any case), or None
     when it contains none or more than one distinct label."""
@@ -190,10 +189,12 @@ def relative_to_human(model: dict[str, dict[str, float]], human: dict[str, dict[
 
 
 # ------------------------------------------------------------------------------------------------ judging
-def _request(rid: str, system: str, user: str, group: str, jcfg: dict, max_new_tokens: int):  # type: ignore[no-untyped-def]
+def _request(rid: str, system: str, user: str, group: str, jcfg: dict,  # type: ignore[no-untyped-def]
+             max_new_tokens: int):
     from .backends import GenerationRequest
 
-    return GenerationRequest(id=rid, messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    return GenerationRequest(id=rid, messages=messages,
                              group=group, max_new_tokens=max_new_tokens, temperature=jcfg["temperature"],
                              top_p=jcfg["top_p"], seed=int(stable_hash(jcfg["seed"], rid, n=8), 16))
 
@@ -248,7 +249,8 @@ def _verdict_stage(backend: Any, out: dict[str, dict], system: str, labels: Sequ
             todo[i] = ids
     groups = ({f"{i}:{key}:{k}": (i, [k]) for i, ids in todo.items() for k in ids} if jcfg["per_claim"]
               else {f"{i}:{key}": (i, ids) for i, ids in todo.items()})
-    reqs = [_request(rid, system, claims_message(documents[out[i]["article_uid"]], [out[i]["claims"][k - 1] for k in ids]),
+    reqs = [_request(rid, system,
+                     claims_message(documents[out[i]["article_uid"]], [out[i]["claims"][k - 1] for k in ids]),
                      out[i]["article_uid"], jcfg, jcfg["verdict_tokens_per_claim"] * len(ids) + 16)
             for rid, (i, ids) in groups.items()]
     for rid, c in _run(backend, reqs).items():
@@ -374,102 +376,6 @@ def judge_file(cfg: dict, items: list[dict], articles: dict[str, dict], output_j
     return summary
 
 
-# --------------------------------------------------------------------------------------- table and figure
-def table_rows(summaries: Sequence[dict], claims_files: dict[str, list[dict]],
-               human: list[dict] | None) -> list[dict]:
-    """One row per model and prompt; relative-to-human columns when human judgements are given."""
-    from .instruct import parse_instruct_id
-
-    rows = []
-    for s in summaries:
-        model = str(s["model"])
-        base, method, budget = parse_instruct_id(model)
-        for prompt, b in s["by_prompt"].items():
-            row = {"model": model, "base_model": base, "method": method, "budget": budget, "prompt": prompt,
-                   **{k: b.get(k) for k in TABLE_COLUMNS if k in b}, "judge": s["judge"],
-                   "prompt_version": s["prompt_version"], "normalisation": "raw"}
-            if human is not None:
-                rel = relative_to_human(per_article_counts(claims_files[model], prompt),
-                                        per_article_counts(human, "human"))
-                row.update(normalisation="human", human_articles=rel["articles"],
-                           false_rel_human=rel["false_rel_human"], salient_rel_human=rel["salient_rel_human"])
-            rows.append(row)
-    return sorted(rows, key=lambda r: (r["prompt"], r["method"], -1 if r["budget"] is None else r["budget"],
-                                       r["model"]))
-
-
-def write_table(rows: Sequence[dict], path: str | Path) -> None:
-    with atomic_path(path, suffix=".csv") as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, TABLE_COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: ("" if r.get(k) is None else (f"{r[k]:.4g}" if isinstance(r[k], float) else r[k]))
-                            for k in TABLE_COLUMNS})
-
-
-def plot(rows: Sequence[dict], path: str | Path, title: str = "") -> None:
-    """False against salient claims, one point per model, one panel per prompt (the paper's Figure 4 layout):
-    relative to the human summaries when the rows have them, else raw counts per summary."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    prompts = sorted({r["prompt"] for r in rows}) or ["short"]
-    rel = any(r.get("normalisation") == "human" for r in rows)
-    xk, yk = ("salient_rel_human", "false_rel_human") if rel else ("salient_mean", "false_mean")
-    fig, axes = plt.subplots(1, len(prompts), figsize=(5 * len(prompts), 4), squeeze=False)
-    colours: dict[str, Any] = {}
-    for ax, prompt in zip(axes[0], prompts):
-        shown = 0
-        for r in (r for r in rows if r["prompt"] == prompt):
-            if r.get(xk) is None or r.get(yk) is None:
-                continue
-            shown += 1
-            c = colours.setdefault(r["method"], f"C{len(colours)}")
-            ax.scatter(r[xk], r[yk], color=c, label=r["method"])
-            unread = int(r.get("truth_unparsed") or 0) + int(r.get("salience_unparsed") or 0)
-            label = r["base_model"] + (f" [{unread} verdicts unread]" if unread else "")
-            ax.annotate(label, (r[xk], r[yk]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        pts = [(r[xk], r[yk]) for r in rows if r["prompt"] == prompt and r.get(xk) is not None and r.get(yk) is not None]
-        xmax, ymax = (max([p[0] for p in pts] + [1.0]) * 1.2, max([p[1] for p in pts] + [1.0]) * 1.2)
-        ax.set_xlim(-0.05 * xmax, xmax)  # counts are never negative: no axis below zero
-        ax.set_ylim(-0.05 * ymax, ymax)
-        unparsed = sum(int(r.get("summaries_unparseable") or 0) for r in rows if r["prompt"] == prompt)
-        if not shown:  # say so in the panel rather than draw an empty plot
-            failed = sum(int(r.get("summaries_failed") or 0) for r in rows if r["prompt"] == prompt)
-            ax.text(0.5, 0.5, f"no model has a scored summary\n({unparsed} unparseable claim lists, {failed} failed)",
-                    ha="center", va="center", transform=ax.transAxes, fontsize=8)
-        ax.set_title(f"{prompt} prompt ({unparsed} unparseable claim lists)", fontsize=9)
-        ax.set_xlabel("salient claims" + (" (relative to human)" if rel else " per summary"))
-        ax.set_ylabel("false claims" + (" (relative to human)" if rel else " per summary"))
-        handles, labels = ax.get_legend_handles_labels()
-        uniq = dict(zip(labels, handles))
-        if uniq:
-            ax.legend(uniq.values(), uniq.keys(), fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path, suffix=Path(path).suffix) as tmp:
-        fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
-    plt.close(fig)
-
-
-def build_table(claims_json: Sequence[str | Path], human: str | Path | None, table: str | Path,
-                figure: str | Path, title: str = "") -> list[dict]:
-    summaries, files = [], {}
-    for p in claims_json:
-        s = read_json_object(p, "the judge rule")
-        summaries.append(s)
-        files[str(s["model"])] = [r for _, r in iter_jsonl(Path(p).with_suffix(".jsonl"))]
-    human_records = [r for _, r in iter_jsonl(human)] if human else None
-    rows = table_rows(summaries, files, human_records)
-    write_table(rows, table)
-    plot(rows, figure, title)
-    return rows
-
-
 # --------------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m workflow_scripts.claims", description=__doc__,
@@ -483,23 +389,13 @@ def main(argv: list[str] | None = None) -> int:
     j.add_argument("--output-jsonl", required=True)
     j.add_argument("--output-json", required=True)
     add_config_args(j)
-    t = sub.add_parser("table", help="the claims table and the false-vs-salient figure")
-    t.add_argument("--claims", nargs="+", required=True, help="the judge rule's .json summaries (the .jsonl beside)")
-    t.add_argument("--human", default=None, help="the judged human summaries (.jsonl), for normalisation")
-    t.add_argument("--table", required=True)
-    t.add_argument("--figure", required=True)
-    t.add_argument("--title", default="")
     args = p.parse_args(argv)
     try:
-        if args.cmd == "judge":
-            cfg = config_from_args(args)
-            articles = load_articles_map(args.articles)
-            items = load_items(args.summaries, args.human, articles)
-            summary = judge_file(cfg, items, articles, args.output_jsonl, args.output_json)
-            print(json.dumps(summary["by_prompt"]))
-        else:
-            rows = build_table(args.claims, args.human, args.table, args.figure, args.title)
-            print(f"{len(rows)} rows -> {args.table}, {args.figure}", file=sys.stderr)
+        cfg = config_from_args(args)
+        articles = load_articles_map(args.articles)
+        items = load_items(args.summaries, args.human, articles)
+        summary = judge_file(cfg, items, articles, args.output_jsonl, args.output_json)
+        print(json.dumps(summary["by_prompt"]))
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Instruction tuning of a trained model (paper section 4.3, Appendix D): chat data -> packed corpus -> `{model}-instruct`.
+"""Instruction tuning of a trained model (paper section 4.3, Appendix D): chat data -> packed corpus -> `ID-instruct`.
 
     python -m workflow_scripts.instruct corpus --model results/hf_models/smollm2-135m-instruct \\
         --outdir results/instruct/corpus [--configfile config.yaml]
@@ -110,7 +110,8 @@ def _ex(story: dict, i: int, kind: str, user: str, answer: str) -> dict:
 
 
 def _rows_from_files(path: Path) -> list[dict]:
-    files = sorted(f for f in path.rglob("*") if f.suffix in (".jsonl", ".json", ".parquet")) if path.is_dir() else [path]
+    suffixes = (".jsonl", ".json", ".parquet")
+    files = sorted(f for f in path.rglob("*") if f.suffix in suffixes) if path.is_dir() else [path]
     rows: list[dict] = []
     for f in files:
         if f.suffix == ".parquet":

@@ -149,7 +149,8 @@ def examples_html(model_id: str, records: Sequence[dict], titles: dict[str, str]
         f"<h3>{html.escape(r['kind'])}</h3><p><b>Articles:</b> "
         f"{html.escape(', '.join(titles.get(str(u), str(u)) for u in r['article_uids']))}</p>"
         f"<p><b>Instruction:</b> {html.escape(r['prompt'])}</p>"
-        f"<pre style='white-space:pre-wrap'>{html.escape(r['summary'] or 'generation failed: ' + str(r['error']))}</pre>"
+        "<pre style='white-space:pre-wrap'>"
+        f"{html.escape(r['summary'] or 'generation failed: ' + str(r['error']))}</pre>"
         for r in records)
     return (f"<html><head><meta charset='utf-8'><title>{html.escape(model_id)}</title></head><body>"
             f"<h2>Instruction following: {html.escape(model_id)}</h2>"
