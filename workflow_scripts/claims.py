@@ -11,9 +11,10 @@ The paper describes three steps and released no prompt or code for them (shared 
 summary into atomic claims; it marks each claim true or false against the article; it marks each true claim
 salient or cosmetic. The three prompts here are this project's (workflow_scripts/prompts/claims_*.txt); their
 hash, `prompt_version`, is in every record. Each step is one batch of requests to the judge engine (any backend:
-transformers, vllm, openai), requests of one article grouped so that the article prefix is computed once.
+transformers, vllm, openai), requests of one article grouped so that the article prefix is computed once. The
+verdict steps send one request per summary (its numbered claims) or, with `judge.per_claim`, one per claim.
 
-Judge answers are parsed strictly (`parse_claims`, `parse_labels`). Nothing is dropped silently:
+Judge answers are parsed strictly (`parse_claims`, `parse_labels`, `parse_single_label`). Nothing is dropped silently:
 - a claim list that cannot be read makes the summary `split_status: unparseable`; the summary is counted in
   `summaries_unparseable` and left out of the means (its claims are unknown);
 - a claim whose verdict line is missing, repeated with different labels, or not one of the allowed labels counts
@@ -37,8 +38,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .config import add_config_args, config_from_args, config_hash
-from .io_utils import InputError, iter_jsonl, stable_hash, write_json_atomic
-from .io_utils import write_jsonl_atomic
+from .io_utils import InputError, iter_jsonl, stable_hash, write_json_atomic, write_jsonl_atomic
 
 SPLIT, TRUTH, SALIENCE = "claims_split", "claims_truth", "claims_salience"
 TRUTH_LABELS = ("TRUE", "FALSE")
