@@ -27,6 +27,7 @@ include: "rules/corpus.smk"
 include: "rules/cpt.smk"
 include: "rules/evaluation.smk"
 include: "rules/figures.smk"
+include: "rules/instruct.smk"
 
 
 rule all:

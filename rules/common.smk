@@ -157,3 +157,64 @@ def figure_extras(name):
 def synth_files(kind):
     """results/synth/{method}/{kind}.json of every synthesis method (kind: report | ledger)."""
     return [f"{layout.SYNTH}/{m}/{kind}.json" for m in synth_methods()]
+
+
+# ---- instruction stages (rules/instruct.smk; docs/instruct.md) ----
+INSTRUCT = config["instruct"]
+INSTRUCT_DIR = "results/instruct"
+INSTRUCT_CORPUS = f"{INSTRUCT_DIR}/corpus"
+CLAIMS_TABLE = "results/tables/summary_claims.csv"
+CLAIMS_FIGURE = f"{FIGURES}/summary_claims.png"
+HUMAN_CLAIMS = f"{INSTRUCT_DIR}/human/claims.jsonl" if INSTRUCT["judge"]["human_summaries"] else None
+_NOT_INHERITED = ("budgets", "method_budgets", "resources", "allow_budget_cap")  # as workflow_scripts/instruct.py
+
+
+def instruct_models():
+    """Instruct model ids ({model}-instruct) of instruct.models, or of every trained model."""
+    starts = INSTRUCT["models"] if INSTRUCT["models"] is not None else ["base"] + [model_id(m, b) for m, b in cpt_models()]
+    return [f"{m}-instruct" for m in starts]
+
+
+def instruct_start_input(wildcards):
+    return model_input("base") if wildcards.model == "base" else [model_dir(wildcards.model)]
+
+
+def instruct_json(*parts):
+    """--config-json of an instruction stage: the instruct sub-sections it uses (+ top-level sections)."""
+    sub = {k: INSTRUCT[k] for k in parts if k in INSTRUCT}
+    top = {k: config[k] for k in parts if k not in INSTRUCT}
+    return json.dumps({"seed": config["seed"], **top, "instruct": sub}, sort_keys=True)
+
+
+def engine_json(engine, *parts):
+    """instruct_json plus the engine's backend settings (the model is passed separately)."""
+    cfg = json.loads(instruct_json(*parts))
+    cfg["backends"] = {engine: config["backends"].get(engine) or {}}
+    return json.dumps(cfg, sort_keys=True)
+
+
+def judge_json():
+    cfg = json.loads(engine_json(INSTRUCT["judge"]["engine"], "judge"))
+    cfg["models"] = {"generator": config["models"]["generator"]}  # the judge's default model
+    return json.dumps(cfg, sort_keys=True)
+
+
+def judge_model_input():
+    """The judge model folder when it is local (a packaged or path model)."""
+    spec = INSTRUCT["judge"]["model"] or config["models"]["generator"]
+    if INSTRUCT["judge"]["engine"] == "openai" or spec["source"] == "hf":
+        return []
+    return [f"results/hf_models/{spec['name']}" if spec["source"] == "package" else spec["name"]]
+
+
+INSTRUCT_DATA_INPUT = [INSTRUCT["data"]["source"]] if os.path.exists(INSTRUCT["data"]["source"]) else []
+INSTRUCT_TUNE_CFG = json.dumps({"seed": config["seed"],
+                                "cpt": {k: v for k, v in config["cpt"].items() if k not in _NOT_INHERITED},
+                                "instruct": {"train": INSTRUCT["train"],
+                                             "chat_template_from": INSTRUCT["chat_template_from"]}}, sort_keys=True)
+INSTRUCT_RES = INSTRUCT["summaries"]["resources"]
+# vLLM cannot share an environment with the CPU pins (envs/eval.yaml explains): a vllm engine uses its own env.
+SUMMARY_ENV = "../envs/synthesis-vllm.yaml" if INSTRUCT["summaries"]["engine"] == "vllm" else "../envs/eval.yaml"
+JUDGE_ENV = "../envs/synthesis-vllm.yaml" if INSTRUCT["judge"]["engine"] == "vllm" else "../envs/eval.yaml"
+# The judge's prompt files are inputs: editing one reruns the judging (records carry their version hash too).
+JUDGE_PROMPTS = [f"workflow_scripts/prompts/claims_{s}.txt" for s in ("split", "truth", "salience")]

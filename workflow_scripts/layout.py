@@ -46,9 +46,16 @@ def model_id(method: str, budget: int | str) -> str:
     return f"{method}-{budget}"
 
 
+INSTRUCT_SUFFIX = "-instruct"  # instruction-tuned models: {model}-instruct, in results/models/{model}/instruct
+
+
 def parse_model_id(model: str) -> tuple[str, int | None]:
     """(method, budget) of a model id: base, raw-all, api-NAME or METHOD-BUDGET (method `api` for API models;
-    budget None for base, raw-all and API models)."""
+    budget None for base, raw-all and API models). `ID-instruct` (instruction-tuned, workflow_scripts/instruct.py)
+    is its own series: (`{method of ID}-instruct`, budget of ID)."""
+    if model.endswith(INSTRUCT_SUFFIX):
+        method, budget = parse_model_id(model[:-len(INSTRUCT_SUFFIX)])
+        return f"{method}{INSTRUCT_SUFFIX}", budget
     if model == BASE:
         return BASE, None
     if model.startswith(API_PREFIX):

@@ -1,0 +1,185 @@
+# After CPT (paper section 4.3): instruction tuning of trained models ({model}-instruct in
+# results/models/{model}/instruct), their summaries with the paper's Table 5 prompts, claim-based scoring by a judge
+# LLM, the claims table and figure, and a qualitative report per model. Off in the demo (instruct.enabled: false);
+# experiments/cpu-instruct.yaml runs it on CPU. Logic: workflow_scripts/instruct.py, summaries.py, claims.py,
+# claims_report.py; docs/instruct.md.
+# Input and params functions of these rules: rules/common.smk ("instruction stages").
+
+
+rule instruct_corpus:
+    input:
+        model=model_input("base"),
+        data=INSTRUCT_DATA_INPUT,
+    output:
+        tokens=f"{INSTRUCT_CORPUS}/tokens.npy",
+        manifest=f"{INSTRUCT_CORPUS}/manifest.json",
+        chat=f"{INSTRUCT_CORPUS}/chat.jsonl",
+    log:
+        f"{LOGS}/instruct/corpus.log",
+    params:
+        cfg=instruct_json("data", "chat_template_from", "corpus"),
+        model=lambda wc: model_location("base"),
+        outdir=lambda wc, output: os.path.dirname(output.tokens),
+    threads: 1
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "python -m workflow_scripts.instruct corpus --model {params.model:q} --outdir {params.outdir} "
+        "--config-json {params.cfg:q} 2> {log}"
+
+
+rule instruct_tune:
+    input:
+        tokens=rules.instruct_corpus.output.tokens,
+        manifest=rules.instruct_corpus.output.manifest,
+        model=instruct_start_input,
+    output:
+        directory("results/models/{model}/instruct"),
+    log:
+        f"{LOGS}/instruct/tune/{{model}}.log",
+    benchmark:
+        "results/benchmarks/instruct/tune/{model}.tsv"
+    params:
+        cfg=INSTRUCT_TUNE_CFG,
+        corpus=lambda wc, input: os.path.dirname(input.tokens),
+        start=lambda wc: model_location("base") if wc.model == "base" else model_dir(wc.model),
+        workdir=lambda wc: f"results/checkpoints/instruct/{wc.model}",
+        launch=lambda wc, resources: (f"python -m torch.distributed.run --standalone --nproc_per_node {resources.gpu}"
+                                      if int(resources.gpu) > 1 else "python"),
+    threads: config["cpt"]["threads"]
+    resources:
+        gpu=INSTRUCT["resources"]["gpu"],
+        mem_mb=INSTRUCT["resources"]["mem_mb"],
+        runtime=INSTRUCT["resources"]["runtime"],
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} {params.launch} -m workflow_scripts.instruct tune --corpus {params.corpus} "
+        "--start {params.start:q} --output {output} --workdir {params.workdir} --config-json {params.cfg:q} 2> {log}"
+
+
+rule summarize:
+    input:
+        articles=ARTICLES,
+        prompts=expand("workflow_scripts/prompts/summary_{kind}.txt", kind=INSTRUCT["summaries"]["prompts"]),
+        model=lambda wc: model_dir(wc.model),
+    output:
+        f"{INSTRUCT_DIR}/summaries/{{model}}.jsonl",
+    log:
+        f"{LOGS}/instruct/summarize/{{model}}.log",
+    params:
+        cfg=engine_json(INSTRUCT["summaries"]["engine"], "summaries"),
+    threads: INSTRUCT["summaries"]["threads"]
+    resources:
+        gpu=INSTRUCT_RES["gpu"],
+        mem_mb=INSTRUCT_RES["mem_mb"],
+        runtime=INSTRUCT_RES["runtime"],
+    conda:
+        SUMMARY_ENV
+    shell:
+        "OMP_NUM_THREADS={threads} python -m workflow_scripts.summaries summarize --model-id {wildcards.model} "
+        "--model-path {input.model:q} --articles {input.articles} --output {output} "
+        "--config-json {params.cfg:q} 2> {log}"
+
+
+rule judge_summaries:
+    input:
+        summaries=f"{INSTRUCT_DIR}/summaries/{{model}}.jsonl",
+        articles=ARTICLES,
+        prompts=JUDGE_PROMPTS,
+        judge=judge_model_input(),
+    output:
+        jsonl=f"{INSTRUCT_DIR}/claims/{{model}}.jsonl",
+        json=f"{INSTRUCT_DIR}/claims/{{model}}.json",
+    log:
+        f"{LOGS}/instruct/judge/{{model}}.log",
+    params:
+        cfg=judge_json(),
+    threads: INSTRUCT["summaries"]["threads"]
+    resources:
+        gpu=INSTRUCT_RES["gpu"],
+        mem_mb=INSTRUCT_RES["mem_mb"],
+        runtime=INSTRUCT_RES["runtime"],
+    conda:
+        JUDGE_ENV
+    shell:
+        "OMP_NUM_THREADS={threads} python -m workflow_scripts.claims judge --summaries {input.summaries} "
+        "--articles {input.articles} --output-jsonl {output.jsonl} --output-json {output.json} "
+        "--config-json {params.cfg:q} 2> {log}"
+
+
+rule judge_human_summaries:
+    input:
+        human=INSTRUCT["judge"]["human_summaries"] or [],
+        articles=ARTICLES,
+        prompts=JUDGE_PROMPTS,
+        judge=judge_model_input(),
+    output:
+        jsonl=f"{INSTRUCT_DIR}/human/claims.jsonl",
+        json=f"{INSTRUCT_DIR}/human/claims.json",
+    log:
+        f"{LOGS}/instruct/judge/human.log",
+    params:
+        cfg=judge_json(),
+    threads: INSTRUCT["summaries"]["threads"]
+    resources:
+        gpu=INSTRUCT_RES["gpu"],
+        mem_mb=INSTRUCT_RES["mem_mb"],
+        runtime=INSTRUCT_RES["runtime"],
+    conda:
+        JUDGE_ENV
+    shell:
+        "OMP_NUM_THREADS={threads} python -m workflow_scripts.claims judge --human {input.human} "
+        "--articles {input.articles} --output-jsonl {output.jsonl} --output-json {output.json} "
+        "--config-json {params.cfg:q} 2> {log}"
+
+
+rule claims_table:
+    input:
+        claims=expand(f"{INSTRUCT_DIR}/claims/{{model}}.json", model=instruct_models()),
+        claims_jsonl=expand(f"{INSTRUCT_DIR}/claims/{{model}}.jsonl", model=instruct_models()),
+        human=[HUMAN_CLAIMS] if HUMAN_CLAIMS else [],
+    output:
+        table=report(CLAIMS_TABLE, caption="../report/summary_claims.rst", category="Summaries"),
+        figure=report(CLAIMS_FIGURE, caption="../report/summary_claims.rst", category="Summaries"),
+    log:
+        f"{LOGS}/instruct/claims_table.log",
+    params:
+        human=f"--human {HUMAN_CLAIMS}" if HUMAN_CLAIMS else "",
+        title=f"{config['run_name']}: claims of the instruct models' summaries",
+    conda:
+        "../envs/base.yaml"
+    shell:
+        "python -m workflow_scripts.claims_report --claims {input.claims} {params.human} --table {output.table} "
+        "--figure {output.figure} --title {params.title:q} 2> {log}"
+
+
+rule instruct_examples:
+    input:
+        articles=ARTICLES,
+        questions=QUESTIONS,
+        model=lambda wc: model_dir(wc.model),
+    output:
+        jsonl=f"{INSTRUCT_DIR}/examples/{{model}}.jsonl",
+        html=report(f"{INSTRUCT_DIR}/examples/{{model}}.html", caption="../report/instruct_examples.rst",
+                    category="Instruction following", subcategory="{model}"),
+    log:
+        f"{LOGS}/instruct/examples/{{model}}.log",
+    params:
+        cfg=engine_json(INSTRUCT["summaries"]["engine"], "summaries", "examples"),
+    threads: INSTRUCT["summaries"]["threads"]
+    resources:
+        gpu=INSTRUCT_RES["gpu"],
+        mem_mb=INSTRUCT_RES["mem_mb"],
+        runtime=INSTRUCT_RES["runtime"],
+    conda:
+        SUMMARY_ENV
+    shell:
+        "OMP_NUM_THREADS={threads} python -m workflow_scripts.summaries examples --model-id {wildcards.model} "
+        "--model-path {input.model:q} --articles {input.articles} --questions {input.questions} "
+        "--output-jsonl {output.jsonl} --output-html {output.html} --config-json {params.cfg:q} 2> {log}"
+
+
+if INSTRUCT["enabled"]:
+    ALL_TARGETS.extend([CLAIMS_TABLE, CLAIMS_FIGURE]
+                       + [f"{INSTRUCT_DIR}/examples/{m}.html" for m in instruct_models()])
