@@ -7,7 +7,7 @@ import sys
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
-from workflow_scripts.config import check_budgets, method_budgets
+from workflow_scripts.config import check_budgets, method_budgets, missing_engine_message
 
 validate(config, "../schemas/config.schema.yaml")
 check_budgets(config)
@@ -19,6 +19,13 @@ _PREFIX = "set -euo pipefail; export TOKENIZERS_PARALLELISM=false; "
 if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
     _PREFIX += f'export PATH={shlex.quote(os.path.dirname(sys.executable))}:"$PATH"; '
 shell.prefix(_PREFIX)
+
+# A config that needs vLLM stops here, in one line and before any job, when the interpreter lacks it (--use-conda
+# jobs get it from envs/synthesis-vllm.yaml instead).
+if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+    _missing_engine = missing_engine_message(config)
+    if _missing_engine:
+        sys.exit(f"error: {_missing_engine}")
 
 ARTICLES = "results/data/articles.jsonl"
 QUESTIONS = "results/data/questions.jsonl"

@@ -561,8 +561,11 @@ def make_plan(cfg: dict, root: Path = ROOT, articles: str | None = None) -> Plan
         plan.sources["entities"] = esrc
     produced = plan_synthesis(cfg, tokens, entities, plan)
     methods = cfg["synthesis"].get("methods", [])
-    # jobs as the rules cut them: one extraction per article, one synthesis job per method and article
-    n_syn_jobs = len(tokens) * (("entigraph" in methods) + len(methods))
+    # jobs as the rules cut them: one extraction job and one job per method for each shard of
+    # synthesis.articles_per_job articles (each starts its engine once)
+    per_job = int(pick(cfg["synthesis"], "articles_per_job", default=1))
+    n_shards = -(-len(tokens) // per_job)
+    n_syn_jobs = n_shards * (("entigraph" in methods) + len(methods))
     lines = [startup_line(cfg, "synthesis", n_syn_jobs, int(pick(cfg["synthesis"], "resources.gpu", default=0)))]
     models = plan_cpt(cfg, float(sum(tokens)), produced, plan)
     lines.append(startup_line(cfg, "cpt", len(models), int(pick(cfg["cpt"], "resources.gpu", default=0))))
