@@ -20,12 +20,15 @@ if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
     _PREFIX += f'export PATH={shlex.quote(os.path.dirname(sys.executable))}:"$PATH"; '
 shell.prefix(_PREFIX)
 
-# A config that needs vLLM stops here, in one line and before any job, when the interpreter lacks it (--use-conda
-# jobs get it from envs/synthesis-vllm.yaml instead).
-if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
-    _missing_engine = missing_engine_message(config)
-    if _missing_engine:
-        sys.exit(f"error: {_missing_engine}")
+
+# A run whose config needs vLLM stops before its first job, in one line, when the interpreter lacks it (--use-conda
+# jobs get it from envs/synthesis-vllm.yaml instead). onstart runs for real runs only: a dry run (planning a
+# GPU config on a laptop) and the tests' parsing of every overlay stay possible without vLLM.
+onstart:
+    if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+        _missing_engine = missing_engine_message(config)
+        if _missing_engine:
+            sys.exit(f"error: {_missing_engine}")
 
 ARTICLES = "results/data/articles.jsonl"
 QUESTIONS = "results/data/questions.jsonl"

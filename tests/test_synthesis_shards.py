@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,24 +135,39 @@ def test_configs_that_need_vllm():
     assert vllm_users(validate_config({"evaluation": {"cot": {"engine": "vllm"}}})) == []
 
 
-def snakemake_dry_run(tmp_path: Path, hide_vllm: bool, *args: str) -> subprocess.CompletedProcess:
+def workflow_copy(tmp_path: Path) -> Path:
+    """A copy of the workflow (no results), so that a run that should stop cannot touch the repository's results."""
+    work = tmp_path / "wf"
+    ignore = shutil.ignore_patterns("results", ".venv", ".snakemake", "__pycache__", ".cache", ".git")
+    work.mkdir()
+    for name in ("Snakefile", "config.yaml", "rules", "schemas", "workflow_scripts", "envs", "experiments",
+                 "resources", "report"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, work / name, ignore=ignore)
+        else:
+            shutil.copy(src, work / name)
+    return work
+
+
+def snakemake(work: Path, hide_vllm: bool, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     if hide_vllm:  # an interpreter without vLLM: find_spec("vllm") answers None
-        (tmp_path / "sitecustomize.py").write_text('import sys\nsys.modules["vllm"] = None\n')
-        env["PYTHONPATH"] = str(tmp_path)
-    return subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--directory", str(tmp_path),
-                           "--snakefile", str(ROOT / "Snakefile"), *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+        (work / "hide").mkdir(exist_ok=True)
+        (work / "hide" / "sitecustomize.py").write_text('import sys\nsys.modules["vllm"] = None\n')
+        env["PYTHONPATH"] = str(work / "hide")
+    return subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", *args], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=600)
 
 
-def test_a_vllm_run_without_the_engine_stops_in_one_line(tmp_path):
-    res = snakemake_dry_run(tmp_path, True, "--configfile", str(ROOT / "experiments" / "cpu-vllm.yaml"))
+def test_a_vllm_run_without_the_engine_stops_before_any_job_in_one_line(tmp_path):
+    work = workflow_copy(tmp_path)
+    res = snakemake(work, True, "--configfile", "experiments/cpu-vllm.yaml")
     assert res.returncode == 1
-    lines = [x for x in res.stderr.strip().splitlines() if not x.startswith("Config file")]
-    assert lines == ["error: this config uses the vllm engine (synthesis.backend and evaluation.cot.engine) but vLLM "
-                     "is not installed in this environment; build it with `bash scripts/bootstrap.sh --vllm`, then "
-                     "run again"], res.stderr
-    assert not (tmp_path / "results").exists()
-    # the demo config needs no vLLM: the same interpreter plans it
-    demo = snakemake_dry_run(tmp_path, True)
-    assert demo.returncode == 0, demo.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == (
+        "error: this config uses the vllm engine (synthesis.backend and evaluation.cot.engine) but vLLM is not "
+        "installed in this environment; build it with `bash scripts/bootstrap.sh --vllm`, then run again")
+    assert "Traceback" not in res.stderr and not (work / "results").exists()  # no job ran
+    # planning (a dry run) needs no engine: a GPU config can be planned on a laptop
+    dry = snakemake(work, True, "-n", "--configfile", "experiments/cpu-vllm.yaml")
+    assert dry.returncode == 0 and "download_quality" in dry.stdout, dry.stderr[-2000:]
