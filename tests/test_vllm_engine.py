@@ -51,7 +51,7 @@ COT_QUESTIONS = [
 ]
 
 
-def engine_config(model_dir: Path, seed: int = 5, chunk_size: int = 2048) -> dict:
+def engine_config(model_dir: Path, seed: int = 5, chunk_size: int = 2048, max_new_tokens: int = 8) -> dict:
     """vLLM's CPU build needs float32 and eager mode; a 1 GiB KV cache holds these prompts many times over."""
     return {
         "seed": 42,
@@ -61,7 +61,8 @@ def engine_config(model_dir: Path, seed: int = 5, chunk_size: int = 2048) -> dic
                               "chunk_size": chunk_size},
                      "transformers": {"num_threads": 2, "batch_size": 8, "max_prefix_reuse": True,
                                       "progress": False}},
-        "synthesis": {"backend": "vllm", "articles_per_job": 4, "sampling": {"max_new_tokens": 16, "seed": seed},
+        "synthesis": {"backend": "vllm", "articles_per_job": 4,
+                      "sampling": {"max_new_tokens": max_new_tokens, "seed": seed},
                       "entigraph": {"max_entities": 3, "max_pairs": 3, "max_triples": 1, "extraction_retries": 0,
                                     "extraction_max_new_tokens": 24, "extraction_fallback": "heuristic"},
                       "rephrase": {"styles": ["easy", "hard"], "repeats": 2}},
@@ -124,7 +125,7 @@ def test_extraction_and_synthesis_on_vllm_with_prefix_caching(driver_run):
         for r in body:
             assert r["method"] == method and r["article_uid"] == "v1" and r["model"] == driver_run["spec"][
                 "config"]["models"]["generator"]["name"]
-            assert r["text"].strip() and 1 <= r["completion_tokens"] <= 16 and r["prompt_tokens"] > 200
+            assert r["text"].strip() and 1 <= r["completion_tokens"] <= 8 and r["prompt_tokens"] > 200
             assert r["finish_reason"] in ("stop", "length") and r["prompt_version"] and r["config_hash"]
         # prefix caching: requests after the first with the same system prompt and article reuse their prefix
         by_template: dict[str, list[dict]] = {}
@@ -189,7 +190,8 @@ def _shard_command(cfg: dict, articles: Path, shard: str, outdir: Path, work: Pa
 def test_kill_during_a_vllm_synthesis_job_then_rerun(driver_run, smollm_dir, tmp_path):
     """kill -9 (the job and vLLM's engine process) once some records are written; the re-run generates only the
     rest: no duplicate, no lost record."""
-    cfg = engine_config(smollm_dir, seed=9, chunk_size=1)  # other seeds: nothing is reused from the driver run
+    # other seeds: nothing is reused from the driver run; one request per engine call, so records arrive one by one
+    cfg = engine_config(smollm_dir, seed=9, chunk_size=1, max_new_tokens=32)
     cfg["synthesis"]["rephrase"] = {"styles": ["easy", "medium", "hard"], "repeats": 3}
     ((shard, _),) = syn.article_shards(["v1"], 4)
     outdir, work = tmp_path / "shard", tmp_path / "work"
