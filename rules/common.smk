@@ -192,3 +192,21 @@ DIVERSITY_KEYS = ("style", "dpi", "diversity_figsize", "formats")
 def synth_files(kind):
     """results/synth/{method}/{kind}.json of every synthesis method (kind: report | ledger)."""
     return [f"results/synth/{m}/{kind}.json" for m in synth_methods()]
+
+
+# ---- synthesis stage (rules/synthesis.smk): jobs per shard of articles ----
+def synth_shards():
+    """[(shard id, article uids)] of the prepared corpus: synthesis.articles_per_job articles per job."""
+    from workflow_scripts.synthesis import article_shards
+
+    return article_shards(article_uids(), config["synthesis"]["articles_per_job"])
+
+
+def shard_uids(shard):
+    """Article uids of one shard."""
+    return dict(synth_shards())[shard]
+
+
+def article_shard(uid):
+    """The shard that holds an article."""
+    return next(s for s, uids in synth_shards() if uid in uids)

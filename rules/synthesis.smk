@@ -1,9 +1,10 @@
 # Stages 3-4: EntiGraph entity extraction and the texts of every synthesis method, one job per shard of
 # articles (append-only, resumable per-article caches; per-article record files); a ledger and a corpus report
-# per method. Logic: workflow_scripts/synthesis.py, entigraph.py, synth_report.py; prompts in workflow_scripts/prompts/; docs/synthesis.md.
+# per method. Logic: workflow_scripts/synthesis.py, entigraph.py, synth_report.py; prompts in
+# workflow_scripts/prompts/; docs/synthesis.md.
 # Each step gets only the config keys that shape its output (synthesis.step_config), so that, e.g., a new
 # triple cap reruns synthesis but not extraction, and new prices rerun only the report.
-from workflow_scripts.synthesis import article_shards, method_needs_entities, step_config_json
+from workflow_scripts.synthesis import method_needs_entities, step_config_json
 
 SYNTH = "results/synth"
 ENTITIES = f"{SYNTH}/entigraph/entities"
@@ -17,18 +18,7 @@ wildcard_constraints:
 # Extraction and synthesis run one job per shard of synthesis.articles_per_job articles (one engine start per
 # job); each job writes its articles' final files into the shard's folder and a local copy rule puts them at the
 # per-article paths that the report and corpus rules read. A shard's id hashes its article list, so a changed
-# list is a new shard, never a mix (docs/synthesis.md "Shards").
-def synth_shards():
-    """[(shard id, article uids)] of the prepared corpus."""
-    return article_shards(article_uids(), config["synthesis"]["articles_per_job"])
-
-
-def shard_uids(shard):
-    return dict(synth_shards())[shard]
-
-
-def article_shard(uid):
-    return next(s for s, uids in synth_shards() if uid in uids)
+# list is a new shard, never a mix (docs/synthesis.md "Shards"). Shard functions: rules/common.smk.
 
 
 rule extract_entities:
