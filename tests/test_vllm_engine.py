@@ -59,7 +59,7 @@ def engine_config(model_dir: Path, seed: int = 5, chunk_size: int = 2048, max_ne
         "backends": {"vllm": {"dtype": "float32", "enforce_eager": True, "max_model_len": 2048,
                               "cpu_kvcache_space_gib": 1, "enable_prefix_caching": True, "progress": False,
                               "chunk_size": chunk_size},
-                     "transformers": {"num_threads": 2, "batch_size": 8, "max_prefix_reuse": True,
+                     "transformers": {"num_threads": 1, "batch_size": 8, "max_prefix_reuse": True,
                                       "progress": False}},
         "synthesis": {"backend": "vllm", "articles_per_job": 4,
                       "sampling": {"max_new_tokens": max_new_tokens, "seed": seed},
@@ -187,7 +187,7 @@ def _shard_command(cfg: dict, articles: Path, shard: str, outdir: Path, work: Pa
             "--work-dir", str(work), "--config-json", json.dumps(cfg)]
 
 
-def test_kill_during_a_vllm_synthesis_job_then_rerun(driver_run, smollm_dir, tmp_path):
+def test_kill_during_a_vllm_synthesis_job_then_rerun(smollm_dir, tmp_path):
     """kill -9 (the job and vLLM's engine process) once some records are written; the re-run generates only the
     rest: no duplicate, no lost record."""
     # other seeds: nothing is reused from the driver run; one request per engine call, so records arrive one by one
@@ -195,7 +195,9 @@ def test_kill_during_a_vllm_synthesis_job_then_rerun(driver_run, smollm_dir, tmp
     cfg["synthesis"]["rephrase"] = {"styles": ["easy", "medium", "hard"], "repeats": 3}
     ((shard, _),) = syn.article_shards(["v1"], 4)
     outdir, work = tmp_path / "shard", tmp_path / "work"
-    cmd = _shard_command(cfg, driver_run["articles"], shard, outdir, work)
+    articles = tmp_path / "articles.jsonl"
+    articles.write_text(json.dumps(ARTICLE) + "\n")
+    cmd = _shard_command(cfg, articles, shard, outdir, work)
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=log, stderr=log, start_new_session=True)
     deadline = time.time() + 600
