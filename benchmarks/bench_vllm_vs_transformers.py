@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     text = table(results, args)
     print(text)
     if args.results_md:
-        cmd = "python benchmarks/bench_vllm_vs_transformers.py --results-md benchmarks/RESULTS.md"
+        used = argv if argv is not None else sys.argv[1:]
+        cmd = " ".join(["python benchmarks/bench_vllm_vs_transformers.py", *used])
         with open(args.results_md, "a", encoding="utf-8") as f:
             f.write(f"\n## Synthesis engines: vLLM (CPU build) vs transformers\n\nCommand: `{cmd}` on "
                     f"{date.today().isoformat()}.\n\n{text}\n")

@@ -1,9 +1,11 @@
-"""The vLLM engine: offline batch generation on GPUs (`LLM.chat` for chat requests, `LLM.generate` for plain
-prompts), with automatic prefix caching so that an article shared by many requests is prefilled once.
+"""The vLLM engine: offline batch generation on GPUs, or with vLLM's CPU build (`LLM.chat` for chat requests,
+`LLM.generate` for plain prompts), with automatic prefix caching so that an article shared by many requests is
+prefilled once.
 
 vLLM is imported only inside `VLLMBackend.__init__`: the small CPU environment does not hold it
-(`bash scripts/bootstrap.sh --vllm` adds it: vLLM's CPU build without CUDA, vllm with CUDA). Everything that decides what vLLM is asked (ordering, chunking, SamplingParams arguments,
-conversation lists, mapping results back to Completions) lives in pure functions below, tested with a fake LLM.
+(`bash scripts/bootstrap.sh --vllm` adds it: vLLM's CPU build without CUDA, vllm with CUDA). Everything that
+decides what vLLM is asked (ordering, chunking, SamplingParams arguments, conversation lists, mapping results back
+to Completions) lives in pure functions below, tested with a fake LLM (the real engine: tests/test_vllm_engine.py).
 
 Settings (config `backends.vllm`, documented in schemas/config.schema.yaml): tensor_parallel_size,
 gpu_memory_utilization, max_model_len, dtype, enable_prefix_caching, enforce_eager, chunk_size, progress,
