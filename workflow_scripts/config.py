@@ -113,6 +113,35 @@ def check_budgets(cfg: dict) -> None:
                          "raise them (cpt.budgets / cpt.method_budgets) or lower cpt.block_size")
 
 
+VLLM_SETUP = "bash scripts/bootstrap.sh --vllm"
+
+
+def vllm_users(cfg: dict) -> list[str]:
+    """The config keys that make a run use the vllm engine (synthesis.backend, evaluation.cot.engine when chain-of-
+    thought is scored, in closed-book QA or in an enabled RAG baseline)."""
+    ev = cfg.get("evaluation") or {}
+    cot = (ev.get("cot") or {}).get("engine", "transformers") == "vllm"
+    rag = ev.get("rag") or {}
+    users = []
+    if (cfg.get("synthesis") or {}).get("backend") == "vllm":
+        users.append("synthesis.backend")
+    if cot and ("cot" in (ev.get("modes") or []) or (rag.get("enabled") and "cot" in (rag.get("modes") or []))):
+        users.append("evaluation.cot.engine")
+    return users
+
+
+def missing_engine_message(cfg: dict) -> str | None:
+    """One line when the config needs vLLM and this interpreter cannot import it (checked before any job runs,
+    since the rules run `python -m workflow_scripts.<stage>` with this interpreter); None when all is well."""
+    import importlib.util
+
+    users = vllm_users(cfg)
+    if not users or importlib.util.find_spec("vllm") is not None:
+        return None
+    return (f"this config uses the vllm engine ({' and '.join(users)}) but vLLM is not installed in this "
+            f"environment; build it with `{VLLM_SETUP}`, then run again")
+
+
 def config_hash(section: Any) -> str:
     """Hash recorded with every output, so a result names the settings that made it."""
     return stable_hash(section, n=12)

@@ -38,13 +38,14 @@ OPERATIONAL: tuple[str, ...] = (
     # where a job runs and how an engine starts or retries
     "evaluation.device", "backends.transformers.device", "backends.vllm.tensor_parallel_size",
     "backends.vllm.gpu_memory_utilization", "backends.vllm.enforce_eager", "backends.openai.api_key_env",
-    "backends.openai.max_retries", "backends.openai.timeout_s", "backends.openai.backoff_base_s",
+    "backends.vllm.cpu_kvcache_space_gib", "backends.openai.max_retries", "backends.openai.timeout_s", "backends.openai.backoff_base_s",
     "backends.openai.backoff_max_s",
 )
 
 # Keys read by no job: they decide which jobs exist (the budget lists, the methods, the RAG switch and its model
 # list), or only feed the planner (python -m workflow_scripts.plan).
-STRUCTURAL: tuple[str, ...] = ("cpt.budgets", "cpt.method_budgets", "synthesis.methods", "evaluation.rag.enabled",
+STRUCTURAL: tuple[str, ...] = ("cpt.budgets", "cpt.method_budgets", "synthesis.methods", "synthesis.articles_per_job",
+                               "evaluation.rag.enabled",
                                "evaluation.rag.models", "planner")
 
 # Shaping keys a resumed CPT run may change: they act after the loop (the saved dtype, the forgetting probe) or

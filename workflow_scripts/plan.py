@@ -473,9 +473,10 @@ def make_plan(cfg: dict, root: Path = ROOT, articles: str | None = None) -> Plan
     if extraction:
         plan.sources["entities"] = esrc
     produced = plan_synthesis(cfg, tokens, entities, plan)
-    # jobs as the rules cut them: one extraction per article (when a method reads entities), one synthesis job
-    # per method and article
-    n_syn_jobs = len(tokens) * (extraction + len(methods))
+    # jobs as the rules cut them: one extraction job (when a method reads entities) and one job per method for each
+    # shard of synthesis.articles_per_job articles (each starts its engine once)
+    n_shards = -(-len(tokens) // int(cfg["synthesis"]["articles_per_job"]))
+    n_syn_jobs = n_shards * (extraction + len(methods))
     lines = [startup_line(cfg, "synthesis", n_syn_jobs, int(cfg["synthesis"]["resources"]["gpu"]))]
     models = plan_cpt(cfg, float(sum(tokens)), produced, plan)
     lines.append(startup_line(cfg, "cpt", len(models), int(cfg["cpt"]["resources"]["gpu"])))

@@ -6,6 +6,12 @@
     python -m workflow_scripts.synthesis synthesize --method entigraph --articles results/data/articles.jsonl \\
         --article UID [--entities results/synth/entigraph/entities/UID.json] \\
         --output results/synth/entigraph/UID.jsonl --stats results/synth/entigraph/stats/UID.json
+    python -m workflow_scripts.synthesis extract-shard --articles results/data/articles.jsonl --shard SHARD \
+        --shard-articles UID [UID ...] --outdir results/synth/entigraph/extract_shards/SHARD \
+        --work-dir results/synth/entigraph/work/extraction
+    python -m workflow_scripts.synthesis synthesize-shard --method entigraph --articles results/data/articles.jsonl \
+        --shard SHARD --shard-articles UID [UID ...] --entities-dir results/synth/entigraph/entities \
+        --outdir results/synth/entigraph/shards/SHARD --work-dir results/synth/entigraph/work
     python -m workflow_scripts.synthesis report --method entigraph --articles results/data/articles.jsonl \\
         --synth-dir results/synth/entigraph --entities-dir results/synth/entigraph/entities \\
         --ledger results/synth/entigraph/ledger.json --report results/synth/entigraph/report.json \\
@@ -22,6 +28,11 @@ io_utils.AppendOnlyJsonl, one fsynced line per record) keyed by a stable record 
 there, so a run killed at any moment loses only requests in flight and never duplicates. The final shard
 results/synth/{method}/{article}.jsonl is written atomically, once every planned request has a record: it is
 complete or absent. The working shard is kept as a cache, so raising a cap later only generates what is new.
+
+The workflow runs the `*-shard` commands: one job per shard of `synthesis.articles_per_job` articles starts its
+engine once and runs the per-article steps above one article after the other, writing each article's final
+files into the shard's folder (rules/synthesis.smk copies them to the per-article paths). A shard is named by
+its position and a hash of its article list (`article_shards`), so a changed list is a new shard.
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from .backends import GenerationRequest
 from .config import add_config_args, config_from_args, config_hash
@@ -391,13 +402,14 @@ def synthesize_article(cfg: dict, method_name: str, article: dict, output: str |
         planned.append((rid, task, seed))
 
     def record(rid: str, task: Task, seed: int, text: str, prompt_tokens: int, completion_tokens: int,
-               finish_reason: str) -> dict:
-        # `model` is the configured generator name (as in the id), not the engine's local path for it
+               finish_reason: str, cached_prompt_tokens: int | None = None) -> dict:
+        # `model` is the configured generator name (as in the id), not the engine's local path for it;
+        # cached_prompt_tokens: prompt tokens the engine served from its prefix cache (None: not reported)
         return {"id": rid, "method": method_name, "kind": task.kind, "article_uid": uid,
                 "entities": list(task.entities), "text": text, "prompt_tokens": int(prompt_tokens),
                 "completion_tokens": int(completion_tokens), "model": model, "finish_reason": finish_reason,
                 "prompt_version": task.prompt_version, "seed": seed, "config_hash": chash,
-                "template": task.template, "repeat": task.repeat}
+                "template": task.template, "repeat": task.repeat, "cached_prompt_tokens": cached_prompt_tokens}
 
     work_path = Path(work_path) if work_path else default_work_path(output)
     failures: list[dict] = []
@@ -435,7 +447,7 @@ def synthesize_article(cfg: dict, method_name: str, article: dict, output: str |
                                          "error": c.error})
                     else:
                         work.append(record(c.id, task, seed, c.text, c.prompt_tokens, c.completion_tokens,
-                                           c.finish_reason))
+                                           c.finish_reason, c.cached_prompt_tokens))
                         generated += 1
                     progress.update(c.completion_tokens)
             finally:
@@ -486,6 +498,182 @@ def synthesize_article(cfg: dict, method_name: str, article: dict, output: str |
     return stats
 
 
+# ------------------------------------------------------------------------------------------------ shards
+def shard_id(index: int, uids: Sequence[str]) -> str:
+    """Name of a shard: its position and a hash of its article list, so that a shard whose articles change
+    between runs is a new shard (rebuilt from the per-article caches), never a mix of old and new outputs."""
+    return f"{index:04d}-{stable_hash('shard', [str(u) for u in uids], n=8)}"
+
+
+def article_shards(uids: Sequence[str], per_job: int) -> list[tuple[str, list[str]]]:
+    """The articles cut into jobs of `per_job` (synthesis.articles_per_job), in corpus order: [(shard id, uids)]."""
+    per = max(1, int(per_job))
+    uids = [str(u) for u in uids]
+    return [(shard_id(i // per, uids[i:i + per]), uids[i:i + per]) for i in range(0, len(uids), per)]
+
+
+def check_shard(shard: str, uids: Sequence[str]) -> None:
+    """The article list a shard job got must be the one its name was made from."""
+    index = shard.split("-", 1)[0]
+    if not index.isdigit() or shard != shard_id(int(index), uids):
+        raise InputError(f"shard {shard!r} does not hold articles {', '.join(uids)} (its name is made from its "
+                         "article list): re-run Snakemake so that the shard is rebuilt")
+
+
+class SharedEngine:
+    """One engine for every article of a shard job: built on first need (a fully cached shard loads nothing),
+    handed to the per-article steps with a no-op close(), shut down by `shutdown()` at the end of the job."""
+
+    def __init__(self, make: Callable[[], Any], label: str) -> None:
+        self._make = make
+        self.label = label
+        self.engine: Any = None
+        self.starts = 0
+        self.startup_seconds = 0.0
+
+    def __call__(self) -> "SharedEngine":
+        if self.engine is None:
+            t0 = time.perf_counter()
+            self.engine = self._make()
+            self.startup_seconds = time.perf_counter() - t0
+            self.starts += 1
+            print(f"engine {self.label} started in {self.startup_seconds:.1f}s (start {self.starts} of this job)",
+                  file=sys.stderr, flush=True)
+        return self
+
+    @property
+    def model(self) -> str:
+        return getattr(self.engine, "model", "")
+
+    def generate(self, requests: Iterable[GenerationRequest]) -> Any:
+        return self.engine.generate(requests)
+
+    def close(self) -> None:
+        """Kept open for the shard's next article."""
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+
+def load_articles(articles_path: str | Path, uids: Sequence[str]) -> list[dict]:
+    """The shard's articles, in its order (one pass over the article file)."""
+    want = {str(u) for u in uids}
+    found = {str(rec.get("uid")): rec for _, rec in iter_jsonl(articles_path) if str(rec.get("uid")) in want}
+    missing = [u for u in uids if u not in found]
+    if missing:
+        raise InputError(f"{articles_path}: no article with uid {missing[0]!r} (is the article list from another "
+                         "data config?)")
+    return [found[str(u)] for u in uids]
+
+
+def read_entities_doc(path: str | Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: entity file not found (run the extract step first)") from None
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}:{err.lineno}: malformed JSON ({err.msg}); delete it and re-run the extract "
+                         "step") from None
+
+
+def _shard_manifest(outdir: Path, shard: str, uids: Sequence[str], step: str, engine: SharedEngine,
+                    results: dict[str, str], wall: float) -> None:
+    write_json_atomic(outdir / "manifest.json", {
+        "shard": shard, "step": step, "articles": list(uids), "status": results,
+        "engine_starts": engine.starts, "engine_startup_seconds": round(engine.startup_seconds, 2),
+        "wall_seconds": round(wall, 2)})
+
+
+def prepare_shard_dir(outdir: Path, uids: Sequence[str]) -> None:
+    """A shard folder left by a run with another article list is cleared (its outputs are never mixed in)."""
+    manifest = outdir / "manifest.json"
+    if manifest.exists():
+        try:
+            old = json.loads(manifest.read_text(encoding="utf-8")).get("articles")
+        except json.JSONDecodeError:
+            old = None
+        if old != list(uids):
+            import shutil
+
+            shutil.rmtree(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+
+
+def synthesize_shard(cfg: dict, method_name: str, articles_path: str | Path, shard: str, uids: Sequence[str],
+                     outdir: str | Path, work_dir: str | Path, entities_dir: str | Path | None = None,
+                     make_backend: Callable[[], Any] | None = None) -> dict[str, str]:
+    """All texts of one method for the articles of one shard, with one engine: OUTDIR/{uid}.jsonl and
+    OUTDIR/stats/{uid}.json per article (the per-article contract), the working shards in WORK_DIR/{uid}.jsonl.
+
+    Every article is attempted even when one is incomplete (its finished records stay cached); the job then
+    fails (SynthesisIncomplete) naming them."""
+    t0 = time.perf_counter()
+    check_shard(shard, uids)
+    outdir, work_dir = Path(outdir), Path(work_dir)
+    prepare_shard_dir(outdir, uids)
+    method = get_method(method_name, cfg)
+    if method.needs_entities and not entities_dir:
+        raise InputError(f"method {method_name!r} needs the entity files (--entities-dir "
+                         "results/synth/entigraph/entities)")
+    engine = SharedEngine(make_backend or backend_factory(cfg), cfg["synthesis"]["backend"])
+    results: dict[str, str] = {}
+    incomplete: list[str] = []
+    try:
+        for article in load_articles(articles_path, uids):
+            uid = str(article["uid"])
+            doc = read_entities_doc(Path(entities_dir) / f"{uid}.json") if method.needs_entities else None
+            try:
+                st = synthesize_article(cfg, method_name, article, outdir / f"{uid}.jsonl",
+                                        outdir / "stats" / f"{uid}.json", doc, work_dir / f"{uid}.jsonl", engine)
+            except SynthesisIncomplete as err:
+                results[uid] = "incomplete"
+                incomplete.append(str(err))
+                print(f"incomplete: {err}", file=sys.stderr, flush=True)
+                continue
+            results[uid] = st["status"]
+            print(f"{method_name}/{uid}: {st['records']} records ({st['generated']} generated, {st['reused']} "
+                  f"reused, {st['failures']} failed) in {st['run']['wall_seconds']:.1f}s", file=sys.stderr,
+                  flush=True)
+    finally:
+        engine.shutdown()
+        _shard_manifest(outdir, shard, uids, f"synthesize:{method_name}", engine, results,
+                        time.perf_counter() - t0)
+    print(f"shard {shard}: {len(uids)} articles, engine started {engine.starts} time(s)", file=sys.stderr)
+    if incomplete:
+        raise SynthesisIncomplete(f"shard {shard}: {len(incomplete)} of {len(uids)} articles incomplete; "
+                                  f"first: {incomplete[0]}")
+    return results
+
+
+def extract_shard(cfg: dict, articles_path: str | Path, shard: str, uids: Sequence[str], outdir: str | Path,
+                  work_dir: str | Path, make_backend: Callable[[], Any] | None = None) -> dict[str, str]:
+    """EntiGraph entity extraction of one shard's articles with one engine: OUTDIR/{uid}.json per article, the
+    attempt caches in WORK_DIR/{uid}.jsonl."""
+    from .entigraph import extract_entities
+
+    t0 = time.perf_counter()
+    check_shard(shard, uids)
+    outdir, work_dir = Path(outdir), Path(work_dir)
+    prepare_shard_dir(outdir, uids)
+    engine = SharedEngine(make_backend or backend_factory(cfg), cfg["synthesis"]["backend"])
+    results: dict[str, str] = {}
+    try:
+        for article in load_articles(articles_path, uids):
+            uid = str(article["uid"])
+            doc = extract_entities(cfg, article, work_dir / f"{uid}.jsonl", engine)
+            write_json_atomic(outdir / f"{uid}.json", doc)
+            results[uid] = doc["status"]
+            print(f"{uid}: extraction {doc['status']} ({len(doc['entities'])} entities"
+                  f"{'; ' + doc['reason'] if doc.get('reason') else ''})", file=sys.stderr, flush=True)
+    finally:
+        engine.shutdown()
+        _shard_manifest(outdir, shard, uids, "extract", engine, results, time.perf_counter() - t0)
+    print(f"shard {shard}: {len(uids)} articles, engine started {engine.starts} time(s)", file=sys.stderr)
+    return results
+
+
 # ------------------------------------------------------------------------------------------------ command line
 def _methods_listing(cfg: dict) -> dict:
     out = {}
@@ -496,7 +684,7 @@ def _methods_listing(cfg: dict) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m workflow_scripts.synthesis", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -522,6 +710,20 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--engine", default=None, metavar="MODULE:CLASS", help="an engine class outside backends/")
     add_config_args(s)
 
+    for name, what in (("extract-shard", "entity extraction of a shard of articles, one engine start"),
+                       ("synthesize-shard", "all texts of one method for a shard of articles, one engine start")):
+        x = sub.add_parser(name, help=what)
+        if name == "synthesize-shard":
+            x.add_argument("--method", required=True)
+            x.add_argument("--entities-dir", default=None, help="results/synth/entigraph/entities (entigraph)")
+        x.add_argument("--articles", required=True, help="results/data/articles.jsonl")
+        x.add_argument("--shard", required=True, help="shard id (synthesis.article_shards)")
+        x.add_argument("--shard-articles", required=True, nargs="+", metavar="UID", help="the shard's article uids")
+        x.add_argument("--outdir", required=True, help="the shard's folder: UID.json(l) (+ stats/UID.json)")
+        x.add_argument("--work-dir", required=True, help="per-article caches: results/synth/METHOD/work")
+        x.add_argument("--engine", default=None, metavar="MODULE:CLASS", help="an engine class outside backends/")
+        add_config_args(x)
+
     r = sub.add_parser("report", help="ledger (requests, tokens, cost, time) + corpus report of one method")
     r.add_argument("--method", required=True)
     r.add_argument("--articles", required=True)
@@ -531,43 +733,47 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--report", required=True)
     r.add_argument("--table", required=True, help="CSV table for the Snakemake report")
     add_config_args(r)
-    args = p.parse_args(argv)
+    return p
 
+
+def _run(args: argparse.Namespace, cfg: dict) -> None:
+    if args.cmd == "methods":
+        print(json.dumps(_methods_listing(cfg), indent=2))
+    elif args.cmd == "extract":
+        from .entigraph import extract_entities
+
+        article = load_article(args.articles, args.article)
+        work = args.work or Path(args.output).parent.parent / "work" / "extraction" / f"{args.article}.jsonl"
+        doc = extract_entities(cfg, article, work, backend_factory(cfg, args.engine))
+        write_json_atomic(args.output, doc)
+        print(f"{args.article}: extraction {doc['status']} ({len(doc['entities'])} entities"
+              f"{'; ' + doc['reason'] if doc.get('reason') else ''})", file=sys.stderr)
+    elif args.cmd == "synthesize":
+        article = load_article(args.articles, args.article)
+        entities_doc = read_entities_doc(args.entities) if args.entities else None
+        st = synthesize_article(cfg, args.method, article, args.output, args.stats, entities_doc, args.work,
+                                backend_factory(cfg, args.engine))
+        print(f"{args.method}/{args.article}: {st['records']} records ({st['generated']} generated, "
+              f"{st['reused']} reused, {st['failures']} failed) in {st['run']['wall_seconds']:.1f}s",
+              file=sys.stderr)
+    elif args.cmd == "extract-shard":
+        extract_shard(cfg, args.articles, args.shard, args.shard_articles, args.outdir, args.work_dir,
+                      backend_factory(cfg, args.engine))
+    elif args.cmd == "synthesize-shard":
+        synthesize_shard(cfg, args.method, args.articles, args.shard, args.shard_articles, args.outdir,
+                         args.work_dir, args.entities_dir, backend_factory(cfg, args.engine))
+    elif args.cmd == "report":
+        from .synth_report import write_method_report
+
+        rep = write_method_report(cfg, args.method, args.articles, args.synth_dir, args.entities_dir,
+                                  args.ledger, args.report, args.table)
+        print(f"{args.method}: {rep['records']} records, {rep['tokens']} tokens", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
-        cfg = config_from_args(args)
-        if args.cmd == "methods":
-            print(json.dumps(_methods_listing(cfg), indent=2))
-        elif args.cmd == "extract":
-            from .entigraph import extract_entities
-
-            article = load_article(args.articles, args.article)
-            work = args.work or Path(args.output).parent.parent / "work" / "extraction" / f"{args.article}.jsonl"
-            doc = extract_entities(cfg, article, work, backend_factory(cfg, args.engine))
-            write_json_atomic(args.output, doc)
-            print(f"{args.article}: extraction {doc['status']} ({len(doc['entities'])} entities"
-                  f"{'; ' + doc['reason'] if doc.get('reason') else ''})", file=sys.stderr)
-        elif args.cmd == "synthesize":
-            article = load_article(args.articles, args.article)
-            entities_doc = None
-            if args.entities:
-                try:
-                    entities_doc = json.loads(Path(args.entities).read_text(encoding="utf-8"))
-                except FileNotFoundError:
-                    raise InputError(f"{args.entities}: entity file not found (run the extract step first)") from None
-                except json.JSONDecodeError as err:
-                    raise InputError(f"{args.entities}:{err.lineno}: malformed JSON ({err.msg}); delete it and "
-                                     "re-run the extract step") from None
-            st = synthesize_article(cfg, args.method, article, args.output, args.stats, entities_doc, args.work,
-                                    backend_factory(cfg, args.engine))
-            print(f"{args.method}/{args.article}: {st['records']} records ({st['generated']} generated, "
-                  f"{st['reused']} reused, {st['failures']} failed) in {st['run']['wall_seconds']:.1f}s",
-                  file=sys.stderr)
-        elif args.cmd == "report":
-            from .synth_report import write_method_report
-
-            rep = write_method_report(cfg, args.method, args.articles, args.synth_dir, args.entities_dir,
-                                      args.ledger, args.report, args.table)
-            print(f"{args.method}: {rep['records']} records, {rep['tokens']} tokens", file=sys.stderr)
+        _run(args, config_from_args(args))
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

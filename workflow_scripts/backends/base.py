@@ -42,6 +42,8 @@ class Completion:
     finish_reasons: list[str]
     model: str
     error: str | None = None  # set when the request failed for good (after retries); texts is then empty
+    # prompt tokens served from the engine's prefix cache (vLLM's num_cached_tokens); None: not reported
+    cached_prompt_tokens: int | None = None
 
     @property
     def text(self) -> str:

@@ -1,17 +1,21 @@
-"""The vLLM engine: offline batch generation on GPUs (`LLM.chat` for chat requests, `LLM.generate` for plain
-prompts), with automatic prefix caching so that an article shared by many requests is prefilled once.
+"""The vLLM engine: offline batch generation on GPUs, or with vLLM's CPU build (`LLM.chat` for chat requests,
+`LLM.generate` for plain prompts), with automatic prefix caching so that an article shared by many requests is
+prefilled once.
 
-vLLM is imported only inside `VLLMBackend.__init__`: it is not installed in the CPU environment and cannot import
-without a GPU. Everything that decides what vLLM is asked (ordering, chunking, SamplingParams arguments,
-conversation lists, mapping results back to Completions) lives in pure functions below, tested with a fake LLM.
+vLLM is imported only inside `VLLMBackend.__init__`: the small CPU environment does not hold it
+(`bash scripts/bootstrap.sh --vllm` adds it: vLLM's CPU build without CUDA, vllm with CUDA). Everything that
+decides what vLLM is asked (ordering, chunking, SamplingParams arguments, conversation lists, mapping results back
+to Completions) lives in pure functions below, tested with a fake LLM (the real engine: tests/test_vllm_engine.py).
 
 Settings (config `backends.vllm`, documented in schemas/config.schema.yaml): tensor_parallel_size,
-gpu_memory_utilization, max_model_len, dtype, enable_prefix_caching, enforce_eager, chunk_size, progress.
+gpu_memory_utilization, max_model_len, dtype, enable_prefix_caching, enforce_eager, chunk_size, progress,
+cpu_kvcache_space_gib (the CPU build's KV cache).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ..io_utils import EngineUnavailable
@@ -70,8 +74,9 @@ def call_inputs(kind: str, requests: Sequence[GenerationRequest]) -> list[Any]:
 
 
 def to_completion(req: GenerationRequest, output: Any, model: str) -> Completion:
-    """Map one vLLM RequestOutput (prompt_token_ids, outputs[i].text/.token_ids/.finish_reason) to a Completion.
-    Token counts are exact: the prompt's token ids and every sample's generated token ids."""
+    """Map one vLLM RequestOutput (prompt_token_ids, outputs[i].text/.token_ids/.finish_reason, num_cached_tokens)
+    to a Completion. Token counts are exact: the prompt's token ids and every sample's generated token ids; the
+    prompt tokens served from the prefix cache are passed on."""
     samples = list(output.outputs)
     if not samples:
         return error_completion(req, model, f"request {req.id}: vLLM returned no output",
@@ -83,8 +88,10 @@ def to_completion(req: GenerationRequest, output: Any, model: str) -> Completion
         text, hit = apply_stop(s.text, req.stop) if req.stop else (s.text, False)
         texts.append(text)
         reasons.append("stop" if hit else (s.finish_reason or "stop"))
+    cached = getattr(output, "num_cached_tokens", None)
     return Completion(id=req.id, texts=texts, prompt_tokens=len(output.prompt_token_ids or []),
-                      completion_tokens=sum(len(s.token_ids) for s in samples), finish_reasons=reasons, model=model)
+                      completion_tokens=sum(len(s.token_ids) for s in samples), finish_reasons=reasons, model=model,
+                      cached_prompt_tokens=int(cached) if isinstance(cached, int) else None)
 
 
 def run_calls(llm: Any, make_params: Callable[..., Any], requests: Iterable[GenerationRequest], model: str,
@@ -150,14 +157,18 @@ class VLLMBackend:
 
     def __init__(self, model: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
                  max_model_len: int | None = None, dtype: str = "auto", enable_prefix_caching: bool = True,
-                 enforce_eager: bool = False, chunk_size: int = 2048, seed: int = 0, progress: bool = True) -> None:
+                 enforce_eager: bool = False, chunk_size: int = 2048, seed: int = 0, progress: bool = True,
+                 cpu_kvcache_space_gib: float | None = None) -> None:
+        if cpu_kvcache_space_gib is not None:
+            # read by vLLM's CPU build when its engine starts (the KV cache size in GiB; a GPU build ignores it)
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{cpu_kvcache_space_gib:g}"
         try:
-            import vllm  # noqa: F401 - imported here only: it cannot import on a CPU-only machine
+            import vllm  # noqa: F401 - imported here only: the small CPU .venv does not hold it
         except Exception as e:  # ImportError, or a CUDA/driver error raised while importing
             raise EngineUnavailable(
-                f"the vllm backend needs vLLM on a CUDA machine ({type(e).__name__}: {e}); install "
-                "requirements-gpu.txt in a GPU environment (or run with --use-conda, envs/synthesis-vllm.yaml), "
-                "or choose the transformers or openai backend") from None
+                f"the vllm backend needs the vLLM engine ({type(e).__name__}: {e}); build it with "
+                "`bash scripts/bootstrap.sh --vllm` (CPU build without CUDA, vllm on a GPU machine), or run with "
+                "--use-conda (envs/synthesis-vllm.yaml), or choose the transformers or openai backend") from None
         from vllm import LLM, SamplingParams
 
         self.model = str(model)
