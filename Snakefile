@@ -23,6 +23,7 @@ wildcard_constraints:
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/synthesis.smk"
+include: "rules/filters.smk"
 include: "rules/corpus.smk"
 include: "rules/cpt.smk"
 include: "rules/evaluation.smk"

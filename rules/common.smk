@@ -8,9 +8,11 @@ from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
 from workflow_scripts.config import check_budgets, method_budgets
+from workflow_scripts.derived import check_methods, filter_variants, imported, method_kind, mixtures, trained_methods
 
 validate(config, "../schemas/config.schema.yaml")
 check_budgets(config)
+check_methods(config)
 
 # Rules run `python -m workflow_scripts.<stage>`. Without --use-conda that must be the interpreter running
 # Snakemake (the README's .venv), also when .venv/bin/snakemake is called without activating the venv; with
@@ -75,8 +77,9 @@ def model_id(method, budget):
 
 
 def cpt_models():
-    """(method, budget) of every CPT model: the Raw baseline on all raw tokens, and each method x budget."""
-    return [("raw", "all")] + [(m, b) for m in synth_methods() for b in budgets(m)]
+    """(method, budget) of every CPT model: the Raw baseline on all raw tokens, and each method x budget (synthesis
+    methods, filtered variants, imported corpora, mixtures: workflow_scripts/derived.py)."""
+    return [("raw", "all")] + [(m, b) for m in trained_methods(config) for b in budgets(m)]
 
 
 def model_dir(mid):
@@ -85,6 +88,44 @@ def model_dir(mid):
         return model_location("base")
     method, budget = mid.rsplit("-", 1)
     return f"results/models/{method}/{budget}"
+
+
+# ---- derived corpora (rules/filters.smk, rules/mixture.smk; workflow_scripts/derived.py) ----
+def method_records(method):
+    """The record files a method's corpus is built from: the articles (raw), a filtered or imported records.jsonl,
+    or the synthesis shards of every article."""
+    kind = method_kind(config, method)
+    if kind == "raw":
+        return [ARTICLES]
+    if kind in ("filtered", "imported"):
+        return [f"results/{kind}/{method}/records.jsonl"]
+    return [f"results/synth/{method}/{u}.jsonl" for u in article_uids()]
+
+
+def judge_model_input(variant):
+    """The judge's model folder when the variant runs the judge on a local model."""
+    if "judge" not in filter_variants(config)[variant]["steps"]:
+        return []
+    spec = config["filters"]["judge"]["model"] or config["models"]["generator"]
+    if spec["source"] == "package":
+        return [f"results/hf_models/{spec['name']}"]
+    return [spec["name"]] if spec["source"] == "path" else []
+
+
+def filter_config_json(variant):
+    """--config-json of a filter job: the variant, the filter settings its steps use, the judge's engine and model,
+    and the report settings (resources and other variants are left out, so they rerun nothing)."""
+    f = config["filters"]
+    steps = f["variants"][variant]["steps"]
+    syn = config["synthesis"]
+    engine = f["judge"]["backend"] or syn["backend"]
+    cfg = {"seed": config["seed"], "filters": {"variants": {variant: f["variants"][variant]},
+                                                **{s: f[s] for s in steps}},
+           "synthesis": {k: syn[k] for k in ("report", "sampling", "backend")}}
+    if "judge" in steps:
+        cfg["models"] = {"generator": config["models"]["generator"]}
+        cfg["backends"] = {engine: config["backends"].get(engine) or {}}
+    return json.dumps(cfg, sort_keys=True)
 
 
 # ---- data stage (rules/data.smk) ----

@@ -6,9 +6,9 @@ CORPUS = "results/corpus"
 
 rule build_corpus:
     input:
-        # raw: the articles; a synthesis method: its shard of every article
-        records=lambda wc: [ARTICLES] if wc.method == "raw" else [f"results/synth/{wc.method}/{u}.jsonl"
-                                                                   for u in article_uids()],
+        # raw: the articles; a synthesis method: its shard of every article; a filtered variant or an imported
+        # corpus: its records.jsonl (common.smk method_records)
+        records=lambda wc: method_records(wc.method),
         model=model_input("base"),
     output:
         tokens=f"{CORPUS}/{{method}}/tokens.npy",
