@@ -17,6 +17,9 @@ rule cpt:
         manifest=f"{CORPUS}/{{method}}/manifest.json",
         model=model_input("base"),
         general=CPT_GENERAL,
+        # a mixture trained easy to hard reads the per-block losses of its corpus (rules/mixture.smk)
+        difficulty=lambda wc: [f"{CORPUS}/{wc.method}/block_loss.npy"]
+        if MIXTURES.get(wc.method, {}).get("order") == "perplexity" else [],
     output:
         directory("results/models/{method}/{budget}"),
     log:
