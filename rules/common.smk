@@ -102,6 +102,18 @@ def method_records(method):
     return [f"results/synth/{method}/{u}.jsonl" for u in article_uids()]
 
 
+def corpus_config_json(method):
+    """--config-json of a corpus build: seed and corpus settings, with only this method's document format (a
+    format added for another method reruns nothing here)."""
+    corpus = {k: v for k, v in config["corpus"].items() if k != "document_format"}
+    formats = config["corpus"].get("document_format") or {}
+    source = filter_variants(config).get(method, {}).get("source")
+    fmt = formats.get(method) or formats.get(source)
+    if fmt:
+        corpus["document_format"] = {method: fmt}
+    return json.dumps({"seed": config["seed"], "corpus": corpus}, sort_keys=True)
+
+
 def judge_model_input(variant):
     """The judge's model folder when the variant runs the judge on a local model."""
     if "judge" not in filter_variants(config)[variant]["steps"]:

@@ -9,6 +9,7 @@ rule build_corpus:
         # raw: the articles; a synthesis method: its shard of every article; a filtered variant or an imported
         # corpus: its records.jsonl (common.smk method_records)
         records=lambda wc: method_records(wc.method),
+        articles=ARTICLES,  # titles of corpus.document_format (SPA-style "{title}\n{text}")
         model=model_input("base"),
     output:
         tokens=f"{CORPUS}/{{method}}/tokens.npy",
@@ -16,7 +17,7 @@ rule build_corpus:
     log:
         f"{LOGS}/corpus/{{method}}.log",
     params:
-        cfg=section("seed", "corpus"),
+        cfg=lambda wc: corpus_config_json(wc.method),
         model=lambda wc: model_location("base"),  # a folder, or a hub id (no input file)
         outdir=lambda wc, output: os.path.dirname(output.tokens),
     threads: 1
@@ -24,5 +25,5 @@ rule build_corpus:
         "../envs/train.yaml"
     shell:
         "python -m workflow_scripts.corpus build --method {wildcards.method} "
-        "--model {params.model:q} --inputs {input.records} --outdir {params.outdir} "
+        "--model {params.model:q} --inputs {input.records} --articles {input.articles} --outdir {params.outdir} "
         "--config-json {params.cfg:q} 2> {log}"
