@@ -133,7 +133,8 @@ def shingles(text: str, n: int) -> set[bytes]:
     return {" ".join(words[i:i + n]).encode("utf-8") for i in range(len(words) - n + 1)}
 
 
-def apply_dedup(records: list[dict], dc: dict, seed: int) -> tuple[list[dict], list[Removal]]:
+def apply_dedup(records: list[dict], dc: dict, seed: int,
+                share_permutations: bool = True) -> tuple[list[dict], list[Removal]]:
     """Exact, then MinHash-LSH near-duplicate removal; records are visited in id order, the first one is kept."""
     from datasketch import MinHash, MinHashLSH
 
@@ -141,6 +142,9 @@ def apply_dedup(records: list[dict], dc: dict, seed: int) -> tuple[list[dict], l
     removed: list[Removal] = []
     exact: dict[str, str] = {}
     lsh = MinHashLSH(threshold=dc["threshold"], num_perm=dc["num_perm"]) if dc["near"] else None
+    # one set of seeded permutations for every record: drawing them anew per MinHash costs more than hashing a text
+    template = MinHash(num_perm=dc["num_perm"], seed=seed)
+    perms = template.permutations if share_permutations else None
     hashes: dict[str, Any] = {}
     for rec in sorted(records, key=lambda r: r["id"]):
         if dc["exact"]:
@@ -150,7 +154,8 @@ def apply_dedup(records: list[dict], dc: dict, seed: int) -> tuple[list[dict], l
                 continue
             exact[key] = rec["id"]
         if lsh is not None:
-            mh = MinHash(num_perm=dc["num_perm"], seed=seed)
+            mh = (MinHash(num_perm=dc["num_perm"], seed=seed, permutations=perms, scheme=template.scheme) if perms
+                  is not None else MinHash(num_perm=dc["num_perm"], seed=seed))
             mh.update_batch(list(shingles(rec["text"], dc["shingle_words"])))
             # LSH returns candidates; keep the verdict to those whose estimated Jaccard reaches the threshold
             close = [(hashes[c].jaccard(mh), c) for c in lsh.query(mh)]
@@ -305,6 +310,8 @@ def filter_records(records: list[dict], articles: dict[str, dict], cfg: dict, st
     scores: list[dict] = []
     judge_info = None
     for step in steps:
+        if step == "dedup":
+            import datasketch  # noqa: F401  (imported before the clock starts: records/s measures the filter)
         t0 = time.perf_counter()
         n_in = len(kept)
         if step == "heuristics":
