@@ -102,6 +102,11 @@ def method_records(method):
     return [f"results/synth/{method}/{u}.jsonl" for u in article_uids()]
 
 
+def mixture_corpora(name):
+    """SOURCE=FOLDER of every source of a mixture that is a corpus (replay is read from cpt.replay.source)."""
+    return {s: f"results/corpus/{s}" for s in mixtures(config)[name]["sources"] if s != "replay"}
+
+
 def corpus_config_json(method):
     """--config-json of a corpus build: seed and corpus settings, with only this method's document format (a
     format added for another method reruns nothing here)."""

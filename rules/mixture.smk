@@ -8,11 +8,6 @@ MIX_CPT = config["cpt"]
 ruleorder: build_mixture > build_corpus
 
 
-def mixture_corpora(name):
-    """SOURCE=FOLDER of every source of a mixture that is a corpus (replay is read from cpt.replay.source)."""
-    return {s: f"{CORPUS}/{s}" for s in MIXTURES[name]["sources"] if s != "replay"}
-
-
 rule build_mixture:
     input:
         manifests=lambda wc: [f"{d}/manifest.json" for d in mixture_corpora(wc.method).values()],
