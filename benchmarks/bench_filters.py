@@ -81,7 +81,7 @@ def main() -> int:
     rows.append(("judge (SmolLM2-135M, transformers, CPU)", len(sample), t_judge))
     load = os.getloadavg()[0]
     lines = ["| step | records | seconds per pass | records/s |", "|---|---|---|---|"]
-    lines += [f"| {name} | {n} | {s:.4f} | {n / s:.1f} |" for name, n, s in rows]
+    lines += [f"| {name} | {n} | {s:.4f} | {n / s:.3g} |" for name, n, s in rows]
     ratio = (len(copies) / t_shared) / (len(copies) / t_fresh)
     summary = (f"Dedup kept {kept} of {len(copies)} records ({args.copies} near-duplicate copies of {len(records)}); "
                f"shared permutations {ratio:.2f}x the throughput of fresh ones. Judge: {out[3]['unparseable']} of "
