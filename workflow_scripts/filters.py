@@ -242,6 +242,7 @@ def run_judge(records: list[dict], articles: dict[str, dict], cfg: dict, work: P
     engine, settings, model = judge_settings(cfg)
     planned = judge_requests(records, articles, system, version, model, jc, int(cfg["seed"]))
     t0 = time.perf_counter()
+    errors: list[str] = []
     with AppendOnlyJsonl(work) as cache:
         todo = [req for sid, _, req in planned if sid not in cache]
         record_of = {req.id: req.metadata["record_id"] for req in todo}
@@ -249,8 +250,11 @@ def run_judge(records: list[dict], articles: dict[str, dict], cfg: dict, work: P
             backend = (make_backend or (lambda: get_backend(engine, settings)))()
             try:
                 for c in backend.generate(todo):
-                    cache.append({"id": c.id, "record_id": record_of.get(c.id), "prompt_version": version, "model": model,
-                                  "completion": c.text, "error": c.error, "scores": parse_scores(c.text)})
+                    if c.error:  # not cached: a re-run asks again
+                        errors.append(c.error)
+                        continue
+                    cache.append({"id": c.id, "record_id": record_of.get(c.id), "prompt_version": version,
+                                  "model": model, "completion": c.text, "scores": parse_scores(c.text)})
             finally:
                 backend.close()
     cached = {rec["id"]: rec for _, rec in iter_jsonl(work, allow_truncated_tail=True)}
@@ -258,7 +262,8 @@ def run_judge(records: list[dict], articles: dict[str, dict], cfg: dict, work: P
     for sid, rec, _ in planned:
         row = cached.get(sid)
         if row is None:
-            raise InputError(f"{work}: no judge score for record {rec['id']} (the engine returned nothing); re-run")
+            raise InputError(f"{work}: no judge score for record {rec['id']} ({len(errors)} judge requests failed, "
+                             f"e.g. {errors[0] if errors else 'no completion returned'}); re-run to retry only those")
         s = row["scores"]
         mean = None if s is None else (s["faithfulness"] + s["informativeness"]) / 2
         scores.append({"record_id": rec["id"], "article_uid": rec["article_uid"], "scores": s, "mean": mean,
