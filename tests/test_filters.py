@@ -176,3 +176,34 @@ def test_variant_names_fit_the_wildcard_and_model_ids():
     clash = load_config(overrides={"filters": {"variants": {"rephrase": {"source": "entigraph"}}}})
     with pytest.raises(InputError, match="declared in both"):
         check_methods(clash)
+
+
+class FailingEngine(ScriptedEngine):
+    """Fails every request whose record mentions `fail_on` (as an engine does after its own retries)."""
+
+    def __init__(self, answers, fail_on):
+        super().__init__(answers)
+        self.fail_on = fail_on
+
+    def generate(self, requests):
+        from workflow_scripts.backends import Completion
+
+        for r in requests:
+            if self.fail_on in r.messages[1]["content"]:
+                self.asked.append(r.id)
+                yield Completion(id=r.id, texts=[], prompt_tokens=0, completion_tokens=0, finish_reasons=[],
+                                 model="scripted", error="HTTP 503 after 5 retries")
+            else:
+                yield from super().generate([r])
+
+
+def test_failed_judge_requests_are_retried_not_cached(cfg, tmp_path):
+    recs = [rec("a", TEXT), rec("b", OTHER)]
+    arts = {a["uid"]: a for a in ARTICLES}
+    ok = "Faithfulness: 4\nInformativeness: 4"
+    with pytest.raises(InputError, match="1 judge requests failed, e.g. HTTP 503"):
+        filter_records(recs, arts, cfg, ["judge"], tmp_path, lambda: FailingEngine({"": ok}, "Captain"))
+    assert [c["record_id"] for c in read_jsonl(tmp_path / "judge_scores.jsonl")] == ["a"]
+    retry = ScriptedEngine({"": ok})
+    out = filter_records(recs, arts, cfg, ["judge"], tmp_path, lambda: retry)
+    assert len(retry.asked) == 1 and [r["id"] for r in out["kept"]] == ["a", "b"]
