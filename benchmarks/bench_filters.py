@@ -61,7 +61,8 @@ def main() -> int:
         return 2
     cfg = load_config(overrides={
         "models": {"generator": {"source": "path", "name": args.model}},
-        "backends": {"transformers": {"device": "cpu", "progress": False, "batch_size": 8, "num_threads": args.threads}},
+        "backends": {"transformers": {"device": "cpu", "progress": False, "batch_size": 8,
+                                      "num_threads": args.threads}},
         "filters": {"judge": {"max_article_chars": 1500, "max_new_tokens": 16}}})
     fc = cfg["filters"]
     copies = [r | {"id": f"{r['id']}-{i}", "text": f"{r['text']} ({i})"} for i in range(args.copies) for r in records]
@@ -70,7 +71,8 @@ def main() -> int:
     rows.append(("heuristics", len(records), t))
     t_shared = timed(lambda: filters.apply_dedup(copies, fc["dedup"], 42, True), args.repeat)
     t_fresh = timed(lambda: filters.apply_dedup(copies, fc["dedup"], 42, False), args.repeat)
-    rows += [("dedup (shared permutations)", len(copies), t_shared), ("dedup (fresh permutations)", len(copies), t_fresh)]
+    rows += [("dedup (shared permutations)", len(copies), t_shared),
+             ("dedup (fresh permutations)", len(copies), t_fresh)]
     kept = len(filters.apply_dedup(copies, fc["dedup"], 42)[0])
     articles = {str(a["uid"]): a for a in read_jsonl(args.articles)}
     sample = records[: args.judge_records]

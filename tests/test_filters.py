@@ -116,7 +116,8 @@ def test_judge_threshold_unparseable_policy_and_score_cache(cfg, tmp_path):
     cfg["filters"]["judge"]["threshold"] = 5
     out = filter_records(recs, arts, cfg, ["judge"], tmp_path, lambda: again)
     assert again.asked == [] and out["kept"] == []
-    assert sorted(w.split(" ")[0] for _, _, w in out["removed"]) == ["judge_below_threshold"] * 2 + ["judge_unparseable"]
+    reasons = sorted(w.split(" ")[0] for _, _, w in out["removed"])
+    assert reasons == ["judge_below_threshold"] * 2 + ["judge_unparseable"]
 
 
 def test_judge_runs_on_the_real_offline_model(cfg, tmp_path, smollm_dir):
@@ -155,7 +156,8 @@ def test_a_variant_writes_kept_removed_scores_and_report(cfg, tmp_path, capsys):
     table = (out / "report.csv").read_text()
     assert "heuristics,too_short,,1" in table and "dedup,exact_duplicate,,1" in table
     # the command line: a filter that removes everything is one clear line and exit 2
-    cfg_json = json.dumps({"filters": {"variants": {"entigraph_judge": {"source": "entigraph", "steps": ["heuristics"]}},
+    variant = {"source": "entigraph", "steps": ["heuristics"]}
+    cfg_json = json.dumps({"filters": {"variants": {"entigraph_judge": variant},
                                        "heuristics": {"min_words": 1000}}})
     code = main(["run", "--variant", "entigraph_judge", "--articles", str(arts), "--inputs", str(shard),
                  "--outdir", str(tmp_path / "x"), "--config-json", cfg_json])

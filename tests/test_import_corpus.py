@@ -102,7 +102,8 @@ def test_no_matching_row_and_a_missing_file_are_clear_errors(tmp_path, capsys):
 def test_the_command_writes_records_the_corpus_stage_reads(tmp_path):
     from workflow_scripts.corpus import load_records
 
-    path = authors_parquet(tmp_path / "train.parquet", [(" Lost in Translation by Janifer, Laurence M.", f"a b{SEP}c d")])
+    path = authors_parquet(tmp_path / "train.parquet",
+                           [(" Lost in Translation by Janifer, Laurence M.", f"a b{SEP}c d")])
     arts = tmp_path / "articles.jsonl"
     write_jsonl_atomic(arts, ARTICLES)
     out = tmp_path / "imported" / "released"

@@ -48,7 +48,8 @@ def test_documents_are_title_newline_completion(tmp_path, smollm_dir, method, ex
     tokens, _ = load_corpus(tmp_path / "c")
     text = load_tokenizer(str(smollm_dir)).decode(list(tokens))
     assert m["document_format"] == "{title}\n{text}"
-    assert sorted(text.split("<|endoftext|>"))[1:] == [f"Lost in Translation\nLesson {i} about Korvin." for i in range(3)]
+    docs = sorted(text.split("<|endoftext|>"))[1:]
+    assert docs == [f"Lost in Translation\nLesson {i} about Korvin." for i in range(3)]
     with pytest.raises(InputError, match="pass --articles"):
         build_corpus(method, [shard], str(smollm_dir), tmp_path / "d", cfg)
 

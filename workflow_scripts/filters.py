@@ -332,7 +332,8 @@ def filter_records(records: list[dict], articles: dict[str, dict], cfg: dict, st
         removed.extend((r, step, why) for r, why in out)
         # reasons without their numbers, e.g. "top_2gram", "near_duplicate", so that they can be counted
         by_reason = Counter(why.split(" ")[0] for _, why in out)
-        counts[step] = {"in": n_in, "kept": len(kept), "removed": len(out), "by_reason": dict(sorted(by_reason.items())),
+        counts[step] = {"in": n_in, "kept": len(kept), "removed": len(out),
+                        "by_reason": dict(sorted(by_reason.items())),
                         "seconds": round(dt, 4), "records_per_second": round(n_in / dt, 1) if dt > 0 else None}
     return {"kept": kept, "removed": removed, "counts": counts, "scores": scores, "judge": judge_info}
 

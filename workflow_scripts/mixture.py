@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             if any(len(x) != 2 for x in pairs):
                 raise InputError(f"--corpora takes SOURCE=FOLDER pairs, got {args.corpora}")
             m = build_mixture(args.name, dict(pairs), args.model, args.outdir, cfg)
-            out = {k: m[k] for k in ("method", "total_tokens", "n_records")} | {"blocks": m["mixture"]["blocks_by_source"]}
+            out = {k: m[k] for k in ("method", "total_tokens", "n_records")}
+            out["blocks"] = m["mixture"]["blocks_by_source"]
         else:
             out = block_losses(args.corpus, args.model, args.micro_batch)
     except InputError as e:
