@@ -8,11 +8,14 @@ from snakemake.settings.types import DeploymentMethod
 from workflow_scripts import job_keys, layout
 from workflow_scripts.config import ConfigError, check_budgets, missing_engine_message, validate_config
 
+from workflow_scripts.derived import check_methods, filter_variants, imported, method_kind, mixtures, trained_methods
+
 # The schema check of the stage command lines (defaults filled in); a config that fails it (a file, or a
 # --config value) stops planning with one line naming each key, not a validation dump.
 try:
     validate_config(config)
     check_budgets(config)
+    check_methods(config)
 except ConfigError as e:
     sys.exit(f"error: {e}")
 
@@ -100,6 +103,61 @@ def cpt_models():
 
 def model_dir(mid):
     return layout.model_dir(mid, config)
+
+
+# ---- derived corpora (rules/filters.smk, rules/mixture.smk; workflow_scripts/derived.py) ----
+def method_records(method):
+    """The record files a method's corpus is built from: the articles (raw), a filtered or imported records.jsonl,
+    or the synthesis shards of every article."""
+    kind = method_kind(config, method)
+    if kind == "raw":
+        return [ARTICLES]
+    if kind in ("filtered", "imported"):
+        return [f"results/{kind}/{method}/records.jsonl"]
+    return [f"results/synth/{method}/{u}.jsonl" for u in article_uids()]
+
+
+def mixture_corpora(name):
+    """SOURCE=FOLDER of every source of a mixture that is a corpus (replay is read from cpt.replay.source)."""
+    return {s: f"results/corpus/{s}" for s in mixtures(config)[name]["sources"] if s != "replay"}
+
+
+def corpus_config_json(method):
+    """--config-json of a corpus build: seed and corpus settings, with only this method's document format (a
+    format added for another method reruns nothing here)."""
+    corpus = {k: v for k, v in config["corpus"].items() if k != "document_format"}
+    formats = config["corpus"].get("document_format") or {}
+    source = filter_variants(config).get(method, {}).get("source")
+    fmt = formats.get(method) or formats.get(source)
+    if fmt:
+        corpus["document_format"] = {method: fmt}
+    return json.dumps({"seed": config["seed"], "corpus": corpus}, sort_keys=True)
+
+
+def filter_judge_model_input(variant):
+    """The filter judge's model folder when the variant runs the judge on a local model."""
+    if "judge" not in filter_variants(config)[variant]["steps"]:
+        return []
+    spec = config["filters"]["judge"]["model"] or config["models"]["generator"]
+    if spec["source"] == "package":
+        return [f"results/hf_models/{spec['name']}"]
+    return [spec["name"]] if spec["source"] == "path" else []
+
+
+def filter_config_json(variant):
+    """--config-json of a filter job: the variant, the filter settings its steps use, the judge's engine and model,
+    and the report settings (resources and other variants are left out, so they rerun nothing)."""
+    f = config["filters"]
+    steps = f["variants"][variant]["steps"]
+    syn = config["synthesis"]
+    engine = f["judge"]["backend"] or syn["backend"]
+    cfg = {"seed": config["seed"], "filters": {"variants": {variant: f["variants"][variant]},
+                                                **{s: f[s] for s in steps}},
+           "synthesis": {k: syn[k] for k in ("report", "sampling", "backend")}}
+    if "judge" in steps:
+        cfg["models"] = {"generator": config["models"]["generator"]}
+        cfg["backends"] = {engine: config["backends"].get(engine) or {}}
+    return json.dumps(cfg, sort_keys=True)
 
 
 # ---- data stage (rules/data.smk) ----

@@ -6,9 +6,10 @@ CORPUS = layout.CORPUS
 
 rule build_corpus:
     input:
-        # raw: the articles; a synthesis method: its shard of every article
-        records=lambda wc: [ARTICLES] if wc.method == "raw" else [f"results/synth/{wc.method}/{u}.jsonl"
-                                                                   for u in article_uids()],
+        # raw: the articles; a synthesis method: its shard of every article; a filtered variant or an imported
+        # corpus: its records.jsonl (common.smk method_records)
+        records=lambda wc: method_records(wc.method),
+        articles=ARTICLES,  # titles of corpus.document_format (SPA-style "{title}\n{text}")
         model=model_input("base"),
     output:
         tokens=f"{CORPUS}/{{method}}/tokens.npy",
@@ -16,7 +17,7 @@ rule build_corpus:
     log:
         f"{LOGS}/corpus/{{method}}.log",
     params:
-        cfg=job_config("build_corpus"),
+        cfg=lambda wc: corpus_config_json(wc.method),
         ops=job_ops("build_corpus"),
         model=lambda wc: model_location("base"),  # a folder, or a hub id (no input file)
         outdir=lambda wc, output: os.path.dirname(output.tokens),
@@ -25,5 +26,5 @@ rule build_corpus:
         "../envs/train.yaml"
     shell:
         "python -m workflow_scripts.corpus build --method {wildcards.method} "
-        "--model {params.model:q} --inputs {input.records} --outdir {params.outdir} "
+        "--model {params.model:q} --inputs {input.records} --articles {input.articles} --outdir {params.outdir} "
         "--config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"

@@ -12,6 +12,9 @@ rule cpt:
         model=model_input("base"),
         general=CPT_GENERAL,
         articles=ARTICLES,  # the forgetting probe is checked against them (workflow_scripts/replay.py)
+        # a mixture trained easy to hard reads the per-block losses of its corpus (rules/mixture.smk)
+        difficulty=lambda wc: [f"{CORPUS}/{wc.method}/block_loss.npy"]
+        if MIXTURES.get(wc.method, {}).get("order") == "perplexity" else [],
     output:
         directory(f"{layout.MODELS}/{{method}}/{{budget}}"),
     log:

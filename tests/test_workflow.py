@@ -26,7 +26,8 @@ def test_lint_is_clean():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("overlay", [None, "experiments/paper.yaml", "experiments/single-gpu.yaml"])
+@pytest.mark.parametrize("overlay", [None, "experiments/paper.yaml", "experiments/single-gpu.yaml",
+                                     "experiments/cpu-judge.yaml", "experiments/cpu-curriculum.yaml"])
 def test_dry_run_plans_the_dag(overlay, tmp_path):
     args = SNAKEMAKE + ["-n", "--forceall", "--cores", "1", "--quiet", "rules"]
     if overlay:

@@ -105,7 +105,9 @@ def check_budgets(cfg: dict) -> None:
     """Fail at planning time, not hours later in a CPT job: every budget must fill at least one block."""
     cpt = cfg.get("cpt", {})
     block = int(cpt.get("block_size", 1))
-    methods = cfg.get("synthesis", {}).get("methods", [])
+    from .derived import trained_methods
+
+    methods = trained_methods(cfg)
     small = sorted({(m, b) for m in methods for b in method_budgets(cfg, m) if b < block})
     if small:
         listed = ", ".join(f"{m} {b}" for m, b in small)

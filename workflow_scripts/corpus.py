@@ -154,7 +154,8 @@ def load_records(method: str, paths: Sequence[str | Path]) -> tuple[list[dict], 
                 continue
             rid = str(rec[key])
             doc = {"id": rid, "text": rec["text"], "kind": "article" if method == RAW_METHOD else rec.get("kind"),
-                   "article_uid": rid if method == RAW_METHOD else rec.get("article_uid")}
+                   "article_uid": rid if method == RAW_METHOD else rec.get("article_uid"),
+                   "source_method": rec.get("source_method")}
             if rid in by_id:
                 if by_id[rid]["text"] != doc["text"]:
                     raise InputError(f"{where}: id {rid!r} appears twice with different texts; "
@@ -170,6 +171,36 @@ def load_records(method: str, paths: Sequence[str | Path]) -> tuple[list[dict], 
     return docs, {"inputs": inputs, "dropped": dropped}
 
 
+def format_documents(docs: list[dict], method: str, formats: dict[str, str],
+                     articles: str | Path | None) -> str | None:
+    """Render each document with corpus.document_format[method] (a filtered variant: its source method's), e.g.
+    SPA's "{title}\n{text}"; returns the format used, or None when the texts stay as they are."""
+    fmt = formats.get(method) or next((formats[d["source_method"]] for d in docs
+                                       if d.get("source_method") in formats), None)
+    if not fmt:
+        return None
+    titles: dict[str, str] = {}
+    if "{title}" in fmt:
+        if articles is None:
+            raise InputError(f"corpus.document_format of {method!r} uses {{title}}: pass --articles "
+                             "results/data/articles.jsonl")
+        titles = {str(a["uid"]): str(a.get("title") or a["uid"]).strip() for _, a in iter_jsonl(articles)}
+    for d in docs:
+        if "{title}" in fmt and d["article_uid"] not in titles:
+            raise InputError(f"record {d['id']}: article {d['article_uid']!r} is not in {articles}")
+        d["text"] = fmt.replace("{title}", titles.get(d["article_uid"], "")).replace("{text}", d["text"])
+    return fmt
+
+
+def corpus_hash_section(cfg_corpus: dict, fmt: str | None) -> dict:
+    """The corpus settings that shaped this corpus: the document format only when one applied (so adding formats
+    for other methods changes no existing corpus)."""
+    out = {k: v for k, v in cfg_corpus.items() if k != "document_format"}
+    if fmt:
+        out["document_format"] = fmt
+    return out
+
+
 def shuffle_order(n: int, seed: int) -> np.ndarray:
     """The seeded permutation of the id-sorted documents: one order per (records, seed)."""
     return np.random.default_rng(seed).permutation(n)
@@ -182,11 +213,12 @@ def corpus_seed(cfg: dict) -> int:
 
 
 def build_corpus(method: str, inputs: Sequence[str | Path], tokenizer: str, outdir: str | Path,
-                 cfg: dict, progress: bool = False) -> dict[str, Any]:
+                 cfg: dict, progress: bool = False, articles: str | Path | None = None) -> dict[str, Any]:
     """Tokenize, shuffle and concatenate a method's documents into outdir/tokens.npy + manifest.json."""
     t0 = time.time()
     outdir = Path(outdir)
     docs, stats = load_records(method, inputs)
+    fmt = format_documents(docs, method, cfg["corpus"].get("document_format") or {}, articles)
     tok = load_tokenizer(tokenizer)
     specials = special_tokens(tok, cfg["corpus"])
     dtype = token_dtype(len(tok))
@@ -224,7 +256,9 @@ def build_corpus(method: str, inputs: Sequence[str | Path], tokenizer: str, outd
         "mean_tokens_per_record": round(total / len(docs), 1),
         "dropped": stats["dropped"],
         "inputs": stats["inputs"],
-        "config_hash": config_hash({"seed": seed, "corpus": shaping_part(cfg, "corpus"), "tokenizer": str(tokenizer)}),
+        "document_format": fmt,
+        "config_hash": config_hash({"seed": seed, "corpus": corpus_hash_section(shaping_part(cfg, "corpus"), fmt),
+                                    "tokenizer": str(tokenizer)}),
         "seconds": round(time.time() - t0, 2),
         "records": {"ids": [d["id"] for d in docs], "offsets": offsets.tolist()},
     }
@@ -277,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--inputs", nargs="+", required=True,
                    help="JSONL files, or folders of *.jsonl shards (raw: results/data/articles.jsonl)")
     b.add_argument("--outdir", required=True, help="output folder (tokens.npy + manifest.json)")
+    b.add_argument("--articles", default=None, help="results/data/articles.jsonl (titles for corpus.document_format)")
     add_config_args(b)
     i = sub.add_parser("info", help="print a corpus manifest's summary (and a budget's token count)")
     i.add_argument("corpus", help="corpus folder")
@@ -286,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "build":
             cfg = config_from_args(args)
-            m = build_corpus(args.method, args.inputs, args.model, args.outdir, cfg, progress=True)
+            m = build_corpus(args.method, args.inputs, args.model, args.outdir, cfg, progress=True,
+                             articles=args.articles)
             summary = {k: v for k, v in m.items() if k not in ("records", "inputs", "layout")}
         else:
             tokens, m = load_corpus(args.corpus)

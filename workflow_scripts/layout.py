@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import method_budgets
+from .derived import trained_methods
 from .io_utils import InputError
 
 RESULTS = "results"
@@ -108,8 +109,9 @@ def budgets(cfg: dict, method: str | None = None) -> list[int]:
 
 
 def cpt_models(cfg: dict) -> list[tuple[str, str]]:
-    """(method, budget) of every CPT model: the Raw baseline on all raw tokens, then each method x budget."""
-    return [(RAW, "all")] + [(m, str(b)) for m in synth_methods(cfg) for b in budgets(cfg, m)]
+    """(method, budget) of every CPT model: the Raw baseline on all raw tokens, then each trained method x budget
+    (synthesis methods, filtered variants, imported corpora, mixtures: workflow_scripts/derived.py)."""
+    return [(RAW, "all")] + [(m, str(b)) for m in trained_methods(cfg) for b in budgets(cfg, m)]
 
 
 def eval_models(cfg: dict) -> list[str]:

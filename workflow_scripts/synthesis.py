@@ -64,6 +64,7 @@ BUILTIN_METHODS = {
     "entigraph": "workflow_scripts.entigraph:EntiGraph",
     "rephrase": "workflow_scripts.synthesis:Rephrase",
     "qa": "workflow_scripts.synthesis:QAFormat",
+    "strategies": "workflow_scripts.strategies:Strategies",  # seven strategy prompts in the spirit of SPA
 }
 
 

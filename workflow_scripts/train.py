@@ -64,6 +64,7 @@ from .corpus import RAW_METHOD, budget_tokens, load_corpus, load_tokenizer
 from .io_utils import InputError, write_json_atomic
 from . import replay
 from .job_keys import resume_config, shaping
+from .mixture import curriculum_order, source_shares
 
 LOG_FIELDS = ["step", "epoch", "loss", "lr", "grad_norm", "sequences", "replay_sequences", "tokens", "tokens_seen",
               "step_seconds", "tokens_per_s", "elapsed_s"]
@@ -74,19 +75,27 @@ class Interrupted(RuntimeError):
 
 
 # -------------------------------------------------------------------------------------------- pure logic
-def data_plan(n_blocks: int, epochs: int, seed: int, replay_rate: float = 0.0) -> np.ndarray:
+def data_plan(n_blocks: int, epochs: int, seed: int, replay_rate: float = 0.0,
+              order: np.ndarray | None = None) -> np.ndarray:
     """The sequence order of the whole run: entry >= 0 is corpus block i; entry -1-k is the k-th replay draw.
 
-    Epoch e visits the blocks in the permutation of rng([seed, e]); with replay, each position is replaced with
-    probability `replay_rate` (rng([seed, e, 1])), so the epoch length does not change."""
+    Epoch e visits the blocks in the permutation of rng([seed, e]), or in the fixed `order` of a curriculum
+    (workflow_scripts.mixture.curriculum_order); with replay, each position is replaced with probability
+    `replay_rate` (rng([seed, e, 1])), so the epoch length does not change."""
     parts, k = [], 0
+    fixed = None if order is None else np.asarray(order, dtype=np.int64)
+    if fixed is not None and (len(fixed) != n_blocks or len(np.unique(fixed)) != n_blocks):
+        raise ValueError(f"a curriculum order must be a permutation of the {n_blocks} blocks")
     for epoch in range(epochs):
-        order = np.random.default_rng([seed, epoch]).permutation(n_blocks).astype(np.int64)
+        if fixed is not None:
+            epoch_order = fixed.copy()
+        else:
+            epoch_order = np.random.default_rng([seed, epoch]).permutation(n_blocks).astype(np.int64)
         if replay_rate > 0:
             replace = np.random.default_rng([seed, epoch, 1]).random(n_blocks) < replay_rate
-            order[replace] = -1 - np.arange(k, k + int(replace.sum()))
+            epoch_order[replace] = -1 - np.arange(k, k + int(replace.sum()))
             k += int(replace.sum())
-        parts.append(order)
+        parts.append(epoch_order)
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
@@ -424,7 +433,8 @@ def prepare_data(cfg: dict, corpus: str | Path, budget: int | str, model_locatio
     if n_blocks == 0:
         raise InputError(f"{corpus}: budget {budget} ({n_tokens} tokens) is shorter than one block of {T} tokens; "
                          "raise the budget or lower cpt.block_size")
-    plan = data_plan(n_blocks, epochs, seed, cpt["replay"]["rate"])
+    plan = data_plan(n_blocks, epochs, seed, cpt["replay"]["rate"],
+                     curriculum_order(corpus, manifest, n_blocks, T))  # None: the seeded shuffle
     tok = load_tokenizer(model_location)
     specials = {k: manifest["tokenizer"][k] for k in ("bos", "eos")}  # general text tokenized like the corpus
     replay_blocks, n_replay = None, int((plan < 0).sum())
@@ -622,6 +632,7 @@ def summarize(cpt: dict, rt: Runtime, run: Run, state: dict, probe_after: float 
         "synthetic_tokens_seen": int((plan >= 0).sum()) * T, "replay_tokens_seen": int((plan < 0).sum()) * T,
         "replay_rate": cpt["replay"]["rate"], "replay_fraction": float((plan < 0).mean()),
         "replay_unique_blocks": run.n_replay_blocks, "padding_tokens": 0,
+        **source_shares(state["corpus"], run.manifest, plan, run.n_blocks),  # realised share of each source (mixtures)
         "final_loss": state["loss"], "lr": cpt["lr"], "precision": rt.precision, "device": str(rt.device),
         "save_dtype": save_dtype, "wall_seconds": round(wall, 2), "train_seconds": round(state["train_seconds"], 2),
         "tokens_per_s": round(session[0] / session[1], 1) if session[1] else None,
