@@ -17,7 +17,7 @@ rule instruct_corpus:
     log:
         f"{LOGS}/instruct/corpus.log",
     params:
-        cfg=instruct_json("data", "chat_template_from", "corpus"),
+        cfg=lambda wc: instruct_json("data", "chat_template_from", "corpus"),
         model=lambda wc: model_location("base"),
         outdir=lambda wc, output: os.path.dirname(output.tokens),
     threads: 1
@@ -40,7 +40,7 @@ rule instruct_tune:
     benchmark:
         "results/benchmarks/instruct/tune/{model}.tsv"
     params:
-        cfg=INSTRUCT_TUNE_CFG,
+        cfg=lambda wc: INSTRUCT_TUNE_CFG,
         corpus=lambda wc, input: os.path.dirname(input.tokens),
         start=lambda wc: model_location("base") if wc.model == "base" else model_dir(wc.model),
         workdir=lambda wc: f"results/checkpoints/instruct/{wc.model}",
@@ -68,7 +68,7 @@ rule summarize:
     log:
         f"{LOGS}/instruct/summarize/{{model}}.log",
     params:
-        cfg=engine_json(INSTRUCT["summaries"]["engine"], "summaries"),
+        cfg=lambda wc: engine_json(INSTRUCT["summaries"]["engine"], "summaries"),
     threads: INSTRUCT["summaries"]["threads"]
     resources:
         gpu=INSTRUCT_RES["gpu"],
@@ -94,7 +94,7 @@ rule judge_summaries:
     log:
         f"{LOGS}/instruct/judge/{{model}}.log",
     params:
-        cfg=judge_json(),
+        cfg=lambda wc: judge_json(),
     threads: INSTRUCT["summaries"]["threads"]
     resources:
         gpu=INSTRUCT_RES["gpu"],
@@ -120,7 +120,7 @@ rule judge_human_summaries:
     log:
         f"{LOGS}/instruct/judge/human.log",
     params:
-        cfg=judge_json(),
+        cfg=lambda wc: judge_json(),
     threads: INSTRUCT["summaries"]["threads"]
     resources:
         gpu=INSTRUCT_RES["gpu"],
@@ -166,7 +166,7 @@ rule instruct_examples:
     log:
         f"{LOGS}/instruct/examples/{{model}}.log",
     params:
-        cfg=engine_json(INSTRUCT["summaries"]["engine"], "summaries", "examples"),
+        cfg=lambda wc: engine_json(INSTRUCT["summaries"]["engine"], "summaries", "examples"),
     threads: INSTRUCT["summaries"]["threads"]
     resources:
         gpu=INSTRUCT_RES["gpu"],
