@@ -6,7 +6,9 @@ per option, on the same questions, in one process, one run each.
 Modes:
 - naive: one full forward pass over 5-shot prefix + question + option for every option (4 per question);
 - prefix: the 5-shot prefix run once and its cache reused; each question run once; its 4 options as one batch;
-- prefix+batch: the same, with `--batch-questions` questions (and their 4 x that many options) per forward.
+- prefix+batch: the same, with `--batch-questions` questions (and their 4 x that many options) per forward;
+- with `--compare-rev REV`: qa_eval.LoglikScorer as it was at git revision REV, with `--batch-questions`, side
+  by side (e.g. `--compare-rev bc1031c^`, the scorer before packed rows: one padded row per option).
 All three feed identical token ids; the script checks that the scores agree (max |difference|) and that the
 predictions are identical. Needs results/data/questions.jsonl + articles.jsonl and the converted demo model
 (`snakemake --cores 2 results/data/prepare_stats.json results/hf_models/smollm2-135m-instruct`).
@@ -16,7 +18,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import os
+import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -27,12 +32,25 @@ sys.path.insert(0, str(ROOT))
 from workflow_scripts import qa_eval  # noqa: E402
 
 
+def scorer_at(rev: str):  # type: ignore[no-untyped-def]
+    """qa_eval.LoglikScorer as it was at git revision `rev` (imported beside the current package)."""
+    src = subprocess.run(["git", "show", f"{rev}:workflow_scripts/qa_eval.py"], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "qa_eval_rev.py"
+    path.write_text(src, encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("workflow_scripts.qa_eval_rev", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod.LoglikScorer
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="results/hf_models/smollm2-135m-instruct")
     p.add_argument("--questions", type=int, default=4, help="first N questions of results/data/questions.jsonl")
     p.add_argument("--batch-questions", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compare-rev", default=None, help="also time LoglikScorer as it was at this git revision")
     p.add_argument("--results-md", default=None, help="append a section to this markdown file")
     args = p.parse_args()
 
@@ -48,10 +66,13 @@ def main() -> int:
               [qa_eval.option_continuation(lcfg["continuation"], q, j) for j in range(4)]) for q in questions]
     model, tok = qa_eval.load_local_model(args.model, {"device": "cpu", "dtype": "float32"})
 
-    modes = [("naive", 1, False), ("prefix", 1, True), ("prefix+batch", args.batch_questions, True)]
+    modes = [("naive", 1, False, qa_eval.LoglikScorer), ("prefix", 1, True, qa_eval.LoglikScorer),
+             ("prefix+batch", args.batch_questions, True, qa_eval.LoglikScorer)]
+    if args.compare_rev:
+        modes.append((f"scorer at {args.compare_rev}", args.batch_questions, True, scorer_at(args.compare_rev)))
     rows, scores = [], {}
-    for name, bq, reuse in modes:
-        scorer = qa_eval.LoglikScorer(model, tok, prefix, batch_questions=bq, reuse_prefix_cache=reuse)
+    for name, bq, reuse, scorer_cls in modes:
+        scorer = scorer_cls(model, tok, prefix, batch_questions=bq, reuse_prefix_cache=reuse)
         load0 = os.getloadavg()[0]
         c0, t0 = time.process_time(), time.time()
         scores[name] = scorer.score(items)
@@ -72,7 +93,9 @@ def main() -> int:
         "## Evaluation: loglik QA scoring with prefix KV reuse and batching",
         "",
         f"Command: `python benchmarks/bench_eval.py --questions {args.questions} --batch-questions "
-        f"{args.batch_questions} --threads {args.threads} --results-md benchmarks/RESULTS.md` on "
+        f"{args.batch_questions} --threads {args.threads}"
+        + (f" --compare-rev {args.compare_rev!r}" if args.compare_rev else "")
+        + f" --results-md benchmarks/RESULTS.md` on "
         f"{datetime.date.today().isoformat()}.",
         "",
         f"Model {args.model} (float32, CPU, {args.threads} torch thread(s)); the first {len(questions)} questions of "
@@ -91,10 +114,13 @@ def main() -> int:
         "",
         f"Scores agree with the naive pass: max |difference| {max_diff:.2e} nats; predictions identical under all "
         f"three normalizations: {'yes' if same_pred else 'NO'}.",
-        f"Speed-up of prefix+batch over naive: {base / rows[-1]['seconds']:.2f}x wall-clock, "
-        f"{rows[0]['cpu_seconds'] / rows[-1]['cpu_seconds']:.2f}x in CPU seconds, "
-        f"{rows[0]['forward_tokens'] / rows[-1]['forward_tokens']:.2f}x fewer forward tokens (target >= 3x). "
-        "Wall-clock ratios move with the other processes' load; CPU seconds and tokens are steadier. The shared prefix "
+        f"Speed-up of prefix+batch over naive: {base / rows[2]['seconds']:.2f}x wall-clock, "
+        f"{rows[0]['cpu_seconds'] / rows[2]['cpu_seconds']:.2f}x in CPU seconds, "
+        f"{rows[0]['forward_tokens'] / rows[2]['forward_tokens']:.2f}x fewer forward tokens (target >= 3x). "
+        + (f"Packed rows (prefix, prefix+batch) against the scorer at {args.compare_rev}: "
+           f"{rows[3]['cpu_seconds'] / rows[1]['cpu_seconds']:.2f}x and "
+           f"{rows[3]['cpu_seconds'] / rows[2]['cpu_seconds']:.2f}x fewer CPU seconds. " if args.compare_rev else "")
+        + "Wall-clock ratios move with the other processes' load; CPU seconds and tokens are steadier. The shared prefix "
         "is paid once per model (a one-off cost included in the timings above), so the gain grows with the number "
         "of questions (4,609 at paper scale).",
         "",
