@@ -427,8 +427,8 @@ SHAPING = [
     ("synthesis.report.overlap_n", 2, {"synthesis_report": 1, "filter_variant": 1, "plot_diversity": 1,
                                        "synthesis_summary": 1, "all": 1}),
     ("synthesis.entigraph.max_triples", 2,
-     {"synthesize": 1, "synthesis_report": 1, "filter_variant": 1, "build_corpus": 1, "plot_diversity": 1,
-      "synthesis_summary": 1, **{**CPT, "cpt": 1, "eval_qa": 1}}),
+     {"synthesize": 1, "synthesis_of_article": 1, "synthesis_report": 1, "filter_variant": 1, "build_corpus": 1,
+      "plot_diversity": 1, "synthesis_summary": 1, **{**CPT, "cpt": 1, "eval_qa": 1}}),
     ("filters.dedup.threshold", 0.5, {"filter_variant": 1, "plot_diversity": 1, "all": 1}),
 ]
 
