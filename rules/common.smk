@@ -8,7 +8,7 @@ from snakemake.settings.types import DeploymentMethod
 from workflow_scripts import job_keys, layout
 from workflow_scripts.config import ConfigError, check_budgets, missing_engine_message, validate_config
 
-from workflow_scripts.derived import check_methods, filter_variants, imported, method_kind, mixtures, trained_methods
+from workflow_scripts.derived import check_methods, filter_variants, imported, method_kind, mixtures
 
 # The schema check of the stage command lines (defaults filled in); a config that fails it (a file, or a
 # --config value) stops planning with one line naming each key, not a validation dump.
@@ -54,9 +54,8 @@ def all_targets():
 def job_config(job, *wildcards):
     """--config-json of a job: the config keys that shape its outputs (workflow_scripts/job_keys.py), for the job
     as named by `wildcards` (e.g. "method"). A tracked param: changing one of them reruns exactly the jobs that
-    read it."""
-    if not wildcards:
-        return job_keys.shaping_json(config, job)
+    read it. Always a function: Snakemake formats a plain string param with the wildcards, and config values may
+    hold braces (corpus.document_format's "{title}")."""
     return lambda wc: job_keys.shaping_json(config, job, **{w: wc[w] for w in wildcards})
 
 
@@ -113,51 +112,25 @@ def method_records(method):
     if kind == "raw":
         return [ARTICLES]
     if kind in ("filtered", "imported"):
-        return [f"results/{kind}/{method}/records.jsonl"]
-    return [f"results/synth/{method}/{u}.jsonl" for u in article_uids()]
+        return [layout.derived_records(kind, method)]
+    return [f"{layout.SYNTH}/{method}/{u}.jsonl" for u in article_uids()]
 
 
 def mixture_corpora(name):
     """SOURCE=FOLDER of every source of a mixture that is a corpus (replay is read from cpt.replay.source)."""
-    return {s: f"results/corpus/{s}" for s in mixtures(config)[name]["sources"] if s != "replay"}
+    return {s: f"{layout.CORPUS}/{s}" for s in mixtures(config)[name]["sources"] if s != "replay"}
 
 
-def corpus_config_json(method):
-    """--config-json of a corpus build: seed and corpus settings, with only this method's document format (a
-    format added for another method reruns nothing here)."""
-    corpus = {k: v for k, v in config["corpus"].items() if k != "document_format"}
-    formats = config["corpus"].get("document_format") or {}
-    source = filter_variants(config).get(method, {}).get("source")
-    fmt = formats.get(method) or formats.get(source)
-    if fmt:
-        corpus["document_format"] = {method: fmt}
-    return json.dumps({"seed": config["seed"], "corpus": corpus}, sort_keys=True)
+def local_model_input(spec):
+    """A model spec's folder as a rule input when it is local (a packaged or path model), none for hub ids."""
+    return [layout.model_location(spec)] if spec["source"] in ("package", "path") else []
 
 
 def filter_judge_model_input(variant):
     """The filter judge's model folder when the variant runs the judge on a local model."""
     if "judge" not in filter_variants(config)[variant]["steps"]:
         return []
-    spec = config["filters"]["judge"]["model"] or config["models"]["generator"]
-    if spec["source"] == "package":
-        return [f"results/hf_models/{spec['name']}"]
-    return [spec["name"]] if spec["source"] == "path" else []
-
-
-def filter_config_json(variant):
-    """--config-json of a filter job: the variant, the filter settings its steps use, the judge's engine and model,
-    and the report settings (resources and other variants are left out, so they rerun nothing)."""
-    f = config["filters"]
-    steps = f["variants"][variant]["steps"]
-    syn = config["synthesis"]
-    engine = f["judge"]["backend"] or syn["backend"]
-    cfg = {"seed": config["seed"], "filters": {"variants": {variant: f["variants"][variant]},
-                                                **{s: f[s] for s in steps}},
-           "synthesis": {k: syn[k] for k in ("report", "sampling", "backend")}}
-    if "judge" in steps:
-        cfg["models"] = {"generator": config["models"]["generator"]}
-        cfg["backends"] = {engine: config["backends"].get(engine) or {}}
-    return json.dumps(cfg, sort_keys=True)
+    return local_model_input(config["filters"]["judge"]["model"] or config["models"]["generator"])
 
 
 # ---- data stage (rules/data.smk) ----
@@ -229,57 +202,26 @@ def synth_files(kind):
 
 # ---- instruction stages (rules/instruct.smk; docs/instruct.md) ----
 INSTRUCT = config["instruct"]
-INSTRUCT_DIR = "results/instruct"
-INSTRUCT_CORPUS = f"{INSTRUCT_DIR}/corpus"
-CLAIMS_TABLE = "results/tables/summary_claims.csv"
-CLAIMS_FIGURE = f"{FIGURES}/summary_claims.png"
-HUMAN_CLAIMS = f"{INSTRUCT_DIR}/human/claims.jsonl" if INSTRUCT["judge"]["human_summaries"] else None
-_NOT_INHERITED = ("budgets", "method_budgets", "resources", "allow_budget_cap")  # as workflow_scripts/instruct.py
+HUMAN_CLAIMS = layout.HUMAN_CLAIMS if INSTRUCT["judge"]["human_summaries"] else None
 
 
 def instruct_models():
     """Instruct model ids ({model}-instruct) of instruct.models, or of every trained model."""
-    starts = INSTRUCT["models"] if INSTRUCT["models"] is not None else ["base"] + [model_id(m, b) for m, b in cpt_models()]
-    return [f"{m}-instruct" for m in starts]
+    return layout.instruct_models(config)
 
 
 def instruct_start_input(wildcards):
     return model_input("base") if wildcards.model == "base" else [model_dir(wildcards.model)]
 
 
-def instruct_json(*parts):
-    """--config-json of an instruction stage: the instruct sub-sections it uses (+ top-level sections)."""
-    sub = {k: INSTRUCT[k] for k in parts if k in INSTRUCT}
-    top = {k: config[k] for k in parts if k not in INSTRUCT}
-    return json.dumps({"seed": config["seed"], **top, "instruct": sub}, sort_keys=True)
-
-
-def engine_json(engine, *parts):
-    """instruct_json plus the engine's backend settings (the model is passed separately)."""
-    cfg = json.loads(instruct_json(*parts))
-    cfg["backends"] = {engine: config["backends"].get(engine) or {}}
-    return json.dumps(cfg, sort_keys=True)
-
-
-def judge_json():
-    cfg = json.loads(engine_json(INSTRUCT["judge"]["engine"], "judge"))
-    cfg["models"] = {"generator": config["models"]["generator"]}  # the judge's default model
-    return json.dumps(cfg, sort_keys=True)
-
-
 def judge_model_input():
-    """The judge model folder when it is local (a packaged or path model)."""
-    spec = INSTRUCT["judge"]["model"] or config["models"]["generator"]
-    if INSTRUCT["judge"]["engine"] == "openai" or spec["source"] == "hf":
+    """The judge model folder when it is local (a packaged or path model; an openai judge is served elsewhere)."""
+    if INSTRUCT["judge"]["engine"] == "openai":
         return []
-    return [f"results/hf_models/{spec['name']}" if spec["source"] == "package" else spec["name"]]
+    return local_model_input(INSTRUCT["judge"]["model"] or config["models"]["generator"])
 
 
 INSTRUCT_DATA_INPUT = [INSTRUCT["data"]["source"]] if os.path.exists(INSTRUCT["data"]["source"]) else []
-INSTRUCT_TUNE_CFG = json.dumps({"seed": config["seed"],
-                                "cpt": {k: v for k, v in config["cpt"].items() if k not in _NOT_INHERITED},
-                                "instruct": {"train": INSTRUCT["train"],
-                                             "chat_template_from": INSTRUCT["chat_template_from"]}}, sort_keys=True)
 INSTRUCT_RES = INSTRUCT["summaries"]["resources"]
 # vLLM cannot share an environment with the CPU pins (envs/eval.yaml explains): a vllm engine uses its own env.
 SUMMARY_ENV = "../envs/synthesis-vllm.yaml" if INSTRUCT["summaries"]["engine"] == "vllm" else "../envs/eval.yaml"

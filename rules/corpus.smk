@@ -17,8 +17,8 @@ rule build_corpus:
     log:
         f"{LOGS}/corpus/{{method}}.log",
     params:
-        cfg=lambda wc: corpus_config_json(wc.method),
-        ops=job_ops("build_corpus"),
+        cfg=job_config("build_corpus", "method"),
+        ops=job_ops("build_corpus", "method"),
         model=lambda wc: model_location("base"),  # a folder, or a hub id (no input file)
         outdir=lambda wc, output: os.path.dirname(output.tokens),
     threads: 1

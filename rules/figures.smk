@@ -41,7 +41,7 @@ rule plot_scaling:
 rule plot_diversity:
     input:
         # filtered variants (rules/filters.smk) are drawn beside their sources: what the filters changed
-        reports=synth_files("report") + [f"results/filtered/{v}/report.json" for v in filter_variants(config)],
+        reports=synth_files("report") + [f"{layout.FILTERED}/{v}/report.json" for v in filter_variants(config)],
     output:
         report(f"{FIGURES}/diversity.png", caption="../report/diversity.rst", category="Synthetic data"),
         figure_extras("diversity"),

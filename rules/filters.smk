@@ -2,8 +2,8 @@
 # an LLM judge) and imported synthetic corpora. Each is a method of its own: rules/corpus.smk tokenizes its
 # records.jsonl like a synthesis method's shards. Logic: workflow_scripts/filters.py, import_corpus.py;
 # docs/synthesis.md "Filters" and "Imported corpora".
-FILTERED = "results/filtered"
-IMPORTED = "results/imported"
+FILTERED = layout.FILTERED
+IMPORTED = layout.IMPORTED
 FILTER_RES = config["filters"]["resources"]
 
 
@@ -28,7 +28,8 @@ rule filter_variant:
     benchmark:
         "results/benchmarks/filters/{method}.tsv"
     params:
-        cfg=lambda wc: filter_config_json(wc.method),
+        cfg=job_config("filter_variant", "method"),
+        ops=job_ops("filter_variant", "method"),
         outdir=lambda wc: f"{FILTERED}/{wc.method}",
     threads: FILTER_RES["threads"]
     resources:
@@ -40,7 +41,7 @@ rule filter_variant:
     shell:
         "OMP_NUM_THREADS={threads} python -m workflow_scripts.filters run --variant {wildcards.method} "
         "--articles {input.articles} --inputs {input.records} --outdir {params.outdir} "
-        "--config-json {params.cfg:q} 2> {log}"
+        "--config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"
 
 
 rule import_corpus:
@@ -54,7 +55,7 @@ rule import_corpus:
     log:
         f"{LOGS}/imports/{{method}}.log",
     params:
-        cfg=lambda wc: json.dumps({"imports": {wc.method: imported(config)[wc.method]}}, sort_keys=True),
+        cfg=job_config("import_corpus", "method"),
     conda:
         "../envs/base.yaml"
     shell:
@@ -62,5 +63,4 @@ rule import_corpus:
         "--output {output.records} --report {output.report} --config-json {params.cfg:q} 2> {log}"
 
 
-ALL_TARGETS.extend([f"{FILTERED}/{m}/report.json" for m in filter_variants(config)]
-                   + [f"{IMPORTED}/{m}/report.json" for m in imported(config)])
+ALL_TARGETS.extend(layout.stage_targets(config, "filters"))

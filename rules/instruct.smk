@@ -11,13 +11,14 @@ rule instruct_corpus:
         model=model_input("base"),
         data=INSTRUCT_DATA_INPUT,
     output:
-        tokens=f"{INSTRUCT_CORPUS}/tokens.npy",
-        manifest=f"{INSTRUCT_CORPUS}/manifest.json",
-        chat=f"{INSTRUCT_CORPUS}/chat.jsonl",
+        tokens=f"{layout.INSTRUCT_CORPUS}/tokens.npy",
+        manifest=f"{layout.INSTRUCT_CORPUS}/manifest.json",
+        chat=f"{layout.INSTRUCT_CORPUS}/chat.jsonl",
     log:
         f"{LOGS}/instruct/corpus.log",
     params:
-        cfg=lambda wc: instruct_json("data", "chat_template_from", "corpus"),
+        cfg=job_config("instruct_corpus"),
+        ops=job_ops("instruct_corpus"),
         model=lambda wc: model_location("base"),
         outdir=lambda wc, output: os.path.dirname(output.tokens),
     threads: 1
@@ -25,7 +26,7 @@ rule instruct_corpus:
         "../envs/train.yaml"
     shell:
         "python -m workflow_scripts.instruct corpus --model {params.model:q} --outdir {params.outdir} "
-        "--config-json {params.cfg:q} 2> {log}"
+        "--config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"
 
 
 rule instruct_tune:
@@ -34,13 +35,14 @@ rule instruct_tune:
         manifest=rules.instruct_corpus.output.manifest,
         model=instruct_start_input,
     output:
-        directory("results/models/{model}/instruct"),
+        directory(f"{layout.MODELS}/{{model}}/instruct"),
     log:
         f"{LOGS}/instruct/tune/{{model}}.log",
     benchmark:
         "results/benchmarks/instruct/tune/{model}.tsv"
     params:
-        cfg=lambda wc: INSTRUCT_TUNE_CFG,
+        cfg=job_config("instruct_tune"),
+        ops=job_ops("instruct_tune"),
         corpus=lambda wc, input: os.path.dirname(input.tokens),
         start=lambda wc: model_location("base") if wc.model == "base" else model_dir(wc.model),
         workdir=lambda wc: f"results/checkpoints/instruct/{wc.model}",
@@ -55,7 +57,8 @@ rule instruct_tune:
         "../envs/train.yaml"
     shell:
         "OMP_NUM_THREADS={threads} {params.launch} -m workflow_scripts.instruct tune --corpus {params.corpus} "
-        "--start {params.start:q} --output {output} --workdir {params.workdir} --config-json {params.cfg:q} 2> {log}"
+        "--start {params.start:q} --output {output} --workdir {params.workdir} --config-json {params.cfg:q} "
+        "--ops-json {params.ops:q} 2> {log}"
 
 
 rule summarize:
@@ -64,11 +67,12 @@ rule summarize:
         prompts=expand("workflow_scripts/prompts/summary_{kind}.txt", kind=INSTRUCT["summaries"]["prompts"]),
         model=lambda wc: model_dir(wc.model),
     output:
-        f"{INSTRUCT_DIR}/summaries/{{model}}.jsonl",
+        f"{layout.SUMMARIES_DIR}/{{model}}.jsonl",
     log:
         f"{LOGS}/instruct/summarize/{{model}}.log",
     params:
-        cfg=lambda wc: engine_json(INSTRUCT["summaries"]["engine"], "summaries"),
+        cfg=job_config("summarize"),
+        ops=job_ops("summarize"),
     threads: INSTRUCT["summaries"]["threads"]
     resources:
         gpu=INSTRUCT_RES["gpu"],
@@ -79,22 +83,23 @@ rule summarize:
     shell:
         "OMP_NUM_THREADS={threads} python -m workflow_scripts.summaries summarize --model-id {wildcards.model} "
         "--model-path {input.model:q} --articles {input.articles} --output {output} "
-        "--config-json {params.cfg:q} 2> {log}"
+        "--config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"
 
 
 rule judge_summaries:
     input:
-        summaries=f"{INSTRUCT_DIR}/summaries/{{model}}.jsonl",
+        summaries=f"{layout.SUMMARIES_DIR}/{{model}}.jsonl",
         articles=ARTICLES,
         prompts=JUDGE_PROMPTS,
         judge=judge_model_input(),
     output:
-        jsonl=f"{INSTRUCT_DIR}/claims/{{model}}.jsonl",
-        json=f"{INSTRUCT_DIR}/claims/{{model}}.json",
+        jsonl=f"{layout.CLAIMS_DIR}/{{model}}.jsonl",
+        json=f"{layout.CLAIMS_DIR}/{{model}}.json",
     log:
         f"{LOGS}/instruct/judge/{{model}}.log",
     params:
-        cfg=lambda wc: judge_json(),
+        cfg=job_config("judge_summaries"),
+        ops=job_ops("judge_summaries"),
     threads: INSTRUCT["summaries"]["threads"]
     resources:
         gpu=INSTRUCT_RES["gpu"],
@@ -105,7 +110,7 @@ rule judge_summaries:
     shell:
         "OMP_NUM_THREADS={threads} python -m workflow_scripts.claims judge --summaries {input.summaries} "
         "--articles {input.articles} --output-jsonl {output.jsonl} --output-json {output.json} "
-        "--config-json {params.cfg:q} 2> {log}"
+        "--config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"
 
 
 rule judge_human_summaries:
@@ -115,12 +120,13 @@ rule judge_human_summaries:
         prompts=JUDGE_PROMPTS,
         judge=judge_model_input(),
     output:
-        jsonl=f"{INSTRUCT_DIR}/human/claims.jsonl",
-        json=f"{INSTRUCT_DIR}/human/claims.json",
+        jsonl=f"{layout.HUMAN_DIR}/claims.jsonl",
+        json=f"{layout.HUMAN_DIR}/claims.json",
     log:
         f"{LOGS}/instruct/judge/human.log",
     params:
-        cfg=lambda wc: judge_json(),
+        cfg=job_config("judge_human_summaries"),
+        ops=job_ops("judge_human_summaries"),
     threads: INSTRUCT["summaries"]["threads"]
     resources:
         gpu=INSTRUCT_RES["gpu"],
@@ -131,17 +137,17 @@ rule judge_human_summaries:
     shell:
         "OMP_NUM_THREADS={threads} python -m workflow_scripts.claims judge --human {input.human} "
         "--articles {input.articles} --output-jsonl {output.jsonl} --output-json {output.json} "
-        "--config-json {params.cfg:q} 2> {log}"
+        "--config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"
 
 
 rule claims_table:
     input:
-        claims=expand(f"{INSTRUCT_DIR}/claims/{{model}}.json", model=instruct_models()),
-        claims_jsonl=expand(f"{INSTRUCT_DIR}/claims/{{model}}.jsonl", model=instruct_models()),
+        claims=expand(f"{layout.CLAIMS_DIR}/{{model}}.json", model=instruct_models()),
+        claims_jsonl=expand(f"{layout.CLAIMS_DIR}/{{model}}.jsonl", model=instruct_models()),
         human=[HUMAN_CLAIMS] if HUMAN_CLAIMS else [],
     output:
-        table=report(CLAIMS_TABLE, caption="../report/summary_claims.rst", category="Summaries"),
-        figure=report(CLAIMS_FIGURE, caption="../report/summary_claims.rst", category="Summaries"),
+        table=report(layout.CLAIMS_TABLE, caption="../report/summary_claims.rst", category="Summaries"),
+        figure=report(layout.CLAIMS_FIGURE, caption="../report/summary_claims.rst", category="Summaries"),
     log:
         f"{LOGS}/instruct/claims_table.log",
     params:
@@ -160,13 +166,14 @@ rule instruct_examples:
         questions=QUESTIONS,
         model=lambda wc: model_dir(wc.model),
     output:
-        jsonl=f"{INSTRUCT_DIR}/examples/{{model}}.jsonl",
-        html=report(f"{INSTRUCT_DIR}/examples/{{model}}.html", caption="../report/instruct_examples.rst",
+        jsonl=f"{layout.EXAMPLES_DIR}/{{model}}.jsonl",
+        html=report(f"{layout.EXAMPLES_DIR}/{{model}}.html", caption="../report/instruct_examples.rst",
                     category="Instruction following", subcategory="{model}"),
     log:
         f"{LOGS}/instruct/examples/{{model}}.log",
     params:
-        cfg=lambda wc: engine_json(INSTRUCT["summaries"]["engine"], "summaries", "examples"),
+        cfg=job_config("instruct_examples"),
+        ops=job_ops("instruct_examples"),
     threads: INSTRUCT["summaries"]["threads"]
     resources:
         gpu=INSTRUCT_RES["gpu"],
@@ -177,9 +184,8 @@ rule instruct_examples:
     shell:
         "OMP_NUM_THREADS={threads} python -m workflow_scripts.summaries examples --model-id {wildcards.model} "
         "--model-path {input.model:q} --articles {input.articles} --questions {input.questions} "
-        "--output-jsonl {output.jsonl} --output-html {output.html} --config-json {params.cfg:q} 2> {log}"
+        "--output-jsonl {output.jsonl} --output-html {output.html} --config-json {params.cfg:q} "
+        "--ops-json {params.ops:q} 2> {log}"
 
 
-if INSTRUCT["enabled"]:
-    ALL_TARGETS.extend([CLAIMS_TABLE, CLAIMS_FIGURE]
-                       + [f"{INSTRUCT_DIR}/examples/{m}.html" for m in instruct_models()])
+ALL_TARGETS.extend(layout.stage_targets(config, "instruct"))

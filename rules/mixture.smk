@@ -22,9 +22,7 @@ rule build_mixture:
     log:
         f"{LOGS}/corpus/mixture_{{method}}.log",
     params:
-        cfg=lambda wc: json.dumps({"seed": config["seed"], "mixtures": {wc.method: MIXTURES[wc.method]},
-                                   "cpt": {"block_size": MIX_CPT["block_size"], "replay": MIX_CPT["replay"]}},
-                                  sort_keys=True),
+        cfg=job_config("build_mixture", "method"),
         corpora=lambda wc: " ".join(f"{s}={d}" for s, d in mixture_corpora(wc.method).items()),
         model=lambda wc: model_location("base"),
         outdir=lambda wc, output: os.path.dirname(output.tokens),

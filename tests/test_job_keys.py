@@ -8,6 +8,7 @@ exactly the jobs that read it and those downstream of them.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import functools
 import os
@@ -20,7 +21,8 @@ import pytest
 import yaml
 
 from workflow_scripts import job_keys
-from workflow_scripts.config import deep_merge, load_config, load_schema
+from workflow_scripts.config import config_from_args, deep_merge, load_config, load_schema
+from workflow_scripts.derived import filter_variants, imported, mixtures, trained_methods
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,18 +83,24 @@ def get_path(cfg: dict, path: str):
     return cur
 
 
+def instances(cfg: dict, job: str) -> list[dict[str, str]]:
+    """The wildcards of a job's instances in a config: its methods, variants, imports, mixtures or models."""
+    methods = {"synthesize": cfg["synthesis"]["methods"], "filter_variant": list(filter_variants(cfg)),
+               "import_corpus": list(imported(cfg)), "build_mixture": list(mixtures(cfg)),
+               "build_corpus": ["raw"] + [m for m in trained_methods(cfg) if m not in mixtures(cfg)]}
+    if job in methods:
+        return [{"method": m} for m in methods[job]]
+    if job.startswith("eval_"):
+        return [{"model": m} for m in ["base", "raw-all"] + [f"api-{a['name']}" for a in cfg["evaluation"]["api_models"]]]
+    return [{}]
+
+
 def all_jobs(cfg: dict) -> dict[str, str]:
-    """Every job's --config-json for a config (its synthesis methods and evaluated models)."""
+    """Every job's --config-json for a config (over its methods, derived corpora and evaluated models)."""
     out = {}
     for job in job_keys.JOBS:
-        if job == "synthesize":
-            for m in cfg["synthesis"]["methods"]:
-                out[f"{job}[{m}]"] = job_keys.shaping_json(cfg, job, method=m)
-        elif job.startswith("eval_"):
-            for mid in ["base", "raw-all"] + [f"api-{a['name']}" for a in cfg["evaluation"]["api_models"]]:
-                out[f"{job}[{mid}]"] = job_keys.shaping_json(cfg, job, model=mid)
-        else:
-            out[job] = job_keys.shaping_json(cfg, job)
+        for wc in instances(cfg, job):
+            out[f"{job}[{next(iter(wc.values()))}]" if wc else job] = job_keys.shaping_json(cfg, job, **wc)
     return out
 
 
@@ -105,8 +113,13 @@ def configs() -> list[dict]:
     return [copy.deepcopy(c) for c in _configs()]
 
 
+OVERLAYS = ("cpu-judge", "cpu-curriculum", "cpu-instruct", "paper")
+
+
 def _make_configs() -> list[dict]:
-    """The demo, and one that samples with each remote/GPU engine (so their settings are read)."""
+    """The demo, one that samples with each remote/GPU engine (so their settings are read), the overlays that
+    enable the filters, mixtures and instruction stages, and one with the strategies method, an imported corpus,
+    a filtered import and a mixture with replay."""
     demo = load_config()
     vllm = load_config(overrides={"synthesis": {"backend": "vllm"},
                                   "evaluation": {"modes": ["loglik", "cot"], "cot": {"engine": "vllm"}}})
@@ -114,7 +127,20 @@ def _make_configs() -> list[dict]:
         "synthesis": {"backend": "openai", "methods": ["entigraph", "rephrase", "qa", "fam"],
                       "families": {"fam": {"templates": ["qa"]}}},
         "evaluation": {"api_models": [{"name": "gpt", "model": "gpt-4o", "engine": "openai", "modes": ["cot"]}]}})
-    return [demo, vllm, api]
+    overlays = [load_config([ROOT / "config.yaml", ROOT / "experiments" / f"{o}.yaml"]) for o in OVERLAYS]
+    derived = load_config(overrides=DERIVED)
+    return [demo, vllm, api, *overlays, derived]
+
+
+# Every kind of derived corpus, and a judge on its own engine and model.
+DERIVED = {
+    "synthesis": {"methods": ["entigraph", "strategies"]},
+    "imports": {"released": {"path": "released.parquet"}},
+    "filters": {"variants": {"released_clean": {"source": "released", "steps": ["heuristics", "dedup"]},
+                             "strategies_judge": {"source": "strategies", "steps": ["judge"]}},
+                "judge": {"backend": "openai", "model": {"source": "hf", "name": "judge-model"}}},
+    "mixtures": {"mix": {"sources": {"released": 1, "replay": 1}}},
+}
 
 
 def test_operational_paths_exist_in_the_schema():
@@ -123,17 +149,12 @@ def test_operational_paths_exist_in_the_schema():
 
 
 def read_paths(cfg: dict) -> set[str]:
-    """The config paths some job reads, over the config's methods and evaluated models."""
+    """The config paths some job reads, over the config's methods, derived corpora and evaluated models."""
     out: set[str] = set()
     for job, reads in job_keys.JOBS.items():
-        if job == "synthesize":
-            wcs = [{"method": m} for m in cfg["synthesis"]["methods"]]
-        elif job.startswith("eval_"):
-            wcs = [{"model": "base"}] + [{"model": f"api-{a['name']}"} for a in cfg["evaluation"]["api_models"]]
-        else:
-            wcs = [{}]
-        for wc in wcs:
-            out.update(reads(cfg, **wc).paths)
+        for wc in instances(cfg, job):
+            r = reads(cfg, **wc)
+            out.update(r.paths + list(r.values))
     return out
 
 
@@ -167,7 +188,8 @@ def test_operational_keys_reach_the_jobs_that_read_them():
 def test_shaping_key_changes_the_jobs_that_read_it():
     cfg = load_config()
     before = all_jobs(cfg)
-    for path, jobs in [("cpt.lr", {"cpt"}), ("figures.dpi", {"plot_scaling", "plot_diversity"}),
+    # instruct_tune inherits the cpt section (workflow_scripts/instruct.py train_config)
+    for path, jobs in [("cpt.lr", {"cpt", "instruct_tune"}), ("figures.dpi", {"plot_scaling", "plot_diversity"}),
                        ("figures.fit.n_starts", {"fit_scaling"}),
                        ("synthesis.entigraph.max_triples", {"synthesize[entigraph]"}),
                        ("synthesis.sampling.top_p", {"extract_entities", "synthesize[entigraph]",
@@ -186,6 +208,127 @@ def test_resume_config_leaves_out_the_exempt_keys():
         assert key not in rc["cpt"]
 
 
+def overlay_config(name: str) -> dict:
+    return configs()[3 + OVERLAYS.index(name)]
+
+
+def derived_config() -> dict:
+    return configs()[-1]
+
+
+@pytest.mark.parametrize("which,path,value,jobs", [
+    ("derived", "filters.dedup.threshold", 0.5, {"filter_variant[released_clean]"}),
+    ("derived", "filters.judge.threshold", 4.0, {"filter_variant[strategies_judge]"}),
+    ("derived", "filters.resources.threads", 4, set()),
+    ("derived", "imports.released.separator", "|", {"import_corpus[released]"}),
+    ("derived", "mixtures.mix.order", "perplexity", {"build_mixture[mix]"}),
+    ("derived", "cpt.replay.max_tokens", 1000, {"build_mixture[mix]", "cpt", "instruct_tune"}),
+    ("derived", "cpt.replay.rate", 0.5, {"cpt", "instruct_tune"}),
+    # a format reaches only the corpora it applies to: its method's and a filtered variant's of that method
+    ("derived", "corpus.document_format", {"strategies": "{text}", "entigraph": "{title}: {text}"},
+     {"build_corpus[strategies]", "build_corpus[strategies_judge]", "build_corpus[entigraph]"}),
+    ("derived", "corpus.document_format", {"strategies": "{title}\n{text}", "rephrase": "{text}"}, set()),
+    ("demo", "instruct.summaries.max_articles", 1, {"summarize", "instruct_examples"}),
+    ("demo", "instruct.examples.max_new_tokens", 7, {"instruct_examples"}),
+    ("demo", "instruct.judge.max_claims", 7, {"judge_summaries", "judge_human_summaries"}),
+    ("demo", "instruct.train", {"lr": 1e-5}, {"instruct_tune"}),
+    ("demo", "instruct.data.max_examples", 5, {"instruct_corpus"}),
+    ("demo", "cpt.allow_budget_cap", False, {"cpt"}),
+    ("demo", "instruct.models", ["base"], set()),
+    ("demo", "instruct.judge.human_summaries", "human.jsonl", set()),
+    ("demo", "instruct.summaries.resources.mem_mb", 1, set()),
+])
+def test_derived_and_instruction_jobs_read_only_their_own_keys(which, path, value, jobs):
+    """Each filter, import and mixture job reads its own entry; a corpus its own document format; the
+    instruction jobs their own sub-sections (instruct.models and the human summaries only add or drop jobs)."""
+    cfg = derived_config() if which == "derived" else load_config()
+    before = all_jobs(cfg)
+    after = all_jobs(set_path(cfg, path, value))
+    assert {j for j in before if before[j] != after[j]} == jobs
+
+
+def job_cfg(cfg: dict, job: str, **wc: str) -> dict:
+    """The config a job's stage sees: its --config-json and --ops-json through config_from_args."""
+    args = argparse.Namespace(configfile=None, config_json=job_keys.shaping_json(cfg, job, **wc),
+                              ops_json=job_keys.operational_json(cfg, job, **wc))
+    return config_from_args(args)
+
+
+def test_filter_and_mixture_jobs_receive_what_their_modules_read():
+    from workflow_scripts import filters
+
+    for cfg, variant in [(overlay_config("cpu-judge"), "entigraph_judge"), (derived_config(), "strategies_judge"),
+                         (derived_config(), "released_clean")]:
+        jc = job_cfg(cfg, "filter_variant", method=variant)
+        steps = cfg["filters"]["variants"][variant]["steps"]
+        assert jc["filters"]["variants"] == {variant: cfg["filters"]["variants"][variant]}
+        for step in steps:
+            assert jc["filters"][step] == cfg["filters"][step], step
+        if "judge" in steps:
+            assert filters.judge_settings(jc) == filters.judge_settings(cfg)
+        if {"dedup", "judge"} & set(steps):
+            assert jc["seed"] == cfg["seed"]
+        assert jc["synthesis"]["report"] == cfg["synthesis"]["report"]
+        assert jc["synthesis"]["sampling"]["seed"] == cfg["synthesis"]["sampling"]["seed"]
+    cfg = derived_config()
+    jc = job_cfg(cfg, "import_corpus", method="released")
+    assert jc["imports"] == {"released": cfg["imports"]["released"]}
+    jc = job_cfg(cfg, "build_mixture", method="mix")
+    assert jc["mixtures"] == {"mix": cfg["mixtures"]["mix"]} and jc["cpt"]["block_size"] == cfg["cpt"]["block_size"]
+    for key in ("source", "text_field", "max_tokens"):
+        assert jc["cpt"]["replay"][key] == cfg["cpt"]["replay"][key], key
+
+
+def test_corpus_jobs_receive_their_own_document_format_and_every_other_corpus_key():
+    cfg = derived_config()
+    fmt = cfg["corpus"]["document_format"]["strategies"]
+    for method, formats in [("strategies", {"strategies": fmt}), ("strategies_judge", {"strategies_judge": fmt}),
+                            ("entigraph", {}), ("released_clean", {})]:
+        jc = job_cfg(cfg, "build_corpus", method=method)
+        assert jc["corpus"] == {**cfg["corpus"], "document_format": formats}, method
+        assert jc["seed"] == cfg["seed"]
+
+
+def test_instruction_jobs_receive_what_their_modules_read():
+    from workflow_scripts import claims, instruct, summaries
+
+    for cfg in (overlay_config("cpu-instruct"), overlay_config("paper"),
+                set_path(load_config(), "instruct.judge.model", {"source": "hf", "name": "judge"})):
+        assert instruct.train_config(job_cfg(cfg, "instruct_tune")) == instruct.train_config(cfg)
+        jc = job_cfg(cfg, "instruct_corpus")
+        assert jc["instruct"]["data"] == cfg["instruct"]["data"] and jc["seed"] == cfg["seed"]
+        assert jc["instruct"]["chat_template_from"] == cfg["instruct"]["chat_template_from"]
+        assert {k: v for k, v in jc["corpus"].items() if k not in ("bos_token", "eos_token", "document_format")} \
+            == {k: v for k, v in cfg["corpus"].items() if k not in ("bos_token", "eos_token", "document_format")}
+        for job in ("judge_summaries", "judge_human_summaries"):
+            jc = job_cfg(cfg, job)
+            assert claims.judge_engine_settings(jc) == claims.judge_engine_settings(cfg)
+            assert {k: v for k, v in jc["instruct"]["judge"].items() if k != "human_summaries"} \
+                == {k: v for k, v in cfg["instruct"]["judge"].items() if k != "human_summaries"}
+        articles = [{"uid": "a1", "title": "The Title", "author": "Doe, Jane", "text": "Text."}]
+        for job in ("summarize", "instruct_examples"):
+            jc = job_cfg(cfg, job)
+            assert jc["instruct"]["summaries"] == cfg["instruct"]["summaries"]
+            assert jc["backends"][cfg["instruct"]["summaries"]["engine"]] \
+                == cfg["backends"][cfg["instruct"]["summaries"]["engine"]]
+            assert [t["id"] for t in summaries.summary_tasks(jc, "m", articles)] \
+                == [t["id"] for t in summaries.summary_tasks(cfg, "m", articles)]
+        assert job_cfg(cfg, "instruct_examples")["instruct"]["examples"] == cfg["instruct"]["examples"]
+
+
+def test_summary_ids_ignore_the_operational_keys():
+    """Summary ids seed the sampling: threads and resources must not change them (they rerun nothing)."""
+    from workflow_scripts import summaries
+
+    cfg = load_config()
+    articles = [{"uid": "a1", "title": "The Title", "author": "Doe, Jane", "text": "Text."}]
+    ids = [t["id"] for t in summaries.summary_tasks(cfg, "m", articles)]
+    ops = set_path(set_path(cfg, "instruct.summaries.threads", 8), "instruct.summaries.resources.gpu", 1)
+    assert [t["id"] for t in summaries.summary_tasks(ops, "m", articles)] == ids
+    other = set_path(cfg, "instruct.summaries.temperature", 0.5)
+    assert [t["id"] for t in summaries.summary_tasks(other, "m", articles)] != ids
+
+
 # ------------------------------------------------------------------------------------------ workflow
 TINY = {
     "run_name": "tiny-keys",
@@ -194,7 +337,10 @@ TINY = {
                   "entigraph": {"max_entities": 3, "max_pairs": 1, "max_triples": 1,
                                 "extraction_max_new_tokens": 8}},
     "cpt": {"budgets": [16], "block_size": 8, "global_batch": 2, "micro_batch": 2, "raw_epochs": 1,
-            "replay": {"rate": 0.0}, "probe": {"max_tokens": 16}},
+            "replay": {"rate": 0.0}, "probe": {"max_tokens": 16},
+            "method_budgets": {"entigraph_dedup": []}},  # the filter's report only: no CPT model of its own
+    # a filtered variant (MinHash dedup: no model, fast), drawn in the diversity figure
+    "filters": {"variants": {"entigraph_dedup": {"source": "entigraph", "steps": ["dedup"]}}},
     "evaluation": {"max_questions": 2},
     "figures": {"formats": ["png"]},
 }
@@ -247,7 +393,8 @@ def test_finished_dag_plans_nothing(finished):
     assert planned(*finished, {}) == {}
 
 
-@pytest.mark.parametrize("path", ["cpt.log_every", "cpt.threads", "cpt.resources.mem_mb"])
+@pytest.mark.parametrize("path", ["cpt.log_every", "cpt.threads", "cpt.resources.mem_mb", "filters.resources.threads",
+                                  "filters.resources.mem_mb"])
 def test_named_operational_key_plans_nothing(finished, path):
     """The issue's defect: changing only cpt.log_every, cpt.threads or a resources value retrained every model."""
     work, tiny = finished
@@ -265,7 +412,8 @@ def test_all_operational_keys_together_plan_nothing(finished):
     assert planned(work, tiny, overlay) == {}
 
 
-# A shaping key -> the jobs it reruns on the tiny DAG (1 article, entigraph at one budget + Raw, base evaluated):
+# A shaping key -> the jobs it reruns on the tiny DAG (1 article, entigraph at one budget + Raw, base evaluated, a
+# dedup-filtered entigraph whose report only is built):
 # the jobs that read it and every job downstream of them.
 FIGS = {"fit_scaling": 1, "plot_scaling": 1, "all": 1}
 EVAL = {"eval_qa": 3, "aggregate": 1, **FIGS}
@@ -276,11 +424,12 @@ SHAPING = [
     ("evaluation.max_questions", 1, EVAL),
     ("cpt.lr", 1e-3, CPT),
     ("corpus.eos_token", "</s>", {"build_corpus": 2, **CPT}),
-    ("synthesis.report.overlap_n", 2, {"synthesis_report": 1, "plot_diversity": 1, "synthesis_summary": 1,
-                                       "all": 1}),
+    ("synthesis.report.overlap_n", 2, {"synthesis_report": 1, "filter_variant": 1, "plot_diversity": 1,
+                                       "synthesis_summary": 1, "all": 1}),
     ("synthesis.entigraph.max_triples", 2,
-     {"synthesize": 1, "synthesis_report": 1, "build_corpus": 1, "plot_diversity": 1, "synthesis_summary": 1,
-      **{**CPT, "cpt": 1, "eval_qa": 1}}),
+     {"synthesize": 1, "synthesis_of_article": 1, "synthesis_report": 1, "filter_variant": 1, "build_corpus": 1,
+      "plot_diversity": 1, "synthesis_summary": 1, **{**CPT, "cpt": 1, "eval_qa": 1}}),
+    ("filters.dedup.threshold", 0.5, {"filter_variant": 1, "plot_diversity": 1, "all": 1}),
 ]
 
 

@@ -51,3 +51,21 @@ def test_final_targets_are_what_rule_all_asks_for():
     planned_all = r.stdout.split("rule all:", 1)[1].split("\n\n", 1)[0]
     for t in targets:
         assert t in planned_all, t
+
+
+def test_derived_and_instruction_targets():
+    """The filter and import reports, and the instruction stages' table, figure and examples (when enabled), are
+    final targets of their stages; instruct model ids name their folders."""
+    judge = load_config([ROOT / "config.yaml", ROOT / "experiments" / "cpu-judge.yaml"])
+    assert layout.stage_targets(judge, "filters") == ["results/filtered/entigraph_judge/report.json"]
+    assert layout.derived_records("imported", "released") == "results/imported/released/records.jsonl"
+    assert layout.stage_targets(load_config(), "instruct") == []
+    cfg = load_config([ROOT / "config.yaml", ROOT / "experiments" / "cpu-instruct.yaml"])
+    assert layout.instruct_models(cfg) == ["base-instruct", "entigraph-128-instruct"]
+    assert layout.stage_targets(cfg, "instruct") == [
+        "results/tables/summary_claims.csv", "results/figures/summary_claims.png",
+        "results/instruct/examples/base-instruct.html", "results/instruct/examples/entigraph-128-instruct.html"]
+    assert layout.model_dir("entigraph-128-instruct", cfg) == "results/models/entigraph-128/instruct"
+    assert layout.instruct_models(load_config())[:2] == ["base-instruct", "raw-all-instruct"]
+    for t in layout.stage_targets(cfg, "instruct") + layout.stage_targets(judge, "filters"):
+        assert t in layout.final_targets(cfg) + layout.final_targets(judge)

@@ -41,9 +41,12 @@ from typing import Any
 
 from .config import ROOT, add_config_args, config_from_args, config_hash, deep_merge, validate_config
 from .io_utils import InputError, iter_jsonl, stable_hash, write_json_atomic, write_jsonl_atomic
+from .job_keys import INSTRUCT_METHOD
+from .layout import INSTRUCT_SUFFIX, MODELS
+from .layout import instruct_id as instruct_id  # the ids and paths live in layout.py
 
-SUFFIX = "-instruct"
-METHOD = "instruct"
+SUFFIX = INSTRUCT_SUFFIX
+METHOD = INSTRUCT_METHOD
 GUTENBERG_LIST = ROOT / "resources" / "instruct" / "gutenberg.json"
 # cpt keys that the instruction-tuning run never inherits from the cpt section (they are about the scaling curve).
 NOT_INHERITED = ("budgets", "method_budgets", "resources", "allow_budget_cap")
@@ -52,13 +55,9 @@ TRAIN_DEFAULTS = {"epochs": 1, "replay": {"rate": 0.0}, "probe": {"source": None
 
 
 # ------------------------------------------------------------------------------------------------ ids
-def instruct_id(model: str) -> str:
-    return model + SUFFIX
-
-
 def instruct_dir(model: str) -> str:
     """Folder of `{model}-instruct` (the start model's id without the suffix)."""
-    return f"results/models/{model}/instruct"
+    return f"{MODELS}/{model}/instruct"
 
 
 def parse_instruct_id(model: str) -> tuple[str, str, int | None]:

@@ -40,13 +40,18 @@ OPERATIONAL: tuple[str, ...] = (
     "backends.vllm.gpu_memory_utilization", "backends.vllm.enforce_eager", "backends.openai.api_key_env",
     "backends.vllm.cpu_kvcache_space_gib", "backends.openai.max_retries", "backends.openai.timeout_s", "backends.openai.backoff_base_s",
     "backends.openai.backoff_max_s",
+    # the derived corpora and the instruction stages (rules/filters.smk, rules/instruct.smk)
+    "filters.resources", "instruct.resources", "instruct.summaries.threads", "instruct.summaries.resources",
 )
 
 # Keys read by no job: they decide which jobs exist (the budget lists, the methods, the RAG switch and its model
-# list), or only feed the planner (python -m workflow_scripts.plan).
+# list, the instruction stages' switch and models), which file a job reads (the human summaries, an input of their
+# judging), or only feed the planner (python -m workflow_scripts.plan). The names under filters.variants, imports
+# and mixtures are structural too: each of their jobs reads only its own entry.
 STRUCTURAL: tuple[str, ...] = ("cpt.budgets", "cpt.method_budgets", "synthesis.methods", "synthesis.articles_per_job",
                                "evaluation.rag.enabled",
-                               "evaluation.rag.models", "planner")
+                               "evaluation.rag.models", "planner", "instruct.enabled", "instruct.models",
+                               "instruct.judge.human_summaries")
 
 # Shaping keys a resumed CPT run may change: they act after the loop (the saved dtype, the forgetting probe) or
 # only on the memory layout of the same optimisation (micro-batches, FSDP, activation checkpointing).
@@ -101,6 +106,67 @@ def _evaluate(cfg: dict, model: str, rag: bool = False) -> Reads:
                  values={"evaluation.api_models": [api] if api is not None else []})
 
 
+def _corpus(cfg: dict, method: str) -> Reads:
+    """build_corpus of one method: the seed and the corpus settings, with only the document format that applies to
+    this method (its own, else a filtered variant's source's; `{}` when none does), so that a format added for
+    another method reruns nothing."""
+    formats = cfg["corpus"].get("document_format") or {}
+    source = ((cfg.get("filters") or {}).get("variants") or {}).get(method, {}).get("source")
+    fmt = formats.get(method) or formats.get(source)
+    return Reads(["seed", "corpus"], values={"corpus.document_format": {method: fmt} if fmt else {}})
+
+
+def _filter(cfg: dict, method: str) -> Reads:
+    """filter_variant: the variant's own entry and the settings of its steps (other variants rerun nothing), the
+    seed (dedup, judge), the report keys of the kept corpus' report, and for a judge its engine and model."""
+    f = cfg["filters"]
+    steps = list(f["variants"][method]["steps"])
+    paths = ([f"filters.variants.{method}", "filters.resources"] + [f"filters.{s}" for s in steps]
+             + ["synthesis.report", "synthesis.sampling.seed"]
+             + (["seed"] if {"dedup", "judge"} & set(steps) else []))
+    if "judge" in steps:
+        judge = f["judge"]
+        paths += ([f"backends.{judge['backend'] or cfg['synthesis']['backend']}"]
+                  + ([] if judge["backend"] else ["synthesis.backend"])
+                  + ([] if judge["model"] else ["models.generator"]))
+    return Reads(paths)
+
+
+def _mixture(cfg: dict, method: str) -> Reads:
+    """build_mixture: the mixture's own entry and the block size; the general-text source when replay is one of
+    its sources (cpt.replay.rate is CPT's, not the mixture's)."""
+    paths = [f"mixtures.{method}", "cpt.block_size"]
+    if "replay" in cfg["mixtures"][method]["sources"]:
+        paths += ["cpt.replay.source", "cpt.replay.text_field", "cpt.replay.max_tokens"]
+    return Reads(paths)
+
+
+INSTRUCT_METHOD = "instruct"  # the instruction corpus' method name (workflow_scripts/instruct.py METHOD)
+
+
+def _instruct_corpus(cfg: dict) -> Reads:
+    """instruct_corpus: the data and chat template keys, and the corpus settings it packs with (its own document
+    format only; no BOS/EOS: the chat template marks the conversations)."""
+    fmt = (cfg["corpus"].get("document_format") or {}).get(INSTRUCT_METHOD)
+    return Reads(["seed", "corpus", "instruct.data", "instruct.chat_template_from"],
+                 exclude=["corpus.bos_token", "corpus.eos_token"],
+                 values={"corpus.document_format": {INSTRUCT_METHOD: fmt} if fmt else {}})
+
+
+def _judge(cfg: dict) -> Reads:
+    """judge_summaries / judge_human_summaries: the judge keys, its engine and (by default) the generator model."""
+    judge = cfg["instruct"]["judge"]
+    return Reads(["instruct.judge", f"backends.{judge['engine']}"] + ([] if judge["model"] else ["models.generator"]),
+                 exclude=list(STRUCTURAL))
+
+
+def _summaries(cfg: dict, *sections: str) -> Reads:
+    """summarize / instruct_examples: instruct.summaries (the engine, sampling and the prompts, which name every
+    record) and the engine's settings."""
+    return Reads(["instruct.summaries", *(f"instruct.{s}" for s in sections),
+                  f"backends.{cfg['instruct']['summaries']['engine']}"])
+
+
 FIGURE_KEYS = {
     "fit_scaling": ("fit", "accuracy_scale"),
     "plot_scaling": ("style", "dpi", "figsize", "formats", "paper_reference", "show_fit", "show_chance", "modes",
@@ -118,7 +184,13 @@ JOBS: dict[str, Callable[..., Reads]] = {
     "extract_entities": _extract,
     "synthesize": _synthesize,
     "synthesis_report": lambda cfg: Reads([f"synthesis.{k}" for k in ("prices", "report", "sampling", "backend")]),
-    "build_corpus": lambda cfg: Reads(["seed", "corpus"]),
+    "build_corpus": _corpus,
+    # derived corpora (rules/filters.smk, rules/mixture.smk): each job reads its own variant, import or mixture
+    "filter_variant": _filter,
+    "import_corpus": lambda cfg, method: Reads([f"imports.{method}"]),
+    "build_mixture": _mixture,
+    # passes cpt.micro_batch as the rule's own param (--micro-batch)
+    "corpus_difficulty": lambda cfg: Reads(["cpt.micro_batch", "cpt.threads", "cpt.resources"]),
     # the budget lists only decide which models exist
     "cpt": lambda cfg: Reads(["seed", "cpt"], exclude=list(STRUCTURAL)),
     "eval_qa": lambda cfg, model: _evaluate(cfg, model),
@@ -126,6 +198,17 @@ JOBS: dict[str, Callable[..., Reads]] = {
     "fit_scaling": lambda cfg: Reads([f"figures.{k}" for k in FIGURE_KEYS["fit_scaling"]]),
     "plot_scaling": lambda cfg: Reads([f"figures.{k}" for k in FIGURE_KEYS["plot_scaling"]] + _PLOT_CONTEXT),
     "plot_diversity": lambda cfg: Reads([f"figures.{k}" for k in FIGURE_KEYS["plot_diversity"]] + _PLOT_CONTEXT),
+    # the instruction stages (rules/instruct.smk): the same keys for every instruct model
+    "instruct_corpus": _instruct_corpus,
+    # the cpt section less its scaling-curve keys, as workflow_scripts/instruct.py train_config inherits it
+    "instruct_tune": lambda cfg: Reads(["seed", "cpt", "instruct.train", "instruct.chat_template_from",
+                                        "instruct.resources"], exclude=list(STRUCTURAL) + ["cpt.allow_budget_cap"]),
+    "summarize": lambda cfg: _summaries(cfg),
+    "instruct_examples": lambda cfg: _summaries(cfg, "examples"),
+    "judge_summaries": _judge,
+    "judge_human_summaries": _judge,
+    # passes the run's name in the figure title as the rule's own param (--title)
+    "claims_table": lambda cfg: Reads(["run_name"]),
 }
 
 
@@ -151,6 +234,15 @@ def _put(out: dict, path: str, value: Any) -> None:
     out[last] = copy.deepcopy(value)
 
 
+def _replaced(cfg: dict, path: str, value: Any) -> dict:
+    """A copy of `cfg` with `path` set to `value`; only the dicts along the path are copied (the rest is shared
+    and only read)."""
+    head, _, rest = path.partition(".")
+    out = dict(cfg)
+    out[head] = _replaced(cfg.get(head) or {}, rest, value) if rest else value
+    return out
+
+
 def _select(value: Any, path: str, keep: Callable[[str], bool], out: dict) -> None:
     """Copy the leaves of `value` (at `path`) for which keep(path) holds into `out`. A dict whose keys are data
     (e.g. families by name) is walked like any other; lists and scalars are leaves."""
@@ -163,9 +255,9 @@ def _select(value: Any, path: str, keep: Callable[[str], bool], out: dict) -> No
 
 def _split(cfg: dict, job: str, operational: bool, **wildcards: str) -> dict:
     reads = JOBS[job](cfg, **wildcards)
-    view = copy.deepcopy(cfg)
+    view = cfg
     for path, value in reads.values.items():
-        _put(view, path, value)
+        view = _replaced(view, path, value)
     out: dict = {}
     for path in reads.paths:
         found, value = _get(view, path)

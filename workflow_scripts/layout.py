@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import method_budgets
-from .derived import trained_methods
+from .derived import filter_variants, imported, trained_methods
 from .io_utils import InputError
 
 RESULTS = "results"
@@ -35,6 +35,19 @@ RAG_TABLE = f"{TABLES}/rag_accuracy.csv"
 SYNTH_SUMMARY = f"{TABLES}/synthesis_summary"
 FIGURES = f"{RESULTS}/figures"
 SCALING_FIT = f"{FIGURES}/scaling_fit.json"
+# derived corpora (rules/filters.smk): a filtered variant's or an imported corpus' records.jsonl and report
+FILTERED = f"{RESULTS}/filtered"
+IMPORTED = f"{RESULTS}/imported"
+# the instruction stages (rules/instruct.smk; docs/instruct.md)
+INSTRUCT_DIR = f"{RESULTS}/instruct"
+INSTRUCT_CORPUS = f"{INSTRUCT_DIR}/corpus"
+SUMMARIES_DIR = f"{INSTRUCT_DIR}/summaries"
+CLAIMS_DIR = f"{INSTRUCT_DIR}/claims"
+EXAMPLES_DIR = f"{INSTRUCT_DIR}/examples"
+HUMAN_DIR = f"{INSTRUCT_DIR}/human"  # the judged human summaries (instruct.judge.human_summaries)
+HUMAN_CLAIMS = f"{HUMAN_DIR}/claims.jsonl"
+CLAIMS_TABLE = f"{TABLES}/summary_claims.csv"
+CLAIMS_FIGURE = f"{FIGURES}/summary_claims.png"
 
 RAW = "raw"  # the Raw CPT baseline's method name (its corpus is the articles)
 BASE = "base"
@@ -96,6 +109,17 @@ def is_cpt_model(model: str) -> bool:
     return model != BASE and not model.startswith(API_PREFIX)
 
 
+def instruct_id(model: str) -> str:
+    """The id of a trained model's instruction-tuned twin: {model}-instruct (its folder: model_dir of the id,
+    results/models/{model}/instruct)."""
+    return f"{model}{INSTRUCT_SUFFIX}"
+
+
+def derived_records(kind: str, method: str) -> str:
+    """records.jsonl of a filtered variant (kind filtered) or an imported corpus (kind imported)."""
+    return f"{FILTERED if kind == 'filtered' else IMPORTED}/{method}/records.jsonl"
+
+
 # ------------------------------------------------------------------------------------------- model lists
 def synth_methods(cfg: dict) -> list[str]:
     """Synthesis methods whose corpora are trained on (synthesis.methods)."""
@@ -131,6 +155,15 @@ def rag_models(cfg: dict) -> list[str]:
     return [BASE, model_id(methods[0], max(bs)) if methods and bs else model_id(RAW, "all")]
 
 
+def instruct_models(cfg: dict) -> list[str]:
+    """Instruct model ids ({model}-instruct) of instruct.models, or of every trained model (base, Raw CPT, each
+    method x budget)."""
+    starts = cfg["instruct"]["models"]
+    if starts is None:
+        starts = [BASE] + [model_id(m, b) for m, b in cpt_models(cfg)]
+    return [instruct_id(m) for m in starts]
+
+
 # ------------------------------------------------------------------------------------------ final targets
 def model_inputs(cfg: dict, role: str) -> list[str]:
     """A model's folder as a file the DAG builds or reads (packaged and local models), none for hub ids."""
@@ -145,12 +178,16 @@ def figure_files(cfg: dict, name: str) -> list[str]:
 
 
 def stage_targets(cfg: dict, stage: str) -> list[str]:
-    """The final outputs of one stage (data, synthesis, cpt, evaluation, figures): each rules file asks `rule all`
-    for its own, so that a workflow of some stage files (a test's, a user's) builds what it has rules for."""
+    """The final outputs of one stage (data, synthesis, filters, cpt, evaluation, figures, instruct): each rules
+    file asks `rule all` for its own, so that a workflow of some stage files (a test's, a user's) builds what it
+    has rules for."""
     if stage == "data":
         return [PREPARE_STATS, *model_inputs(cfg, "base"), *model_inputs(cfg, "generator")]
     if stage == "synthesis":
         return [f"{SYNTH}/{m}/report.json" for m in synth_methods(cfg)]
+    if stage == "filters":
+        return ([f"{FILTERED}/{m}/report.json" for m in filter_variants(cfg)]
+                + [f"{IMPORTED}/{m}/report.json" for m in imported(cfg)])
     if stage == "cpt":
         return [model_dir(model_id(m, b), cfg) for m, b in cpt_models(cfg)]
     if stage == "evaluation":
@@ -158,13 +195,17 @@ def stage_targets(cfg: dict, stage: str) -> list[str]:
     if stage == "figures":
         return [SCALING_FIT, *figure_files(cfg, "scaling_curve"), *figure_files(cfg, "diversity"),
                 f"{SYNTH_SUMMARY}.csv", f"{SYNTH_SUMMARY}.html"]
+    if stage == "instruct":  # the rules exist either way; instruct.enabled asks `rule all` for their outputs
+        if not cfg["instruct"]["enabled"]:
+            return []
+        return [CLAIMS_TABLE, CLAIMS_FIGURE] + [f"{EXAMPLES_DIR}/{m}.html" for m in instruct_models(cfg)]
     raise ValueError(f"unknown stage {stage!r}")
 
 
-STAGES = ("data", "synthesis", "cpt", "evaluation", "figures")
+STAGES = ("data", "synthesis", "filters", "cpt", "evaluation", "figures", "instruct")
 
 
 def final_targets(cfg: dict) -> list[str]:
-    """Everything `snakemake` (rule all) builds: prepared data, models, synthesis reports, the accuracy tables,
-    the fit and the figures."""
+    """Everything `snakemake` (rule all) builds: prepared data, models, synthesis and filter reports, the accuracy
+    tables, the fit and the figures, and the instruction stages' table, figure and examples when enabled."""
     return [t for stage in STAGES for t in stage_targets(cfg, stage)]

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 from .config import add_config_args, config_from_args
 from .io_utils import AppendOnlyJsonl, InputError, iter_jsonl, stable_hash, write_jsonl_atomic, write_text_atomic
+from .job_keys import shaping_part
 from .quality import author_first_last
 
 PROMPT_KINDS = ("short", "long")
@@ -117,7 +118,8 @@ def model_fingerprint(model_path: str) -> str:
 
 def summary_tasks(cfg: dict, model_id: str, articles: Sequence[dict], weights: str = "") -> list[dict]:
     scfg = cfg["instruct"]["summaries"]
-    return [{"id": stable_hash(model_id, weights, a["uid"], kind, summary_prompt(kind, a), scfg, n=16),
+    shaping = shaping_part(cfg, "instruct.summaries")  # ids (and so seeds) ignore threads and resources
+    return [{"id": stable_hash(model_id, weights, a["uid"], kind, summary_prompt(kind, a), shaping, n=16),
              "article_uid": a["uid"],
              "prompt": kind, "prompt_text": summary_prompt(kind, a), "max_new_tokens": scfg["max_new_tokens"][kind]}
             for a in articles for kind in scfg["prompts"]]
@@ -165,7 +167,8 @@ def examples(cfg: dict, model_id: str, model_path: str, articles_path: str | Pat
     arts = select_articles(articles_path, None)
     qs = [q for _, q in iter_jsonl(questions_path)]
     weights = model_fingerprint(model_path)
-    tasks = [{**p, "id": stable_hash(model_id, weights, p["kind"], p["prompt"], ecfg, scfg, n=16),
+    shaping = shaping_part(cfg, "instruct.summaries")  # ids (and so seeds) ignore threads and resources
+    tasks = [{**p, "id": stable_hash(model_id, weights, p["kind"], p["prompt"], ecfg, shaping, n=16),
               "max_new_tokens": ecfg["max_new_tokens"]} for p in example_prompts(arts, qs)]
     records = generate(cfg, model_id, model_path, tasks, Path(str(output_jsonl) + ".work.jsonl"), scfg, backend)
     write_jsonl_atomic(output_jsonl, records)
