@@ -66,39 +66,40 @@ def make_handler(state: FakeOpenAI):
                 state.attempts[marker] = attempt + 1
                 plan = state.faults.get(marker, [])
                 fault = plan[attempt] if attempt < len(plan) else None
+            if fault == "429":
+                return self._send(429, {"error": {"message": "rate limited"}})
+            if fault == "429-after":
+                return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0.3"})
+            if fault == "500":
+                return self._send(500, {"error": {"message": "internal"}})
+            if fault == "timeout":
+                time.sleep(TIMEOUT_S * 3)
+                return self._send(200, {"choices": [], "usage": {}})
+            if fault == "400-echo":  # a careless server that echoes the request headers back
+                return self._send(400, {"error": {"message": f"bad request; headers were {dict(self.headers)}"}})
+            # in flight: counted while the answer is held, and no longer once it is being sent (the client
+            # may send its next request as soon as it has the answer, before this thread ends)
+            with state.lock:
                 state.active += 1
                 state.max_active = max(state.max_active, state.active)
-            try:
-                if fault == "429":
-                    return self._send(429, {"error": {"message": "rate limited"}})
-                if fault == "429-after":
-                    return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0.3"})
-                if fault == "500":
-                    return self._send(500, {"error": {"message": "internal"}})
-                if fault == "timeout":
-                    time.sleep(TIMEOUT_S * 3)
-                    return self._send(200, {"choices": [], "usage": {}})
-                if fault == "400-echo":  # a careless server that echoes the request headers back
-                    return self._send(400, {"error": {"message": f"bad request; headers were {dict(self.headers)}"}})
-                time.sleep(state.hold_s)
-                n = body.get("n", 1)
-                words = prompt.split()
-                choices = []
-                for i in range(n):
-                    text = f"{marker} sample {i}. Answer: B. trailing words"
-                    if self.path == "/v1/chat/completions":
-                        choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                                        "finish_reason": "length"})
-                    else:
-                        choices.append({"index": i, "text": text, "finish_reason": "length"})
-                with state.lock:
-                    state.served.append(marker)
-                self._send(200, {"id": "x", "model": body["model"], "choices": choices[::-1],
-                                 "usage": {"prompt_tokens": len(words) + 3, "completion_tokens": 11 * n,
-                                           "total_tokens": len(words) + 3 + 11 * n}})
-            finally:
-                with state.lock:
-                    state.active -= 1
+            time.sleep(state.hold_s)
+            with state.lock:
+                state.active -= 1
+            n = body.get("n", 1)
+            words = prompt.split()
+            choices = []
+            for i in range(n):
+                text = f"{marker} sample {i}. Answer: B. trailing words"
+                if self.path == "/v1/chat/completions":
+                    choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                                    "finish_reason": "length"})
+                else:
+                    choices.append({"index": i, "text": text, "finish_reason": "length"})
+            with state.lock:
+                state.served.append(marker)
+            self._send(200, {"id": "x", "model": body["model"], "choices": choices[::-1],
+                             "usage": {"prompt_tokens": len(words) + 3, "completion_tokens": 11 * n,
+                                       "total_tokens": len(words) + 3 + 11 * n}})
 
     return Handler
 

@@ -207,8 +207,11 @@ def test_paper_dag_under_slurm_requests_one_task_per_multi_gpu_job(tmp_path):
         if not res.get("gpu"):
             assert "-p 'cpu'" in sbatch and "--gpus" not in sbatch and "--ntasks=1" in sbatch
             continue
+        summaries_gpu = cfg["instruct"]["summaries"]["resources"]["gpu"]
         want = {"cpt": cfg["cpt"]["resources"]["gpu"], "eval_qa": cfg["evaluation"]["resources"]["gpu"],
-                "eval_rag": cfg["evaluation"]["resources"]["gpu"]}.get(rule, cfg["synthesis"]["resources"]["gpu"])
+                "eval_rag": cfg["evaluation"]["resources"]["gpu"], "instruct_tune": cfg["instruct"]["resources"]["gpu"],
+                "summarize": summaries_gpu, "judge_summaries": summaries_gpu, "judge_human_summaries": summaries_gpu,
+                "instruct_examples": summaries_gpu}.get(rule, cfg["synthesis"]["resources"]["gpu"])
         assert res["gpu"] == want, (rule, res)
         assert "-p 'gpu'" in sbatch and f"--gpus={want}" in sbatch and "--ntasks" not in sbatch, sbatch
         assert "--cpus-per-gpu=8" in sbatch
