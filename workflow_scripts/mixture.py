@@ -83,8 +83,7 @@ def replay_blocks(cfg: dict, tokenizer: str, specials: dict, n_blocks: int, bloc
     if not rp["source"]:
         raise InputError("a mixture with source replay needs cpt.replay.source (a local text/JSONL file)")
     want = min(n_blocks * block, int(rp["max_tokens"]))
-    toks = general_tokens(rp["source"], load_tokenizer(tokenizer), specials, want, text_field=rp["text_field"],
-                          split=rp["split"], hf_config=rp["hf_config"])
+    toks = general_tokens(rp["source"], load_tokenizer(tokenizer), specials, want, text_field=rp["text_field"])
     return to_blocks(toks, block)
 
 
