@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from . import stage
-from .io_utils import InputError, atomic_path, decode_text, iter_jsonl, sha256_file, write_json_atomic, write_jsonl_atomic
+from .io_utils import (InputError, atomic_path, decode_text, iter_jsonl, parse_jsonl, sha256_file, write_json_atomic,
+                       write_jsonl_atomic)
 
 OFFICIAL_URL = "https://github.com/nyu-mll/quality/raw/main/data/v1.0.1/QuALITY.v1.0.1.zip"
 # The official release: 300 train + 230 dev question-set lines -> 265 articles, 4,609 questions
@@ -98,21 +99,7 @@ def read_quality_zip(zip_path: str | Path, splits: Iterable[str]) -> Iterator[tu
                 raise InputError(f"{zip_path}: no htmlstripped {split} file in the zip")
             name = f"{zip_path}!{members[split]}"
             data = z.read(members[split])
-            yield from ((split, name, i, rec) for i, rec in _parse_lines(data, name))
-
-
-def _parse_lines(data: bytes, name: str) -> Iterator[tuple[int, dict]]:
-    text = decode_text(data, name)  # a leading byte-order mark is accepted
-    for i, line in enumerate(text.split("\n"), start=1):  # '\n' only: train holds U+2028 inside strings
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{name}:{i}: malformed JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(rec, dict):
-            raise InputError(f"{name}:{i}: expected a JSON object")
-        yield i, rec
+            yield from ((split, name, i, rec) for i, rec in parse_jsonl(data, name))
 
 
 # ----------------------------------------------------------------------------------------------- prepare
