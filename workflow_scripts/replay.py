@@ -344,6 +344,7 @@ def _check_pool(args: argparse.Namespace) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> None:
+    """`replay prepare`: local JSONL shards of downloaded general text, and a one-line summary."""
     out = prepare(args.input, args.output, args.text_field, args.shard_documents, args.max_documents)
     print(json.dumps({k: out[k] for k in ("documents", "characters", "empty_skipped")} |
                      {"shards": len(out["shards"]), "output": args.output}))
