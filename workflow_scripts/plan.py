@@ -269,7 +269,7 @@ def system_tokens(cfg: dict, template: str) -> float:
 def synthesis_groups(cfg: dict, method: str, tokens: list[float], entities: list[int]
                      ) -> list[tuple[str, dict[str, float], str]] | None:
     """(item, token counts, note) for each kind of request of `method`, as the method estimates them
-    (synthesis.Method.estimate); None for a method with no request model here or one that cannot be loaded.
+    (synth_framework.Method.estimate); None for a method with no request model here or one that cannot be loaded.
 
     A request is the kind's system prompt + the article (with its header) [+ the entity list]; the kind's
     system prompt and the article form the per-article prefix that a prefix cache reuses.
