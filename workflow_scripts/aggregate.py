@@ -17,13 +17,13 @@ for API references (empty), else the synthesis method with its synthetic-token b
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
 from pathlib import Path
 from typing import Any, Iterable
 
+from . import stage
 from .io_utils import InputError, atomic_path
 from .layout import parse_model_id
 
@@ -185,8 +185,7 @@ def aggregate(summaries: Iterable[str | Path], output: str | Path, models_dir: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workflow_scripts.aggregate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = stage.parser("aggregate", __doc__)
     p.add_argument("table", choices=["qa", "rag"], help="qa: closed-book table; rag: open-book table")
     p.add_argument("--summaries", nargs="+", required=True, help="results/eval/{qa,rag}/MODEL.json files")
     p.add_argument("--models-dir", default="results/models", help="where CPT models keep train_summary.json")
@@ -196,14 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-convention", choices=list(CONVENTIONS), default="wrong",
                    help="evaluation.report.convention: unparseable answers counted wrong or dropped")
     args = p.parse_args(argv)
-    try:
+
+    def body() -> None:
         n = aggregate(args.summaries, args.output, args.models_dir, QA_COLUMNS if args.table == "qa" else RAG_COLUMNS,
                       args.report_split, args.report_convention)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({"output": args.output, "rows": n}))
-    return 0
+        print(json.dumps({"output": args.output, "rows": n}))
+
+    return stage.run(body)
 
 
 if __name__ == "__main__":

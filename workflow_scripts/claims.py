@@ -29,7 +29,6 @@ summaries the table reports raw counts per summary.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -37,7 +36,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .config import add_config_args, config_from_args, config_hash
+from . import stage
+from .config import config_hash
 from .io_utils import InputError, iter_jsonl, stable_hash, write_json_atomic, write_jsonl_atomic
 
 SPLIT, TRUTH, SALIENCE = "claims_split", "claims_truth", "claims_salience"
@@ -54,7 +54,7 @@ TABLE_COLUMNS = ["model", "base_model", "method", "budget", "prompt", "articles"
 # ------------------------------------------------------------------------------------------------ prompts
 def judge_prompts() -> dict[str, str]:
     """The three system prompts of the judge, from workflow_scripts/prompts/."""
-    from .synthesis import load_template
+    from .templates import load_template
 
     return {name: load_template(name) for name in (SPLIT, TRUTH, SALIENCE)}
 
@@ -294,13 +294,13 @@ def summarize_judged(records: Sequence[dict]) -> dict[str, dict[str, Any]]:
 def judge_engine_settings(cfg: dict) -> tuple[str, dict, str]:
     """(engine, backend settings with the judge model, judge name) of instruct.judge; the model defaults to
     models.generator. For openai the model is the served or hosted model name."""
+    from .backends import engine_settings
     from .models import model_location
 
     jcfg = cfg["instruct"]["judge"]
     spec = jcfg["model"] or cfg["models"]["generator"]
     engine = jcfg["engine"]
-    settings = dict((cfg.get("backends") or {}).get(engine) or {})
-    settings["model"] = spec["name"] if engine == "openai" else model_location(spec)
+    settings = engine_settings(cfg, engine, spec["name"] if engine == "openai" else model_location(spec))
     return engine, settings, str(spec["name"])
 
 
@@ -342,7 +342,7 @@ def load_items(summaries: str | Path | None, human: str | Path | None, articles:
 def judge_file(cfg: dict, items: list[dict], articles: dict[str, dict], output_jsonl: str | Path,
                output_json: str | Path, backend: Any = None) -> dict:
     """Judge `items`, write the per-summary JSONL and the summary JSON; returns the summary."""
-    from .synthesis import render_document
+    from .synth_framework import render_document
 
     t0 = time.time()
     jcfg = cfg["instruct"]["judge"]
@@ -378,28 +378,25 @@ def judge_file(cfg: dict, items: list[dict], articles: dict[str, dict], output_j
 
 # --------------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workflow_scripts.claims", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = stage.parser("claims", __doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    j = sub.add_parser("judge", help="split summaries into claims and judge them")
+    j = stage.subcommand(sub, "judge", "split summaries into claims and judge them", config=True)
     src = j.add_mutually_exclusive_group(required=True)
     src.add_argument("--summaries", help="a model's summaries (summaries.py output)")
     src.add_argument("--human", help="human summaries, JSONL of {article_uid, summary}")
     j.add_argument("--articles", required=True)
     j.add_argument("--output-jsonl", required=True)
     j.add_argument("--output-json", required=True)
-    add_config_args(j)
     args = p.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
+
+    def body() -> None:
+        cfg = stage.config(args)
         articles = load_articles_map(args.articles)
         items = load_items(args.summaries, args.human, articles)
         summary = judge_file(cfg, items, articles, args.output_jsonl, args.output_json)
         print(json.dumps(summary["by_prompt"]))
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return stage.run(body)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,14 @@ Kept apart from claims.py so that the judge's environment needs no plotting libr
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import stage
 from .claims import TABLE_COLUMNS, per_article_counts, relative_to_human
-from .io_utils import InputError, atomic_path, iter_jsonl, read_json_object
+from .io_utils import atomic_path, iter_jsonl, read_json_object
 
 
 def table_rows(summaries: Sequence[dict], claims_files: dict[str, list[dict]],
@@ -118,21 +118,19 @@ def build_table(claims_json: Sequence[str | Path], human: str | Path | None, tab
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workflow_scripts.claims_report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = stage.parser("claims_report", __doc__)
     p.add_argument("--claims", nargs="+", required=True, help="the judge rule's .json summaries (the .jsonl beside)")
     p.add_argument("--human", default=None, help="the judged human summaries (.jsonl), for normalisation")
     p.add_argument("--table", required=True)
     p.add_argument("--figure", required=True)
     p.add_argument("--title", default="")
     args = p.parse_args(argv)
-    try:
+
+    def body() -> None:
         rows = build_table(args.claims, args.human, args.table, args.figure, args.title)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{len(rows)} rows -> {args.table}, {args.figure}", file=sys.stderr)
-    return 0
+        print(f"{len(rows)} rows -> {args.table}, {args.figure}", file=sys.stderr)
+
+    return stage.run(body)
 
 
 if __name__ == "__main__":

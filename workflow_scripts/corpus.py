@@ -30,7 +30,6 @@ documents of its own pretraining corpus, instead of a doubled one. Llama 3 base 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -39,7 +38,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .config import add_config_args, config_from_args, config_hash
+from . import stage
+from .config import config_hash
 from .io_utils import InputError, atomic_path, iter_jsonl, sha256_file, write_json_atomic
 from .job_keys import shaping_part
 from .models import load_tokenizer
@@ -302,26 +302,24 @@ def budget_tokens(total: int, budget: int | str, allow_cap: bool, where: str = "
 
 # --------------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workflow_scripts.corpus", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = stage.parser("corpus", __doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="tokenize, shuffle and concatenate one method's documents")
+    b = stage.subcommand(sub, "build", "tokenize, shuffle and concatenate one method's documents", config=True)
     b.add_argument("--method", required=True, help="synthesis method name, or 'raw' for the articles")
     b.add_argument("--model", required=True, help="folder or hub id of the CPT base model (its tokenizer is used)")
     b.add_argument("--inputs", nargs="+", required=True,
                    help="JSONL files, or folders of *.jsonl shards (raw: results/data/articles.jsonl)")
     b.add_argument("--outdir", required=True, help="output folder (tokens.npy + manifest.json)")
     b.add_argument("--articles", default=None, help="results/data/articles.jsonl (titles for corpus.document_format)")
-    add_config_args(b)
-    i = sub.add_parser("info", help="print a corpus manifest's summary (and a budget's token count)")
+    i = stage.subcommand(sub, "info", "print a corpus manifest's summary (and a budget's token count)")
     i.add_argument("corpus", help="corpus folder")
     i.add_argument("--budget", default=None, help="a token budget or 'all'")
     i.add_argument("--allow-cap", action="store_true")
     args = p.parse_args(argv)
-    try:
+
+    def body() -> None:
         if args.cmd == "build":
-            cfg = config_from_args(args)
-            m = build_corpus(args.method, args.inputs, args.model, args.outdir, cfg, progress=True,
+            m = build_corpus(args.method, args.inputs, args.model, args.outdir, stage.config(args), progress=True,
                              articles=args.articles)
             summary = {k: v for k, v in m.items() if k not in ("records", "inputs", "layout")}
         else:
@@ -330,11 +328,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.budget is not None:
                 n, capped = budget_tokens(len(tokens), args.budget, args.allow_cap, args.corpus)
                 summary.update(budget=args.budget, budget_tokens=n, capped=capped)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
+        print(json.dumps(summary))
+
+    return stage.run(body)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ relation analysis texts for entity pairs and triples.
 Pure parts pinned by tests: robust parsing of the extraction JSON (`parse_extraction`), entity normalisation
 (`normalize_entities`), and the seeded, prefix-stable sampling of pairs and triples (`sample_pairs`,
 `sample_triples`). `extract_entities` runs the extraction call with bounded retries; `EntiGraph` is the
-synthesis method (registered in workflow_scripts/synthesis.py).
+synthesis method (registered in workflow_scripts/synth_framework.py).
 
 Extraction never stops the workflow: an article whose answer still does not parse after
 `synthesis.entigraph.extraction_retries` retries gets an entity file with status `failed` and the reason (its
@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterator
 from .backends import GenerationRequest
 from .estimates import Estimate, article_requests, n_tuples
 from .io_utils import AppendOnlyJsonl, stable_hash
-from .synthesis import (Method, Task, generation_hash, generator_name, load_template, prompt_version, read_work_shard,
-                        record_id, request_seed, sampling_key, template_task, user_message)
+from .synth_framework import (Method, Task, generation_hash, generator_name, load_template, prompt_version,
+                              read_work_shard, record_id, request_seed, sampling_key, template_task, user_message)
 
 ENTITIES_TEMPLATE = "entigraph_entities"
 PAIR_TEMPLATE = "entigraph_pair"

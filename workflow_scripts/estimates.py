@@ -1,5 +1,5 @@
 """Request and token estimates of synthesis methods, for the planner (python -m workflow_scripts.plan): pure
-arithmetic that each method's `estimate` uses (workflow_scripts.synthesis.Method.estimate)."""
+arithmetic that each method's `estimate` uses (workflow_scripts.synth_framework.Method.estimate)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,6 @@ report of synth_report.py on the kept records: diversity, compression ratio, ove
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
@@ -37,7 +36,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .config import add_config_args, config_from_args, config_hash
+from . import stage
+from .config import config_hash
 from .io_utils import (AppendOnlyJsonl, InputError, iter_jsonl, stable_hash, write_json_atomic, write_jsonl_atomic,
                        write_text_atomic)
 
@@ -172,7 +172,7 @@ def apply_dedup(records: list[dict], dc: dict, seed: int,
 
 # ------------------------------------------------------------------------------------------------ judge
 def judge_system() -> str:
-    from .synthesis import load_template
+    from .templates import load_template
 
     return load_template(JUDGE_TEMPLATE)
 
@@ -195,12 +195,13 @@ def parse_scores(text: str) -> dict[str, int] | None:
 def judge_settings(cfg: dict) -> tuple[str, dict, str]:
     """(engine, engine settings with the model, model name) of the judge: filters.judge.backend / .model, by
     default the synthesis engine and generator."""
+    from .backends import engine_settings
     from .models import model_location
 
     jc = cfg["filters"]["judge"]
     engine = jc["backend"] or cfg["synthesis"]["backend"]
     spec = jc["model"] or cfg["models"]["generator"]
-    settings = dict((cfg.get("backends") or {}).get(engine) or {})
+    settings = engine_settings(cfg, engine)
     settings.setdefault("model", model_location(spec))
     name = settings["model"] if engine == "openai" and settings.get("model") else spec["name"]
     return engine, settings, str(name)
@@ -210,7 +211,7 @@ def judge_requests(records: list[dict], articles: dict[str, dict], system: str, 
                    jc: dict, seed: int) -> list[tuple[str, dict, Any]]:
     """(score id, record, request) per record; the id names record, prompt version, judge model and sampling."""
     from .backends import GenerationRequest
-    from .synthesis import render_document
+    from .synth_framework import render_document
 
     out = []
     for rec in records:
@@ -409,26 +410,22 @@ def run_variant(cfg: dict, variant: str, articles_path: str | Path, inputs: list
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workflow_scripts.filters", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = stage.parser("filters", __doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="filter the records of one variant's source method")
+    r = stage.subcommand(sub, "run", "filter the records of one variant's source method", config=True)
     r.add_argument("--variant", required=True)
     r.add_argument("--articles", required=True, help="results/data/articles.jsonl")
     r.add_argument("--inputs", nargs="+", required=True, help="the source's shards (files or folders)")
     r.add_argument("--outdir", required=True, help="results/filtered/VARIANT")
-    add_config_args(r)
     args = p.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        rep = run_variant(cfg, args.variant, args.articles, args.inputs, args.outdir)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    f = rep["filters"]
-    print(f"{args.variant}: kept {f['kept_records']} of {f['input_records']} records; removed by step: "
-          + ", ".join(f"{s} {c['removed']}" for s, c in f["by_step"].items()), file=sys.stderr)
-    return 0
+
+    def body() -> None:
+        rep = run_variant(stage.config(args), args.variant, args.articles, args.inputs, args.outdir)
+        f = rep["filters"]
+        print(f"{args.variant}: kept {f['kept_records']} of {f['input_records']} records; removed by step: "
+              + ", ".join(f"{s} {c['removed']}" for s, c in f["by_step"].items()), file=sys.stderr)
+
+    return stage.run(body)
 
 
 if __name__ == "__main__":

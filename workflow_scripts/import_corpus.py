@@ -22,14 +22,14 @@ with examples, articles covered.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import add_config_args, config_from_args, config_hash
-from .io_utils import InputError, iter_jsonl, sha256_file, stable_hash, write_json_atomic, write_jsonl_atomic
+from . import stage
+from .config import config_hash
+from .io_utils import InputError, iter_jsonl, sha256_file, stable_hash, write_jsonl_atomic
 
 AUTHORS_COLUMNS = ("uid", "entigraph")
 
@@ -169,29 +169,26 @@ def import_corpus(name: str, spec: dict, articles: list[dict]) -> tuple[list[dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workflow_scripts.import_corpus", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = stage.parser("import_corpus", __doc__, config=True)
     p.add_argument("--name", required=True, help="the method name (a key of imports)")
     p.add_argument("--articles", required=True, help="results/data/articles.jsonl")
     p.add_argument("--output", required=True, help="results/imported/NAME/records.jsonl")
     p.add_argument("--report", required=True, help="results/imported/NAME/report.json")
-    add_config_args(p)
     args = p.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
+
+    def body() -> None:
+        cfg = stage.config(args)
         if args.name not in cfg["imports"]:
             raise InputError(f"imports has no corpus {args.name!r} (configured: {', '.join(cfg['imports']) or 'none'})")
         articles = [rec for _, rec in iter_jsonl(args.articles)]
         records, report = import_corpus(args.name, cfg["imports"][args.name], articles)
         write_jsonl_atomic(args.output, records)
-        write_json_atomic(args.report, report)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{args.name}: {report['records']} texts from {report['matched_rows']} of {report['rows']} rows "
-          f"({report['unmatched_rows']} match no article)", file=sys.stderr)
-    print(json.dumps({k: report[k] for k in ("rows", "matched_rows", "unmatched_rows", "records")}))
-    return 0
+        stage.write_stats(args.report, report)
+        print(f"{args.name}: {report['records']} texts from {report['matched_rows']} of {report['rows']} rows "
+              f"({report['unmatched_rows']} match no article)", file=sys.stderr)
+        print(json.dumps({k: report[k] for k in ("rows", "matched_rows", "unmatched_rows", "records")}))
+
+    return stage.run(body)
 
 
 if __name__ == "__main__":

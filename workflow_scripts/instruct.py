@@ -30,7 +30,6 @@ Model ids: `{model}-instruct` for a trained model id (`base`, `raw-all`, `METHOD
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -39,7 +38,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import ROOT, add_config_args, config_from_args, config_hash, deep_merge, validate_config
+from . import stage
+from .config import ROOT, config_hash, deep_merge, validate_config
 from .io_utils import InputError, iter_jsonl, stable_hash, write_json_atomic, write_jsonl_atomic
 from .job_keys import INSTRUCT_METHOD
 from .layout import INSTRUCT_SUFFIX, MODELS
@@ -161,7 +161,7 @@ def load_examples(dcfg: dict, seed: int) -> list[dict]:
 
 def chat_tokenizer(model: str, template_from: str | None):  # type: ignore[no-untyped-def]
     """The model's tokenizer, with the chat template of `template_from` when the model has none."""
-    from .corpus import load_tokenizer
+    from .models import load_tokenizer
 
     tok = load_tokenizer(model)
     if not getattr(tok, "chat_template", None):
@@ -228,30 +228,27 @@ def tune(cfg: dict, corpus: str | Path, start: str, output: str | Path, workdir:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workflow_scripts.instruct", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = stage.parser("instruct", __doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("corpus", help="render and pack the instruction data")
+    c = stage.subcommand(sub, "corpus", "render and pack the instruction data", config=True)
     c.add_argument("--model", required=True, help="the base model (its tokenizer and chat template)")
     c.add_argument("--outdir", required=True)
-    add_config_args(c)
-    t = sub.add_parser("tune", help="instruction-tune one trained model")
+    t = stage.subcommand(sub, "tune", "instruction-tune one trained model", config=True)
     t.add_argument("--corpus", required=True)
     t.add_argument("--start", required=True, help="the trained model's folder (or hub id)")
     t.add_argument("--output", required=True)
     t.add_argument("--workdir", default=None)
-    add_config_args(t)
     args = p.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
+
+    def body() -> int:
+        cfg = stage.config(args)
         if args.cmd == "corpus":
             m = build_instruct_corpus(cfg, args.model, args.outdir)
             print(json.dumps({k: m[k] for k in ("total_tokens", "n_records", "instruct_data")}))
             return 0
         return tune(cfg, args.corpus, args.start, args.output, args.workdir)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+    return stage.run(body)
 
 
 if __name__ == "__main__":

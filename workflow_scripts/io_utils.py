@@ -97,7 +97,14 @@ def iter_jsonl(path: str | os.PathLike, *, allow_truncated_tail: bool = False) -
         data = path.read_bytes()
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
-    text = decode_text(data, path)
+    yield from parse_jsonl(data, path, allow_truncated_tail=allow_truncated_tail)
+
+
+def parse_jsonl(data: bytes, name: str | os.PathLike, *,
+                allow_truncated_tail: bool = False) -> Iterator[tuple[int, dict]]:
+    """The records of JSON-lines bytes (a file's, or a zip member's) as `iter_jsonl` yields them; `name` names
+    the source in errors."""
+    text = decode_text(data, name)
     lines = text.split("\n")
     complete = text.endswith("\n")
     for i, line in enumerate(lines, start=1):
@@ -108,9 +115,9 @@ def iter_jsonl(path: str | os.PathLike, *, allow_truncated_tail: bool = False) -
         except json.JSONDecodeError as e:
             if allow_truncated_tail and i == len(lines) and not complete:
                 return
-            raise InputError(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno}); fix or remove that line") from None
+            raise InputError(f"{name}:{i}: malformed JSON ({e.msg} at column {e.colno}); fix or remove that line") from None
         if not isinstance(rec, dict):
-            raise InputError(f"{path}:{i}: expected a JSON object per line, got {type(rec).__name__}")
+            raise InputError(f"{name}:{i}: expected a JSON object per line, got {type(rec).__name__}")
         yield i, rec
 
 

@@ -31,7 +31,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .config import add_config_args, config_from_args, config_hash
+from . import stage
+from .config import config_hash
 from .corpus import MANIFEST_FILE, TOKENS_FILE, load_corpus
 from .io_utils import InputError, atomic_path, write_json_atomic
 
@@ -75,7 +76,7 @@ def mixture_length(available: dict[str, int], weights: dict[str, float]) -> int:
 
 def replay_blocks(cfg: dict, tokenizer: str, specials: dict, n_blocks: int, block: int) -> np.ndarray:
     """The first n_blocks blocks of the general-text source (cpt.replay), tokenized like the corpora."""
-    from .corpus import load_tokenizer
+    from .models import load_tokenizer
     from .replay import general_tokens, to_blocks
 
     rp = cfg["cpt"]["replay"]
@@ -208,7 +209,7 @@ def block_losses(corpus: str | Path, model_location: str, micro_batch: int = 4) 
     """Mean next-token loss of every block of a mixture corpus under the base model; block_loss.npy beside it."""
     import torch
 
-    from .train import load_base_model
+    from .models import load_base_model
 
     t0 = time.time()
     folder = Path(corpus)
@@ -233,39 +234,35 @@ def block_losses(corpus: str | Path, model_location: str, micro_batch: int = 4) 
             "min_loss": float(out.min()), "max_loss": float(out.max()), "seconds": round(time.time() - t0, 2)}
 
 
+def _build(args: argparse.Namespace) -> None:
+    cfg = stage.config(args)
+    if args.name not in cfg["mixtures"]:
+        raise InputError(f"mixtures has no {args.name!r} (configured: {', '.join(cfg['mixtures']) or 'none'})")
+    pairs = [c.split("=", 1) for c in args.corpora]
+    if any(len(x) != 2 for x in pairs):
+        raise InputError(f"--corpora takes SOURCE=FOLDER pairs, got {args.corpora}")
+    m = build_mixture(args.name, dict(pairs), args.model, args.outdir, cfg)
+    out = {k: m[k] for k in ("method", "total_tokens", "n_records")}
+    out["blocks"] = m["mixture"]["blocks_by_source"]
+    print(json.dumps(out))
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workflow_scripts.mixture", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = stage.parser("mixture", __doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="interleave the source corpora of one mixture")
+    b = stage.subcommand(sub, "build", "interleave the source corpora of one mixture", config=True)
     b.add_argument("--name", required=True, help="a key of mixtures")
     b.add_argument("--corpora", nargs="*", default=[], metavar="SOURCE=FOLDER", help="corpus folder of each source")
     b.add_argument("--model", required=True, help="base model (its tokenizer tokenizes replay text)")
     b.add_argument("--outdir", required=True, help="results/corpus/NAME")
-    add_config_args(b)
-    d = sub.add_parser("difficulty", help="per-block base-model loss of a mixture corpus (the curriculum)")
+    d = stage.subcommand(sub, "difficulty", "per-block base-model loss of a mixture corpus (the curriculum)")
     d.add_argument("--corpus", required=True)
     d.add_argument("--model", required=True)
     d.add_argument("--micro-batch", type=int, default=4)
     args = p.parse_args(argv)
-    try:
-        if args.cmd == "build":
-            cfg = config_from_args(args)
-            if args.name not in cfg["mixtures"]:
-                raise InputError(f"mixtures has no {args.name!r} (configured: {', '.join(cfg['mixtures']) or 'none'})")
-            pairs = [c.split("=", 1) for c in args.corpora]
-            if any(len(x) != 2 for x in pairs):
-                raise InputError(f"--corpora takes SOURCE=FOLDER pairs, got {args.corpora}")
-            m = build_mixture(args.name, dict(pairs), args.model, args.outdir, cfg)
-            out = {k: m[k] for k in ("method", "total_tokens", "n_records")}
-            out["blocks"] = m["mixture"]["blocks_by_source"]
-        else:
-            out = block_losses(args.corpus, args.model, args.micro_batch)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(out))
-    return 0
+    if args.cmd == "build":
+        return stage.run(lambda: _build(args))
+    return stage.run(lambda: print(json.dumps(block_losses(args.corpus, args.model, args.micro_batch))))
 
 
 if __name__ == "__main__":

@@ -91,6 +91,20 @@ def load_causal_lm(location: str, dtype: str = "auto", device: str | None = None
     return model.to(device)
 
 
+def load_base_model(location: str):  # type: ignore[no-untyped-def]
+    """The base model in float32 (master weights). A folder converted from a GGUF package keeps a stale
+    `quantization_config: gguf` in config.json although its safetensors hold plain float weights; transformers
+    would then refuse to save the trained model, so that entry is dropped here."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(location)
+    quant = getattr(config, "quantization_config", None)
+    if isinstance(quant, dict) and quant.get("quant_method") == "gguf":
+        delattr(config, "quantization_config")
+    return AutoModelForCausalLM.from_pretrained(location, config=config, dtype=torch.float32)
+
+
 def convert_packaged(name: str, output: str | Path) -> dict[str, Any]:
     """GGUF (dequantised on load) -> a Hugging Face safetensors folder, written atomically."""
     import torch

@@ -37,7 +37,7 @@ from .config import DEFAULT_CONFIG, ROOT, load_config
 from .estimates import article_requests, n_tuples  # noqa: F401  (n_tuples: the tests pin it here)
 from .io_utils import InputError
 from .layout import ARTICLES, ENTITIES, PREPARE_STATS, QUESTIONS, cpt_models, model_id, rag_models, synth_methods
-from .synthesis import method_needs_entities
+from .synth_framework import method_needs_entities
 
 FLOPS_PER_TOKEN_PER_PARAM = 6  # forward + backward of a dense decoder (Kaplan et al.)
 
@@ -259,7 +259,7 @@ def synthesis_engine(cfg: dict) -> tuple[str, str]:
 def system_tokens(cfg: dict, template: str) -> float:
     """Tokens of a system prompt: the template file's length (workflow_scripts/prompts/), else assumed."""
     try:
-        from .synthesis import load_template
+        from .templates import load_template
 
         return len(load_template(template)) / float(cfg["planner"]["assume"]["chars_per_token"])
     except (ImportError, InputError):
@@ -269,12 +269,12 @@ def system_tokens(cfg: dict, template: str) -> float:
 def synthesis_groups(cfg: dict, method: str, tokens: list[float], entities: list[int]
                      ) -> list[tuple[str, dict[str, float], str]] | None:
     """(item, token counts, note) for each kind of request of `method`, as the method estimates them
-    (synthesis.Method.estimate); None for a method with no request model here or one that cannot be loaded.
+    (synth_framework.Method.estimate); None for a method with no request model here or one that cannot be loaded.
 
     A request is the kind's system prompt + the article (with its header) [+ the entity list]; the kind's
     system prompt and the article form the per-article prefix that a prefix cache reuses.
     """
-    from .synthesis import get_method
+    from .synth_framework import get_method
 
     try:
         m = get_method(method, cfg)
@@ -375,9 +375,14 @@ def fewshot_tokens(cfg: dict, root: Path) -> tuple[float, str]:
     assume = cfg["planner"]["assume"]
     name = cfg["evaluation"]["prompt_prefix"]
     if name:
-        for path in (Path(name), root / name, root / "workflow_scripts" / "prompts" / name):
-            if path.is_file():
-                return len(path.read_text(encoding="utf-8")) / float(assume["chars_per_token"]), str(name)
+        from .templates import load_template
+
+        for candidate in (name, root / name):
+            try:
+                text = load_template(candidate, keep_final_newline=True, skip_comment_header=True)
+            except InputError:
+                continue
+            return len(text) / float(assume["chars_per_token"]), str(name)
     return float(assume["qa_fewshot_tokens"]), "planner.assume.qa_fewshot_tokens"
 
 

@@ -27,7 +27,6 @@ split, each under both conventions with n and interval). Closed-book QA and RAG 
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -39,12 +38,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import add_config_args, config_from_args, config_hash
-from .io_utils import (AppendOnlyJsonl, InputError, iter_jsonl, read_text, stable_hash, write_json_atomic,
+from . import stage
+from .config import config_hash
+from .io_utils import (AppendOnlyJsonl, InputError, iter_jsonl, stable_hash, write_json_atomic,
                        write_jsonl_atomic)
+from .job_keys import shaping_part
 from .quality import author_first_last
+from .templates import load_template
 
-PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 DEFAULT_PREFIX = "qa_5shot_prefix.txt"
 LETTERS = "ABCD"
 MODES = ("loglik", "cot")
@@ -59,16 +60,8 @@ def log(msg: str) -> None:
 def load_prompt_template(name_or_path: str | Path = DEFAULT_PREFIX) -> str:
     """Read a prompt template verbatim: a file name in workflow_scripts/prompts/ or a path. Leading lines starting
     with `%%` (comments a user may put at the top of their own prefix file) are not part of the prompt."""
-    path = Path(name_or_path)
-    if not path.is_absolute() and not path.exists():
-        path = PROMPTS_DIR / path
-    if not path.exists():
-        raise InputError(f"{name_or_path}: prompt template not found (looked in {PROMPTS_DIR} too); set "
-                         "evaluation.prompt_prefix to a file name in that folder or a path")
-    lines = read_text(path).split("\n")  # a user's file may start with a byte-order mark
-    while lines and lines[0].startswith("%%"):
-        lines.pop(0)
-    return "\n".join(lines)
+    return load_template(name_or_path, keep_final_newline=True, skip_comment_header=True,
+                         hint="set evaluation.prompt_prefix to a file name in that folder or a path")
 
 
 def prompt_version(text: str) -> str:
@@ -660,11 +653,10 @@ def api_model_spec(ecfg: dict, model_id: str) -> dict | None:
 
 
 def make_backend(cfg: dict, engine: str, model: str) -> Any:
-    from .backends import get_backend
+    """Engine `engine` serving `model` (backends.engine_for; imported lazily, as every engine is)."""
+    from .backends import engine_for
 
-    settings = dict((cfg.get("backends") or {}).get(engine) or {})
-    settings["model"] = model
-    return get_backend(engine, settings)
+    return engine_for(cfg, engine, model)
 
 
 def evaluate_prompts(cfg: dict, model_id: str, model_path: str | None, questions: list[dict],
@@ -746,7 +738,9 @@ def evaluate_and_write(cfg: dict, model_id: str, model_path: str | None, questio
                   "val_articles": sum(v == "val" for v in split_of.values()),
                   "test_articles": sum(v == "test" for v in split_of.values())},
         "prefix_file": summary_head.get("prefix_file", str(ecfg["prompt_prefix"])),
-        "prefix_version": prompt_version(prefix), "config_hash": config_hash(ecfg), "seed": seed, "run": info,
+        "prefix_version": prompt_version(prefix),
+        # the evaluation keys that shape the numbers (threads, devices and batch sizes leave them as they are)
+        "config_hash": config_hash(shaping_part(cfg, "evaluation")), "seed": seed, "run": info,
     }
     summary["seconds"] = round(time.time() - t0, 2)
     write_jsonl_atomic(output_jsonl, records)
@@ -770,11 +764,10 @@ def run(cfg: dict, model_id: str, model_path: str | None, questions_path: str, a
                               {"task": "quality-closed-book"}, t0=t0)
 
 
-def eval_cli(prog: str, doc: str | None, run_fn: Callable[..., dict], argv: list[str] | None,
+def eval_cli(stage_name: str, doc: str | None, run_fn: Callable[..., dict], argv: list[str] | None,
              report: Callable[[dict], dict]) -> int:
     """The command line shared by closed-book QA and the RAG baseline: one model id, its folder, the data."""
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p)
+    p = stage.parser(stage_name, doc, config=True)
     p.add_argument("--model-id", required=True, help="base | raw-all | METHOD-BUDGET | api-NAME")
     p.add_argument("--model-path", default=None, help="model folder or hub id (not needed for api-NAME)")
     p.add_argument("--questions", default="results/data/questions.jsonl")
@@ -783,8 +776,9 @@ def eval_cli(prog: str, doc: str | None, run_fn: Callable[..., dict], argv: list
     p.add_argument("--output-json", required=True)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: evaluation.threads)")
     args = p.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
+
+    def body() -> None:
+        cfg = stage.config(args)
         import torch
 
         torch.set_num_threads(args.threads or cfg["evaluation"]["threads"])
@@ -793,15 +787,13 @@ def eval_cli(prog: str, doc: str | None, run_fn: Callable[..., dict], argv: list
             raise InputError("--model-path is required for local models")
         summary = run_fn(cfg, args.model_id, model_path, args.questions, args.articles,
                          args.output_jsonl, args.output_json)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(report(summary)))
-    return 0
+        print(json.dumps(report(summary)))
+
+    return stage.run(body)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return eval_cli("python -m workflow_scripts.qa_eval", __doc__, run, argv,
+    return eval_cli("qa_eval", __doc__, run, argv,
                     lambda s: {k: s[k] for k in ("model", "mode", "n", "accuracy", "ci_low", "ci_high", "attempted")})
 
 

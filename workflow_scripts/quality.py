@@ -18,7 +18,6 @@ Bad input, decided per case (tests/test_quality.py pins each):
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -31,8 +30,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .config import add_config_args, config_from_args
-from .io_utils import InputError, atomic_path, decode_text, iter_jsonl, sha256_file, write_json_atomic, write_jsonl_atomic
+from . import stage
+from .io_utils import (InputError, atomic_path, decode_text, iter_jsonl, parse_jsonl, sha256_file, write_json_atomic,
+                       write_jsonl_atomic)
 
 OFFICIAL_URL = "https://github.com/nyu-mll/quality/raw/main/data/v1.0.1/QuALITY.v1.0.1.zip"
 # The official release: 300 train + 230 dev question-set lines -> 265 articles, 4,609 questions
@@ -99,21 +99,7 @@ def read_quality_zip(zip_path: str | Path, splits: Iterable[str]) -> Iterator[tu
                 raise InputError(f"{zip_path}: no htmlstripped {split} file in the zip")
             name = f"{zip_path}!{members[split]}"
             data = z.read(members[split])
-            yield from ((split, name, i, rec) for i, rec in _parse_lines(data, name))
-
-
-def _parse_lines(data: bytes, name: str) -> Iterator[tuple[int, dict]]:
-    text = decode_text(data, name)  # a leading byte-order mark is accepted
-    for i, line in enumerate(text.split("\n"), start=1):  # '\n' only: train holds U+2028 inside strings
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{name}:{i}: malformed JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(rec, dict):
-            raise InputError(f"{name}:{i}: expected a JSON object")
-        yield i, rec
+            yield from ((split, name, i, rec) for i, rec in parse_jsonl(data, name))
 
 
 # ----------------------------------------------------------------------------------------------- prepare
@@ -364,27 +350,24 @@ def load_articles(path: str | Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workflow_scripts.quality", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = stage.parser("quality", __doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("download", help="fetch/copy and verify the QuALITY zip")
+    d = stage.subcommand(sub, "download", "fetch/copy and verify the QuALITY zip")
     d.add_argument("--url", default=OFFICIAL_URL, help="https URL, local path or file:// URL")
     d.add_argument("--sha256", default=None)
     d.add_argument("--output", required=True)
-    r = sub.add_parser("prepare", help="write articles.jsonl, questions.jsonl, prepare_stats.json")
-    add_config_args(r)
+    r = stage.subcommand(sub, "prepare", "write articles.jsonl, questions.jsonl, prepare_stats.json", config=True)
     r.add_argument("--zip", default=None, help="the downloaded QuALITY zip (data.source: quality)")
     r.add_argument("--outdir", default="results/data")
     args = p.parse_args(argv)
-    try:
+
+    def body() -> None:
         if args.cmd == "download":
             print(json.dumps(download(args.url, args.output, args.sha256 or None)))
         else:
-            print(json.dumps(prepare(config_from_args(args), args.zip, args.outdir)))
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+            print(json.dumps(prepare(stage.config(args), args.zip, args.outdir)))
+
+    return stage.run(body)
 
 
 if __name__ == "__main__":

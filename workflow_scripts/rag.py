@@ -282,7 +282,7 @@ def run(cfg: dict, model_id: str, model_path: str | None, questions_path: str, a
 
 
 def main(argv: list[str] | None = None) -> int:
-    return eval_cli("python -m workflow_scripts.rag", __doc__, run, argv,
+    return eval_cli("rag", __doc__, run, argv,
                     lambda s: {"model": s["model"], "n": s["n"], "accuracy": s["accuracy"],
                                "recall_at_k": s["retrieval"]["recall_at_k"]})
 

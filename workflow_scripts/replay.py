@@ -32,6 +32,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from . import stage
 from .io_utils import InputError, atomic_path, iter_jsonl, read_text, stable_hash, write_json_atomic
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -329,17 +330,36 @@ def prepare(inputs: Sequence[str | Path], output: str | Path, text_field: str = 
     return manifest
 
 
+def _check_pool(args: argparse.Namespace) -> None:
+    """`replay check`: tokenize a source's replay pool and print its size."""
+    from .corpus import special_tokens
+    from .models import load_tokenizer
+
+    tok = load_tokenizer(args.model)
+    rp = {"source": args.source, "text_field": args.text_field, "heldout_fraction": args.heldout_fraction,
+          "max_tokens": args.max_tokens, "cache_dir": None}
+    pool = replay_pool(rp, tok, special_tokens(tok, {}), args.seed)
+    print(json.dumps({"source": args.source, "pool_tokens": int(len(pool)), "block_size": args.block_size,
+                      "distinct_start_positions": max(0, int(len(pool)) - args.block_size + 1)}))
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    """`replay prepare`: local JSONL shards of downloaded general text, and a one-line summary."""
+    out = prepare(args.input, args.output, args.text_field, args.shard_documents, args.max_documents)
+    print(json.dumps({k: out[k] for k in ("documents", "characters", "empty_skipped")} |
+                     {"shards": len(out["shards"]), "output": args.output}))
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workflow_scripts.replay", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = stage.parser("replay", __doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    pp = sub.add_parser("prepare", help="downloaded general text (e.g. the RedPajama sample) -> local JSONL shards")
+    pp = stage.subcommand(sub, "prepare", "downloaded general text (e.g. the RedPajama sample) -> local JSONL shards")
     pp.add_argument("--input", nargs="+", required=True, help="files or folders (.jsonl, .parquet, .txt, .md)")
     pp.add_argument("--output", required=True, help="folder for part-NNNNN.jsonl + manifest.json")
     pp.add_argument("--text-field", default="text")
     pp.add_argument("--shard-documents", type=int, default=100_000)
     pp.add_argument("--max-documents", type=int, default=None, help="stop after this many documents")
-    pc = sub.add_parser("check", help="tokenize a source's replay pool and report its size")
+    pc = stage.subcommand(sub, "check", "tokenize a source's replay pool and report its size")
     pc.add_argument("--source", required=True)
     pc.add_argument("--model", required=True, help="model folder or hub id whose tokenizer is used")
     pc.add_argument("--max-tokens", type=int, default=1_000_000)
@@ -348,24 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     pc.add_argument("--text-field", default="text")
     pc.add_argument("--seed", type=int, default=42)
     args = p.parse_args(argv)
-    try:
-        if args.cmd == "prepare":
-            out = prepare(args.input, args.output, args.text_field, args.shard_documents, args.max_documents)
-            print(json.dumps({k: out[k] for k in ("documents", "characters", "empty_skipped")} |
-                             {"shards": len(out["shards"]), "output": args.output}))
-            return 0
-        from .corpus import load_tokenizer, special_tokens
-
-        tok = load_tokenizer(args.model)
-        rp = {"source": args.source, "text_field": args.text_field, "heldout_fraction": args.heldout_fraction,
-              "max_tokens": args.max_tokens, "cache_dir": None}
-        pool = replay_pool(rp, tok, special_tokens(tok, {}), args.seed)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({"source": args.source, "pool_tokens": int(len(pool)), "block_size": args.block_size,
-                      "distinct_start_positions": max(0, int(len(pool)) - args.block_size + 1)}))
-    return 0
+    return stage.run(lambda: _prepare(args) if args.cmd == "prepare" else _check_pool(args))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ status 2, and stats written atomically.
     ...
     args = p.parse_args(argv)
     return stage.run(lambda: do_the_work(args, stage.config(args)))
+
+A stage with subcommands adds them with `stage.subcommand(sub, name, help, config=True)`. Other outcomes a
+stage reports with their own exit status (an interrupted training run: 3; an incomplete synthesis shard: 1) are
+`exits={ExceptionClass: (label, status)}`.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from .config import add_config_args, config_from_args
 from .io_utils import InputError, write_json_atomic
@@ -42,14 +46,29 @@ def error_line(e: BaseException) -> str:
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def run(body: Callable[[], int | None], errors: tuple[type[BaseException], ...] = (InputError,)) -> int:
+def subcommand(sub: Any, name: str, help: str, config: bool = False) -> argparse.ArgumentParser:
+    """A subcommand of a stage (`sub` from add_subparsers); with `config`, the config arguments too."""
+    p = sub.add_parser(name, help=help)
+    if config:
+        add_config_args(p)
+    return p
+
+
+def run(body: Callable[[], int | None], errors: tuple[type[BaseException], ...] = (InputError,),
+        exits: Mapping[type[BaseException], tuple[str, int]] | None = None) -> int:
     """Run a stage's work: its exit status (0 when it returns None), or 2 with `error: <one line>` on stderr
-    when it raises one of `errors` (bad input the user can fix; anything else is a bug and keeps its traceback)."""
+    when it raises one of `errors` (bad input the user can fix; anything else is a bug and keeps its traceback).
+    `exits` maps other exceptions to `<label>: <one line>` and their own exit status."""
+    exits = dict(exits or {})
     try:
         return body() or 0
     except errors as e:
         print(f"error: {error_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except tuple(exits) as e:
+        label, status = next(v for k, v in exits.items() if isinstance(e, k))
+        print(f"{label}: {error_line(e)}", file=sys.stderr)
+        return status
 
 
 def write_stats(path: str | Path, stats: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ article title, a newline, then the completion; the corpus stage renders it so (c
 
 from __future__ import annotations
 
-from .synthesis import TemplateMethod
+from .synth_framework import TemplateMethod
 
 STRATEGIES = ("key_concepts", "mind_map", "implications", "qa_reasoning", "case_studies", "discussion", "teacher")
 

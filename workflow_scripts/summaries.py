@@ -22,14 +22,13 @@ the Snakemake report shows.
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import add_config_args, config_from_args
+from . import stage
 from .io_utils import AppendOnlyJsonl, InputError, iter_jsonl, stable_hash, write_jsonl_atomic, write_text_atomic
 from .job_keys import shaping_part
 from .quality import author_first_last
@@ -39,7 +38,7 @@ PROMPT_KINDS = ("short", "long")
 
 def summary_prompt(kind: str, article: dict) -> str:
     """Paper Table 5: `{article title}` and `{author name}` filled with the title and the author as First Last."""
-    from .synthesis import load_template
+    from .templates import load_template
 
     if kind not in PROMPT_KINDS:
         raise InputError(f"instruct.summaries.prompts: unknown prompt {kind!r}; use short and/or long")
@@ -70,11 +69,10 @@ def example_prompts(articles: Sequence[dict], questions: Sequence[dict]) -> list
 
 
 def make_backend(cfg: dict, engine: str, model: str) -> Any:
-    from .backends import get_backend
+    """Engine `engine` serving `model` (backends.engine_for; imported lazily, as every engine is)."""
+    from .backends import engine_for
 
-    settings = dict((cfg.get("backends") or {}).get(engine) or {})
-    settings["model"] = model
-    return get_backend(engine, settings)
+    return engine_for(cfg, engine, model)
 
 
 def generate(cfg: dict, model_id: str, model_path: str, tasks: list[dict], work: Path, scfg: dict,
@@ -177,11 +175,11 @@ def examples(cfg: dict, model_id: str, model_path: str, articles_path: str | Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workflow_scripts.summaries", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = stage.parser("summaries", __doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("summarize", "examples"):
-        s = sub.add_parser(name)
+    for name, what in (("summarize", "summaries of the articles by one instruct model"),
+                       ("examples", "example answers and summaries of one model (JSONL + HTML)")):
+        s = stage.subcommand(sub, name, what, config=True)
         s.add_argument("--model-id", required=True)
         s.add_argument("--model-path", required=True, help="the instruct model's folder (or the served name)")
         s.add_argument("--articles", required=True)
@@ -191,20 +189,18 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--questions", required=True)
             s.add_argument("--output-jsonl", required=True)
             s.add_argument("--output-html", required=True)
-        add_config_args(s)
     args = p.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
+
+    def body() -> None:
+        cfg = stage.config(args)
         if args.cmd == "summarize":
             recs = summarize(cfg, args.model_id, args.model_path, args.articles, args.output)
         else:
             recs = examples(cfg, args.model_id, args.model_path, args.articles, args.questions, args.output_jsonl,
                             args.output_html)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({"records": len(recs), "failed": sum(1 for r in recs if r.get("error"))}))
-    return 0
+        print(json.dumps({"records": len(recs), "failed": sum(1 for r in recs if r.get("error"))}))
+
+    return stage.run(body)
 
 
 if __name__ == "__main__":

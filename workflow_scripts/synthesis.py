@@ -38,7 +38,6 @@ its position and a hash of its article list (`article_shards`), so a changed lis
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
@@ -47,285 +46,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from .backends import GenerationRequest
-from .config import add_config_args, config_from_args, config_hash
-from .estimates import Estimate, article_requests
+from . import stage
+from .entigraph import extract_entities
 from .io_utils import AppendOnlyJsonl, InputError, iter_jsonl, stable_hash, write_json_atomic, write_jsonl_atomic
-from .job_keys import shaping_part
-from .quality import author_first_last
-
-PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
-
-# How an article is shown to the generator (the user message). Part of every prompt version: changing it
-# changes the prompt versions, hence the record ids, so old records are never mixed with new ones.
-USER_FORMAT = ('### Document Content:\n"{title}", {author First Last}, {year}.\n {text}'
-               '[\n### Entities:\n- {entity}...]')
-
-BUILTIN_METHODS = {
-    "entigraph": "workflow_scripts.entigraph:EntiGraph",
-    "rephrase": "workflow_scripts.synthesis:Rephrase",
-    "qa": "workflow_scripts.synthesis:QAFormat",
-    "strategies": "workflow_scripts.strategies:Strategies",  # seven strategy prompts in the spirit of SPA
-}
-
-
-# ------------------------------------------------------------------------------------------------ prompts
-def template_path(name: str) -> Path:
-    """A template name (a file stem under workflow_scripts/prompts/) or a path to a .txt file."""
-    p = Path(name)
-    if p.suffix == ".txt" and (p.is_absolute() or len(p.parts) > 1):
-        path = p
-    else:
-        path = PROMPTS_DIR / f"{p.stem if p.suffix == '.txt' else name}.txt"
-    if not path.exists():
-        known = ", ".join(sorted(q.stem for q in PROMPTS_DIR.glob("*.txt")))
-        raise InputError(f"prompt template {name!r} not found ({path}); known templates: {known}")
-    return path
-
-
-def load_template(name: str) -> str:
-    """The template text exactly as published: the file's content minus its final newline."""
-    text = template_path(name).read_text(encoding="utf-8")
-    return text[:-1] if text.endswith("\n") else text
-
-
-def prompt_version(system_text: str) -> str:
-    """Version hash of a prompt: the system text and the user-message format (recorded in every record)."""
-    return stable_hash("prompt", USER_FORMAT, system_text, n=12)
-
-
-def render_document(article: dict) -> str:
-    """`"{title}", {author as First Last}, {year}.\\n {text}` as the reference implementation shows an article.
-
-    User corpora may lack an author or a year: the missing part is left out with its comma
-    (`"{title}", {year}.`, `"{title}", {author}.` or `"{title}".`), never printed as "None".
-    """
-    title = str(article.get("title") or article.get("uid") or "").strip()
-    head = [f'"{title}"']
-    author = author_first_last(article.get("author"))
-    if author:
-        head.append(author)
-    year = article.get("year")
-    if year not in (None, ""):
-        head.append(str(year))
-    return ", ".join(head) + ".\n " + str(article["text"])
-
-
-def user_message(article: dict, entities: Iterable[str] = ()) -> str:
-    """The user message: the document (reference `### Document Content:` block), then for relation prompts an
-    `### Entities:` list with one `- {entity}` per line. The reference builds this in an indented f-string whose
-    indentation ends up in the prompt; that whitespace is an artefact and is left out here."""
-    msg = "### Document Content:\n" + render_document(article)
-    entities = list(entities)
-    if entities:
-        msg += "\n### Entities:\n" + "\n".join(f"- {e}" for e in entities)
-    return msg
-
-
-# ------------------------------------------------------------------------------------------------ tasks
-@dataclass(frozen=True)
-class Task:
-    """One planned text of a method for one article: a generation request, or (with `fixed`) a record whose text
-    already exists (the EntiGraph summary comes from the extraction call)."""
-
-    kind: str
-    template: str
-    system: str
-    user: str
-    prompt_version: str
-    entities: tuple[str, ...] = ()
-    repeat: int = 0
-    max_new_tokens: int | None = None  # None: synthesis.sampling.max_new_tokens
-    fixed: dict | None = field(default=None, compare=False)
-
-
-def template_task(kind: str, template: str, article: dict, entities: Iterable[str] = (), repeat: int = 0,
-                  max_new_tokens: int | None = None) -> Task:
-    system = load_template(template)
-    return Task(kind=kind, template=template, system=system, user=user_message(article, entities),
-                prompt_version=prompt_version(system), entities=tuple(entities), repeat=repeat,
-                max_new_tokens=max_new_tokens)
-
-
-def request_seed(base_seed: int, article_uid: str, kind: str, entities: Iterable[str], repeat: int) -> int:
-    """A per-request sampling seed (32 bits), derived from the config seed: independent of run order."""
-    return int(stable_hash(base_seed, article_uid, kind, list(entities), repeat, n=8), 16)
-
-
-def sampling_key(sampling: dict, max_new_tokens: int) -> list:
-    return [sampling["temperature"], sampling["top_p"], int(max_new_tokens)]
-
-
-def record_id(article_uid: str, prompt_ver: str, entities: Iterable[str], model: str, seed: int,
-              sampling: list) -> str:
-    """Stable id of a generated text: article, prompt version, entity tuple, model, sampling seed (+ the sampling
-    settings, so that a text made with other temperature or length limits is a different record)."""
-    return stable_hash(article_uid, prompt_ver, list(entities), model, seed, sampling, n=20)
-
-
-# ------------------------------------------------------------------------------------------------ methods
-class Method:
-    """A prompt family. Subclasses set `needs_entities` and implement `plan`; `settings` is the part of the
-    config that defines the method's texts (hashed into every record's config_hash)."""
-
-    needs_entities = False
-
-    def __init__(self, name: str, cfg: dict) -> None:
-        self.name = name
-        self.cfg = cfg
-
-    def settings(self) -> dict:
-        return {}
-
-    def max_new_tokens(self) -> int:
-        return int(self.cfg["synthesis"]["sampling"]["max_new_tokens"])
-
-    def plan(self, article: dict, entities_doc: dict | None) -> list[Task]:
-        raise NotImplementedError
-
-    def estimate(self, article_tokens: list[float], n_entities: list[int],
-                 prompt_tokens: Callable[[str], float]) -> list[Estimate] | None:
-        """The planner's estimate of this method's requests: (item, {requests, prompt, cached, completion},
-        note) per kind of request, from each article's tokens and entity count; `prompt_tokens(template)` is a
-        system prompt's length. None: the method has no request model (the planner says it is not priced)."""
-        return None
-
-
-class TemplateMethod(Method):
-    """System-prompt templates applied to each article, `repeats` times each (rephrase, qa, user families).
-    Order: repeat-major, so a cut-off corpus stays balanced across templates."""
-
-    def __init__(self, name: str, cfg: dict, templates: list[str], repeats: int,
-                 max_new_tokens: int | None = None) -> None:
-        super().__init__(name, cfg)
-        if not templates:
-            raise InputError(f"synthesis method {name!r}: no templates configured")
-        self.templates = list(templates)
-        self.repeats = int(repeats)
-        self._max_new = max_new_tokens
-        for t in self.templates:
-            template_path(t)  # fail early, naming the missing file
-
-    def settings(self) -> dict:
-        return {"templates": {t: prompt_version(load_template(t)) for t in self.templates},
-                "repeats": self.repeats, "max_new_tokens": self._max_new}
-
-    def max_new_tokens(self) -> int:
-        return int(self._max_new) if self._max_new else super().max_new_tokens()
-
-    @staticmethod
-    def kind_of(template: str) -> str:
-        return Path(template).stem.replace("_", "-")
-
-    def plan(self, article: dict, entities_doc: dict | None) -> list[Task]:
-        return [template_task(self.kind_of(t), t, article, repeat=r, max_new_tokens=self.max_new_tokens())
-                for r in range(self.repeats) for t in self.templates]
-
-    def estimate(self, article_tokens: list[float], n_entities: list[int],
-                 prompt_tokens: Callable[[str], float]) -> list[Estimate] | None:
-        """`repeats` rewrites of every article per template; each template with the article is a cached prefix."""
-        assume = self.cfg["planner"]["assume"]
-        mean = assume["rephrase_completion_tokens"]
-        new = float(mean if mean is not None else self.max_new_tokens())
-        total = {"requests": 0.0, "prompt": 0.0, "cached": 0.0, "completion": 0.0}
-        for t in self.templates:
-            g = article_requests([self.repeats] * len(article_tokens), article_tokens,
-                                 prompt_tokens(t) + float(assume["prompt_overhead_tokens"]), 0.0, new)
-            total = {k: total[k] + g[k] for k in total}
-        return [("rewrites", total, f"{len(self.templates)} templates x {self.repeats} repeats per article")]
-
-
-class Rephrase(TemplateMethod):
-    """The Rephrase baseline (paper Appendix H.2): easy / medium / hard styles, `rephrase.repeats` each."""
-
-    def __init__(self, name: str, cfg: dict) -> None:
-        rc = cfg["synthesis"]["rephrase"]
-        super().__init__(name, cfg, [f"rephrase_{s}" for s in rc["styles"]], rc["repeats"], rc["max_new_tokens"])
-
-
-class QAFormat(TemplateMethod):
-    """The QA-format baseline (paper Appendix E): the article rewritten as question-answer pairs."""
-
-    def __init__(self, name: str, cfg: dict) -> None:
-        qc = cfg["synthesis"]["qa"]
-        super().__init__(name, cfg, ["qa"], qc["repeats"], qc["max_new_tokens"])
-
-
-def _load_object(path: str) -> Any:
-    module_name, _, attr = path.partition(":")
-    if not attr:
-        raise InputError(f"{path!r}: expected 'package.module:Name'")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise InputError(f"cannot load {path!r} ({e})") from None
-
-
-def get_method(name: str, cfg: dict) -> Method:
-    """The method `name`: a family declared in synthesis.families (templates or a class), else a built-in."""
-    families = cfg["synthesis"].get("families") or {}
-    if name in families:
-        spec = families[name]
-        if spec.get("module"):
-            return _load_object(spec["module"])(name, cfg)
-        return TemplateMethod(name, cfg, spec.get("templates") or [], spec.get("repeats", 1),
-                              spec.get("max_new_tokens"))
-    if name in BUILTIN_METHODS:
-        return _load_object(BUILTIN_METHODS[name])(name, cfg)
-    raise InputError(f"unknown synthesis method {name!r}; built-in: {', '.join(BUILTIN_METHODS)}; "
-                     "declare new ones under synthesis.families (docs/synthesis.md)")
-
-
-def method_needs_entities(name: str, cfg: dict) -> bool:
-    """Whether `name` reads the EntiGraph entity files (the rules add them as inputs)."""
-    families = cfg["synthesis"].get("families") or {}
-    if name in families:
-        spec = families[name]
-        return bool(spec.get("needs_entities")) or bool(
-            spec.get("module") and getattr(_load_object(spec["module"]), "needs_entities", False))
-    return name == "entigraph"
-
-
-# ------------------------------------------------------------------------------------------------ engines
-def generator_name(cfg: dict) -> str:
-    """The generator's name as recorded in records and ids (the API model for the openai backend)."""
-    backend = cfg["synthesis"]["backend"]
-    settings = (cfg.get("backends") or {}).get(backend) or {}
-    if backend == "openai" and settings.get("model"):
-        return str(settings["model"])
-    return str(cfg["models"]["generator"]["name"])
-
-
-def backend_settings(cfg: dict) -> dict:
-    """Engine settings (config `backends.<engine>`) plus the generator model."""
-    from .models import model_location
-
-    backend = cfg["synthesis"]["backend"]
-    settings = dict((cfg.get("backends") or {}).get(backend) or {})
-    settings.setdefault("model", model_location(cfg["models"]["generator"]))
-    return settings
-
-
-def backend_factory(cfg: dict, engine: str | None = None) -> Callable[[], Any]:
-    """A function that builds the engine on first need (a fully cached run never loads the model). `engine`
-    ('package.module:Class') plugs in an engine that is not in backends/ (and the tests' fakes)."""
-
-    def make() -> Any:
-        if engine:
-            return _load_object(engine)(**backend_settings(cfg))
-        from .backends import get_backend
-
-        return get_backend(cfg["synthesis"]["backend"], backend_settings(cfg))
-
-    return make
-
-
-def generation_hash(cfg: dict, method: Method | None = None) -> str:
-    """config_hash of a record: everything that shapes its text (generator, engine, sampling, the method)."""
-    backend = cfg["synthesis"]["backend"]
-    return config_hash({"generator": cfg["models"]["generator"], "backend": backend,
-                        "backend_settings": shaping_part(cfg, f"backends.{backend}") or {},
-                        "sampling": cfg["synthesis"]["sampling"],
-                        "method": method.settings() if method else None})
+# The framework's names, importable from here as before (tests, tools and the docs use `synthesis.<name>`).
+from .synth_framework import (BUILTIN_METHODS, USER_FORMAT, Method, QAFormat, Rephrase, Task,  # noqa: F401
+                              TemplateMethod, backend_factory, backend_settings, default_work_path, generation_hash,
+                              generator_name, get_method, method_needs_entities, prompt_version, read_work_shard,
+                              record_id, render_document, request_seed, sampling_key, template_task, user_message)
+from .templates import PROMPTS_DIR, load_template, template_path  # noqa: F401
 
 
 class Progress:
@@ -359,16 +88,135 @@ def load_article(articles_path: str | Path, uid: str) -> dict:
     raise InputError(f"{articles_path}: no article with uid {uid!r} (is the article list from another data config?)")
 
 
-def default_work_path(output: str | Path) -> Path:
-    output = Path(output)
-    return output.parent / "work" / output.name
+@dataclass
+class ArticleRun:
+    """One article of one method while it is being synthesized: what is planned, and what this run did."""
+
+    cfg: dict
+    method_name: str
+    method: Method
+    uid: str
+    model: str
+    chash: str
+    planned: list[tuple[str, Task, int]]  # (record id, task, seed), each text once
+    failures: list[dict] = field(default_factory=list)
+    generated: int = 0
+    reused: int = 0
+    run_prompt: int = 0
+    run_completion: int = 0
+
+    def record(self, rid: str, task: Task, seed: int, text: str, prompt_tokens: int, completion_tokens: int,
+               finish_reason: str, cached_prompt_tokens: int | None = None) -> dict:
+        """A record of the working shard. `model` is the configured generator name (as in the id), not the
+        engine's local path for it; cached_prompt_tokens: prompt tokens the engine served from its prefix cache
+        (None: not reported)."""
+        return {"id": rid, "method": self.method_name, "kind": task.kind, "article_uid": self.uid,
+                "entities": list(task.entities), "text": text, "prompt_tokens": int(prompt_tokens),
+                "completion_tokens": int(completion_tokens), "model": self.model, "finish_reason": finish_reason,
+                "prompt_version": task.prompt_version, "seed": seed, "config_hash": self.chash,
+                "template": task.template, "repeat": task.repeat, "cached_prompt_tokens": cached_prompt_tokens}
+
+    def request(self, rid: str, task: Task, seed: int) -> GenerationRequest:
+        sampling = self.cfg["synthesis"]["sampling"]
+        return GenerationRequest(
+            id=rid, messages=[{"role": "system", "content": task.system}, {"role": "user", "content": task.user}],
+            group=self.uid, max_new_tokens=task.max_new_tokens or self.method.max_new_tokens(),
+            temperature=float(sampling["temperature"]), top_p=float(sampling["top_p"]), seed=seed,
+            metadata={"method": self.method_name, "kind": task.kind, "article_uid": self.uid})
+
+    def fail(self, rid: str, task: Task, error: str) -> None:
+        self.failures.append({"id": rid, "kind": task.kind, "entities": list(task.entities), "error": error})
 
 
-def read_work_shard(path: Path) -> dict[str, dict]:
-    """Records of a working shard by id (a last line cut off by a kill is ignored)."""
-    if not path.exists():
-        return {}
-    return {rec["id"]: rec for _, rec in iter_jsonl(path, allow_truncated_tail=True)}
+def plan_article(cfg: dict, method_name: str, article: dict, entities_doc: dict | None) -> ArticleRun:
+    """The method's tasks for one article with their record ids; a text planned twice (e.g. duplicate
+    templates) is kept once."""
+    method = get_method(method_name, cfg)
+    if method.needs_entities and entities_doc is None:
+        raise InputError(f"method {method_name!r} needs the entity file of article {article['uid']!r} "
+                         "(--entities results/synth/entigraph/entities/UID.json)")
+    uid = str(article["uid"])
+    sampling = cfg["synthesis"]["sampling"]
+    model = generator_name(cfg)
+    planned: list[tuple[str, Task, int]] = []
+    seen: set[str] = set()
+    for task in method.plan(article, entities_doc):
+        max_new = task.max_new_tokens or method.max_new_tokens()
+        seed = task.fixed["seed"] if task.fixed else request_seed(sampling["seed"], uid, task.kind, task.entities,
+                                                                  task.repeat)
+        rid = record_id(uid, task.prompt_version, task.entities, model, seed, sampling_key(sampling, max_new))
+        if rid not in seen:
+            seen.add(rid)
+            planned.append((rid, task, seed))
+    return ArticleRun(cfg, method_name, method, uid, model, generation_hash(cfg, method), planned)
+
+
+def generate_missing(run: ArticleRun, work: AppendOnlyJsonl, make_backend: Callable[[], Any]) -> None:
+    """Append a record for every planned text the working shard lacks: fixed texts as they are, the others
+    generated in one engine call (the engine is built only when something is left to generate)."""
+    run.reused = sum(1 for rid, _, _ in run.planned if rid in work)
+    pending: dict[str, tuple[Task, int]] = {}
+    requests = []
+    for rid, task, seed in run.planned:
+        if rid in work:
+            continue
+        if task.fixed:
+            f = task.fixed
+            work.append(run.record(rid, task, seed, f["text"], f["prompt_tokens"], f["completion_tokens"],
+                                   f["finish_reason"]))
+            continue
+        pending[rid] = (task, seed)
+        requests.append(run.request(rid, task, seed))
+    if not requests:
+        return
+    backend = make_backend()
+    progress = Progress(len(requests), f"{run.method_name}/{run.uid}")
+    try:
+        for c in backend.generate(requests):
+            if c.id not in pending:
+                continue
+            task, seed = pending.pop(c.id)
+            run.run_prompt += c.prompt_tokens
+            run.run_completion += c.completion_tokens
+            if c.error:
+                run.fail(c.id, task, c.error)
+            else:
+                work.append(run.record(c.id, task, seed, c.text, c.prompt_tokens, c.completion_tokens,
+                                       c.finish_reason, c.cached_prompt_tokens))
+                run.generated += 1
+            progress.update(c.completion_tokens)
+    finally:
+        progress.close()
+        backend.close()
+    for rid, (task, _) in pending.items():  # an engine that dropped a request: count it as failed
+        run.fail(rid, task, "no completion returned by the engine")
+
+
+def article_stats(run: ArticleRun, records: list[dict], entities_doc: dict | None, wall: float) -> dict:
+    """The stats of one article: what is planned and recorded, and what this run requested and generated."""
+    kinds: dict[str, int] = {}
+    for _, task, _ in run.planned:
+        kinds[task.kind] = kinds.get(task.kind, 0) + 1
+    fixed_ids = {rid for rid, task, _ in run.planned if task.fixed}
+    generated_records = [r for r in records if r["id"] not in fixed_ids]
+    stats = {
+        "method": run.method_name, "article_uid": run.uid, "model": run.model,
+        "backend": run.cfg["synthesis"]["backend"], "config_hash": run.chash, "planned": len(run.planned),
+        "planned_by_kind": kinds, "records": len(records), "missing": len(run.planned) - len(records),
+        "generated": run.generated, "reused": run.reused, "failures": len(run.failures),
+        "failed_requests": run.failures[:50],
+        # every text's request, whichever run made it (the summary's request is the extraction's, counted there)
+        "requests": len(generated_records) + len(run.failures),
+        "prompt_tokens": sum(r["prompt_tokens"] for r in generated_records),
+        "completion_tokens": sum(r["completion_tokens"] for r in generated_records),
+        "run": {"requests": run.generated + len(run.failures), "prompt_tokens": run.run_prompt,
+                "completion_tokens": run.run_completion, "wall_seconds": round(wall, 3),
+                "completion_tokens_per_second": round(run.run_completion / wall, 2) if wall > 0 else None},
+    }
+    if entities_doc is not None:
+        stats["extraction"] = {"status": entities_doc.get("status"), "reason": entities_doc.get("reason"),
+                               "entities": len(entities_doc.get("entities") or [])}
+    return stats
 
 
 def synthesize_article(cfg: dict, method_name: str, article: dict, output: str | Path, stats_path: str | Path,
@@ -380,115 +228,19 @@ def synthesize_article(cfg: dict, method_name: str, article: dict, output: str |
     synthesis.max_failed_fraction allows.
     """
     t0 = time.perf_counter()
-    method = get_method(method_name, cfg)
-    if method.needs_entities and entities_doc is None:
-        raise InputError(f"method {method_name!r} needs the entity file of article {article['uid']!r} "
-                         "(--entities results/synth/entigraph/entities/UID.json)")
-    uid = str(article["uid"])
-    sampling = cfg["synthesis"]["sampling"]
-    model = generator_name(cfg)
-    chash = generation_hash(cfg, method)
-    tasks = method.plan(article, entities_doc)
-
-    planned: list[tuple[str, Task, int]] = []
-    seen: set[str] = set()
-    for task in tasks:
-        max_new = task.max_new_tokens or method.max_new_tokens()
-        seed = task.fixed["seed"] if task.fixed else request_seed(sampling["seed"], uid, task.kind, task.entities,
-                                                                  task.repeat)
-        rid = record_id(uid, task.prompt_version, task.entities, model, seed, sampling_key(sampling, max_new))
-        if rid in seen:  # the same text planned twice (e.g. duplicate templates): generate it once
-            continue
-        seen.add(rid)
-        planned.append((rid, task, seed))
-
-    def record(rid: str, task: Task, seed: int, text: str, prompt_tokens: int, completion_tokens: int,
-               finish_reason: str, cached_prompt_tokens: int | None = None) -> dict:
-        # `model` is the configured generator name (as in the id), not the engine's local path for it;
-        # cached_prompt_tokens: prompt tokens the engine served from its prefix cache (None: not reported)
-        return {"id": rid, "method": method_name, "kind": task.kind, "article_uid": uid,
-                "entities": list(task.entities), "text": text, "prompt_tokens": int(prompt_tokens),
-                "completion_tokens": int(completion_tokens), "model": model, "finish_reason": finish_reason,
-                "prompt_version": task.prompt_version, "seed": seed, "config_hash": chash,
-                "template": task.template, "repeat": task.repeat, "cached_prompt_tokens": cached_prompt_tokens}
-
+    run = plan_article(cfg, method_name, article, entities_doc)
     work_path = Path(work_path) if work_path else default_work_path(output)
-    failures: list[dict] = []
-    generated = run_prompt = run_completion = 0
     with AppendOnlyJsonl(work_path) as work:
-        reused = sum(1 for rid, _, _ in planned if rid in work)
-        pending: dict[str, tuple[Task, int]] = {}
-        requests = []
-        for rid, task, seed in planned:
-            if rid in work:
-                continue
-            if task.fixed:
-                f = task.fixed
-                work.append(record(rid, task, seed, f["text"], f["prompt_tokens"], f["completion_tokens"],
-                                   f["finish_reason"]))
-                continue
-            pending[rid] = (task, seed)
-            requests.append(GenerationRequest(
-                id=rid, messages=[{"role": "system", "content": task.system}, {"role": "user", "content": task.user}],
-                group=uid, max_new_tokens=task.max_new_tokens or method.max_new_tokens(),
-                temperature=float(sampling["temperature"]), top_p=float(sampling["top_p"]), seed=seed,
-                metadata={"method": method_name, "kind": task.kind, "article_uid": uid}))
-        if requests:
-            backend = (make_backend or backend_factory(cfg))()
-            progress = Progress(len(requests), f"{method_name}/{uid}")
-            try:
-                for c in backend.generate(requests):
-                    if c.id not in pending:
-                        continue
-                    task, seed = pending.pop(c.id)
-                    run_prompt += c.prompt_tokens
-                    run_completion += c.completion_tokens
-                    if c.error:
-                        failures.append({"id": c.id, "kind": task.kind, "entities": list(task.entities),
-                                         "error": c.error})
-                    else:
-                        work.append(record(c.id, task, seed, c.text, c.prompt_tokens, c.completion_tokens,
-                                           c.finish_reason, c.cached_prompt_tokens))
-                        generated += 1
-                    progress.update(c.completion_tokens)
-            finally:
-                progress.close()
-                backend.close()
-            for rid, (task, _) in pending.items():  # an engine that dropped a request: count it as failed
-                failures.append({"id": rid, "kind": task.kind, "entities": list(task.entities),
-                                 "error": "no completion returned by the engine"})
-
+        generate_missing(run, work, make_backend or backend_factory(cfg))
     done = read_work_shard(work_path)
-    records = [done[rid] for rid, _, _ in planned if rid in done]
-    missing = len(planned) - len(records)
-    wall = time.perf_counter() - t0
-    kinds: dict[str, int] = {}
-    for _, task, _ in planned:
-        kinds[task.kind] = kinds.get(task.kind, 0) + 1
-    fixed_ids = {rid for rid, task, _ in planned if task.fixed}
-    generated_records = [r for r in records if r["id"] not in fixed_ids]
-    stats = {
-        "method": method_name, "article_uid": uid, "model": model, "backend": cfg["synthesis"]["backend"],
-        "config_hash": chash, "planned": len(planned), "planned_by_kind": kinds, "records": len(records),
-        "missing": missing, "generated": generated, "reused": reused, "failures": len(failures),
-        "failed_requests": failures[:50],
-        # every text's request, whichever run made it (the summary's request is the extraction's, counted there)
-        "requests": len(generated_records) + len(failures),
-        "prompt_tokens": sum(r["prompt_tokens"] for r in generated_records),
-        "completion_tokens": sum(r["completion_tokens"] for r in generated_records),
-        "run": {"requests": generated + len(failures), "prompt_tokens": run_prompt,
-                "completion_tokens": run_completion, "wall_seconds": round(wall, 3),
-                "completion_tokens_per_second": round(run_completion / wall, 2) if wall > 0 else None},
-    }
-    if entities_doc is not None:
-        stats["extraction"] = {"status": entities_doc.get("status"), "reason": entities_doc.get("reason"),
-                               "entities": len(entities_doc.get("entities") or [])}
-    allowed = float(cfg["synthesis"]["max_failed_fraction"]) * len(planned)
-    if missing > allowed:
+    records = [done[rid] for rid, _, _ in run.planned if rid in done]
+    stats = article_stats(run, records, entities_doc, time.perf_counter() - t0)
+    if stats["missing"] > float(cfg["synthesis"]["max_failed_fraction"]) * len(run.planned):
         stats["status"] = "incomplete"
         write_json_atomic(Path(stats_path).with_suffix(".incomplete.json"), stats)
+        failures = run.failures
         raise SynthesisIncomplete(
-            f"{method_name}/{uid}: {missing} of {len(planned)} planned texts have no record "
+            f"{method_name}/{run.uid}: {stats['missing']} of {len(run.planned)} planned texts have no record "
             f"({len(failures)} requests failed this run, e.g. {failures[0]['error'] if failures else 'n/a'}); "
             f"finished records are kept in {work_path}; re-run to retry only the missing ones "
             "(or raise synthesis.max_failed_fraction)")
@@ -652,8 +404,6 @@ def extract_shard(cfg: dict, articles_path: str | Path, shard: str, uids: Sequen
                   work_dir: str | Path, make_backend: Callable[[], Any] | None = None) -> dict[str, str]:
     """EntiGraph entity extraction of one shard's articles with one engine: OUTDIR/{uid}.json per article, the
     attempt caches in WORK_DIR/{uid}.jsonl."""
-    from .entigraph import extract_entities
-
     t0 = time.perf_counter()
     check_shard(shard, uids)
     outdir, work_dir = Path(outdir), Path(work_dir)
@@ -686,21 +436,21 @@ def _methods_listing(cfg: dict) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m workflow_scripts.synthesis", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = stage.parser("synthesis", __doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("methods", help="list the registered synthesis methods, their templates and prompt versions")
-    add_config_args(m)
+    stage.subcommand(sub, "methods", "list the registered synthesis methods, their templates and prompt versions",
+                     config=True)
 
-    e = sub.add_parser("extract", help="EntiGraph step 1: summary + entity list of one article (JSON file)")
+    e = stage.subcommand(sub, "extract", "EntiGraph step 1: summary + entity list of one article (JSON file)",
+                         config=True)
     e.add_argument("--articles", required=True, help="results/data/articles.jsonl")
     e.add_argument("--article", required=True, help="article uid")
     e.add_argument("--output", required=True, help="results/synth/entigraph/entities/UID.json")
     e.add_argument("--work", default=None, help="attempt cache (default: OUTPUT's folder/../work/extraction/UID.jsonl)")
     e.add_argument("--engine", default=None, metavar="MODULE:CLASS", help="an engine class outside backends/")
-    add_config_args(e)
 
-    s = sub.add_parser("synthesize", help="all texts of one method for one article (append-only, resumable)")
+    s = stage.subcommand(sub, "synthesize", "all texts of one method for one article (append-only, resumable)",
+                         config=True)
     s.add_argument("--method", required=True)
     s.add_argument("--articles", required=True, help="results/data/articles.jsonl")
     s.add_argument("--article", required=True, help="article uid")
@@ -709,11 +459,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--stats", required=True, help="results/synth/METHOD/stats/UID.json")
     s.add_argument("--work", default=None, help="working shard (default: OUTPUT's folder/work/UID.jsonl)")
     s.add_argument("--engine", default=None, metavar="MODULE:CLASS", help="an engine class outside backends/")
-    add_config_args(s)
 
     for name, what in (("extract-shard", "entity extraction of a shard of articles, one engine start"),
                        ("synthesize-shard", "all texts of one method for a shard of articles, one engine start")):
-        x = sub.add_parser(name, help=what)
+        x = stage.subcommand(sub, name, what, config=True)
         if name == "synthesize-shard":
             x.add_argument("--method", required=True)
             x.add_argument("--entities-dir", default=None, help="results/synth/entigraph/entities (entigraph)")
@@ -723,9 +472,9 @@ def _parser() -> argparse.ArgumentParser:
         x.add_argument("--outdir", required=True, help="the shard's folder: UID.json(l) (+ stats/UID.json)")
         x.add_argument("--work-dir", required=True, help="per-article caches: results/synth/METHOD/work")
         x.add_argument("--engine", default=None, metavar="MODULE:CLASS", help="an engine class outside backends/")
-        add_config_args(x)
 
-    r = sub.add_parser("report", help="ledger (requests, tokens, cost, time) + corpus report of one method")
+    r = stage.subcommand(sub, "report", "ledger (requests, tokens, cost, time) + corpus report of one method",
+                         config=True)
     r.add_argument("--method", required=True)
     r.add_argument("--articles", required=True)
     r.add_argument("--synth-dir", required=True, help="results/synth/METHOD (shards and stats/)")
@@ -733,7 +482,6 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--ledger", required=True)
     r.add_argument("--report", required=True)
     r.add_argument("--table", required=True, help="CSV table for the Snakemake report")
-    add_config_args(r)
     return p
 
 
@@ -741,8 +489,6 @@ def _run(args: argparse.Namespace, cfg: dict) -> None:
     if args.cmd == "methods":
         print(json.dumps(_methods_listing(cfg), indent=2))
     elif args.cmd == "extract":
-        from .entigraph import extract_entities
-
         article = load_article(args.articles, args.article)
         work = args.work or Path(args.output).parent.parent / "work" / "extraction" / f"{args.article}.jsonl"
         doc = extract_entities(cfg, article, work, backend_factory(cfg, args.engine))
@@ -773,15 +519,8 @@ def _run(args: argparse.Namespace, cfg: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        _run(args, config_from_args(args))
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except SynthesisIncomplete as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    # an incomplete article keeps exit status 1: its finished records are cached and a re-run retries the rest
+    return stage.run(lambda: _run(args, stage.config(args)), exits={SynthesisIncomplete: ("error", 1)})
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ throughput, the forgetting probe: perplexity of held-out general text before and
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -59,12 +58,14 @@ from typing import Any
 
 import numpy as np
 
-from .config import add_config_args, config_from_args, config_hash
-from .corpus import RAW_METHOD, budget_tokens, load_corpus, load_tokenizer
+from . import stage
+from .config import config_hash
+from .corpus import RAW_METHOD, budget_tokens, load_corpus
 from .io_utils import InputError, write_json_atomic
 from . import replay
 from .job_keys import resume_config, shaping
 from .mixture import curriculum_order, source_shares
+from .models import load_base_model, load_tokenizer
 
 LOG_FIELDS = ["step", "epoch", "loss", "lr", "grad_norm", "sequences", "replay_sequences", "tokens", "tokens_seen",
               "step_seconds", "tokens_per_s", "elapsed_s"]
@@ -174,20 +175,6 @@ def estimate_loss(model, blocks: np.ndarray, micro_batch: int, device) -> float:
             n += len(x)
     model.train(was_training)
     return total / n
-
-
-def load_base_model(location: str):  # type: ignore[no-untyped-def]
-    """The base model in float32 (master weights). A folder converted from a GGUF package keeps a stale
-    `quantization_config: gguf` in config.json although its safetensors hold plain float weights; transformers
-    would then refuse to save the trained model, so that entry is dropped here."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(location)
-    quant = getattr(config, "quantization_config", None)
-    if isinstance(quant, dict) and quant.get("quant_method") == "gguf":
-        delattr(config, "quantization_config")
-    return AutoModelForCausalLM.from_pretrained(location, config=config, dtype=torch.float32)
 
 
 def peak_memory_mb(device_type: str) -> tuple[float, str]:
@@ -672,8 +659,7 @@ def train(cfg: dict, corpus: str | Path, budget: int | str, model_location: str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workflow_scripts.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = stage.parser("train", __doc__, config=True)
     p.add_argument("--corpus", required=True, help="corpus folder (tokens.npy + manifest.json) or its tokens.npy")
     p.add_argument("--budget", required=True, help="synthetic-token budget, or 'all' for the whole corpus")
     p.add_argument("--model", required=True, help="base model: folder or hub id")
@@ -689,22 +675,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", type=int, default=0,
                    help="GPUs the job asked for (cpt.resources.gpu; the rule passes it): more than 0 on a machine "
                         "without CUDA is an error before any work")
-    add_config_args(p)
     args = p.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        summary = train(cfg, args.corpus, args.budget, args.model, args.output, args.workdir, args.method,
-                        args.stop_after_steps, args.gpus, args.articles)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Interrupted as e:
-        print(f"interrupted: {e}", file=sys.stderr)
-        return 3
-    if summary:
-        print(json.dumps({k: summary[k] for k in ("method", "budget", "steps", "tokens_seen", "final_loss",
-                                                  "tokens_per_s", "wall_seconds")}))
-    return 0
+
+    def body() -> None:
+        summary = train(stage.config(args), args.corpus, args.budget, args.model, args.output, args.workdir,
+                        args.method, args.stop_after_steps, args.gpus, args.articles)
+        if summary:
+            print(json.dumps({k: summary[k] for k in ("method", "budget", "steps", "tokens_seen", "final_loss",
+                                                      "tokens_per_s", "wall_seconds")}))
+
+    return stage.run(body, exits={Interrupted: ("interrupted", 3)})
 
 
 if __name__ == "__main__":

@@ -4,6 +4,6 @@
 Engines are imported lazily: vLLM in particular is never imported unless asked for (it cannot import on CPU).
 """
 
-from .base import Backend, Completion, GenerationRequest, get_backend
+from .base import Backend, Completion, GenerationRequest, engine_for, engine_settings, get_backend
 
-__all__ = ["Backend", "Completion", "GenerationRequest", "get_backend"]
+__all__ = ["Backend", "Completion", "GenerationRequest", "engine_for", "engine_settings", "get_backend"]

@@ -81,3 +81,17 @@ def get_backend(name: str, settings: dict[str, Any]) -> Backend:
     module_name, cls_name = _ENGINES[name].split(":")
     module = importlib.import_module(module_name)
     return getattr(module, cls_name)(**settings)
+
+
+def engine_settings(cfg: dict, engine: str, model: str | None = None) -> dict[str, Any]:
+    """The settings of engine `engine` for a stage: the config's `backends.<engine>` section (a copy), with
+    `model` set when given (a stage that lets the section name the model uses `setdefault` on the result)."""
+    settings = dict((cfg.get("backends") or {}).get(engine) or {})
+    if model is not None:
+        settings["model"] = model
+    return settings
+
+
+def engine_for(cfg: dict, engine: str, model: str) -> Backend:
+    """Engine `engine` serving `model`, with the config's settings for it."""
+    return get_backend(engine, engine_settings(cfg, engine, model))
