@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from workflow_scripts import aggregate, paper_reference, qa_eval, rag
 from workflow_scripts.backends import Completion
 from workflow_scripts.config import validate_config
+from workflow_scripts.io_utils import parse_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_ICL = Path("/work/shared/reference/quality_retrieval_icl.txt")
@@ -370,7 +372,7 @@ def test_inputs_with_a_byte_order_mark_are_read(tmp_path):
                                      "gold": 0}).encode() + b"\n")
     quality.read_questions_file(qs, prep)
     assert prep.articles["d1"]["text"] == "body" and prep.questions["1"]["article_uid"] == "d1"
-    rows = list(quality._parse_lines(bom + b'{"article_id": "x"}\n', "QuALITY.v1.0.1.htmlstripped.dev"))
+    rows = list(parse_jsonl(bom + b'{"article_id": "x"}\n', "QuALITY.v1.0.1.htmlstripped.dev"))  # zip members
     assert rows == [(1, {"article_id": "x"})]
     prefix = qa_eval.load_prompt_template()
     (tmp_path / "mine.txt").write_bytes(bom + b"%% my prefix\n" + prefix.encode())  # a user's own prefix file
@@ -400,8 +402,6 @@ def qa_inputs(tmp_path_factory):
 
 
 def _qa_cli(d: Path, model_id: str, cfg: dict | str, env: dict | None = None):
-    import os
-
     return subprocess_run([sys.executable, "-m", "workflow_scripts.qa_eval", "--model-id", model_id,
                            "--model-path", "" if model_id.startswith("api-") else "some/model",
                            "--questions", str(d / "q.jsonl"), "--articles", str(d / "a.jsonl"),
@@ -416,15 +416,16 @@ def test_missing_api_key_is_one_line(qa_inputs):
     _one_line_error(_qa_cli(qa_inputs, "api-g", cfg), "ISSUE12_SURELY_UNSET_KEY", "not set")
 
 
-def test_missing_engine_is_one_line(qa_inputs):
+def test_missing_engine_is_one_line(qa_inputs, tmp_path):
     pytest.importorskip("torch")
-    try:
-        import vllm  # noqa: F401
-        pytest.skip("vLLM is installed here: the missing-engine error cannot occur")
-    except Exception:  # noqa: BLE001 - not installed, or it cannot import without a GPU: the case under test
-        pass
-    _one_line_error(_qa_cli(qa_inputs, "base", {"evaluation": {"modes": ["cot"], "cot": {"engine": "vllm"}}}),
-                    "vllm backend needs vLLM")
+    # An interpreter without the engine, also where the --vllm extra is installed (as in CI): a module named vllm
+    # that fails to import stands in front of any installed one.
+    hide = tmp_path / "without_vllm"
+    hide.mkdir()
+    (hide / "vllm.py").write_text("raise ImportError('No module named vllm (hidden by the test)')\n")
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(hide), os.environ.get("PYTHONPATH", "")) if p)}
+    _one_line_error(_qa_cli(qa_inputs, "base", {"evaluation": {"modes": ["cot"], "cot": {"engine": "vllm"}}}, env),
+                    "vllm backend needs", "bootstrap.sh --vllm")
 
 
 def test_invalid_config_override_is_one_line(qa_inputs):
