@@ -7,7 +7,6 @@ import sys
 from snakemake.settings.types import DeploymentMethod
 from workflow_scripts import job_keys, layout
 from workflow_scripts.config import ConfigError, check_budgets, missing_engine_message, validate_config
-
 from workflow_scripts.derived import check_methods, filter_variants, imported, method_kind, mixtures
 
 # The schema check of the stage command lines (defaults filled in); a config that fails it (a file, or a
