@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from test_synthesis import ARTICLE, ARTICLE2, FakeBackend, make_cfg, write_articles
+from test_synthesis import _reset_fake  # noqa: F401 - the autouse fixture that resets FakeBackend per test
 from workflow_scripts import synthesis as syn
 from workflow_scripts.config import missing_engine_message, validate_config, vllm_users
 from workflow_scripts.io_utils import InputError, read_jsonl
@@ -24,14 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 ARTICLE3 = {"uid": "a3", "title": "The Ferry", "author": "Keeper, Thomas", "year": 1958,
             "text": "Thomas ran the ferry Heron to Port Ellen. Margaret Hale crossed with him every month."}
 ENGINE = "test_synthesis:FakeBackend"
-
-
-@pytest.fixture(autouse=True)
-def _reset_fake():
-    FakeBackend.constructed = 0
-    FakeBackend.EXTRACTION = {}
-    FakeBackend.calls = []
-    FakeBackend.attempts = {}
 
 
 def test_shards_cut_the_corpus_in_order_and_name_their_articles():
