@@ -79,13 +79,19 @@ def relation_requests(article: dict, n: int, max_new_tokens: int) -> list[Genera
             for i, (a, b) in enumerate(pairs)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def request_parser(doc: str | None, threads: int, threads_help: str) -> argparse.ArgumentParser:
+    """The command line both synthesis benchmarks share: model, relation requests of one article, threads."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="results/hf_models/smollm2-135m-instruct")
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--article-chars", type=int, default=4000)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (the machine's cores may be shared)")
+    p.add_argument("--threads", type=int, default=threads, help=threads_help)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = request_parser(__doc__, 1, "torch threads (the machine's cores may be shared)")
     p.add_argument("--modes", default=",".join(m for m, _, _ in MODES))
     p.add_argument("--results-md", default=None, help="append a section with the table to this Markdown file")
     args = p.parse_args(argv)

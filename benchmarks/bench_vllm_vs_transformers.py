@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_synthesis_engine import load_article, relation_requests  # noqa: E402
+from bench_synthesis_engine import load_article, relation_requests, request_parser  # noqa: E402
 
 ENGINES = {
     "transformers": {"batch_size": 8, "max_prefix_reuse": True, "device": "cpu", "dtype": "float32",
@@ -95,12 +95,7 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="results/hf_models/smollm2-135m-instruct")
-    p.add_argument("--requests", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--article-chars", type=int, default=4000)
-    p.add_argument("--threads", type=int, default=2, help="torch threads of the transformers engine")
+    p = request_parser(__doc__, 2, "torch threads of the transformers engine")
     p.add_argument("--engines", default="transformers,vllm")
     p.add_argument("--results-md", default=None, help="append a section with the table to this Markdown file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # ENGINE: run it here, print JSON

@@ -75,11 +75,17 @@ def model_input(role):
     return layout.model_inputs(config, role)
 
 
+_UIDS = {}  # (path, mtime_ns) -> uids: input functions ask once per job, the file is read once per version
+
+
 def article_uids(wildcards=None):
     """Article uids of the prepared corpus (known once the prepare_articles checkpoint has run)."""
     path = checkpoints.prepare_articles.get().output.articles
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line)["uid"] for line in f if line.strip()]
+    key = (path, os.stat(path).st_mtime_ns)
+    if key not in _UIDS:
+        with open(path, encoding="utf-8") as f:
+            _UIDS[key] = [json.loads(line)["uid"] for line in f if line.strip()]
+    return list(_UIDS[key])
 
 
 # ---- the cross-stage vocabulary: methods, budgets, model ids (workflow_scripts/layout.py) ----
