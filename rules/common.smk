@@ -8,6 +8,7 @@ from snakemake.settings.types import DeploymentMethod
 from workflow_scripts import job_keys, layout
 from workflow_scripts.config import ConfigError, check_budgets, missing_engine_message, validate_config
 from workflow_scripts.derived import check_methods, filter_variants, imported, method_kind, mixtures
+from workflow_scripts.preflight import tensor_parallel_problem, vllm_rule_names
 
 # The schema check of the stage command lines (defaults filled in); a config that fails it (a file, or a
 # --config value) stops planning with one line naming each key, not a validation dump.
@@ -15,6 +16,8 @@ try:
     validate_config(config)
     check_budgets(config)
     check_methods(config)
+    if tensor_parallel_problem(config):
+        raise ConfigError(tensor_parallel_problem(config))
 except ConfigError as e:
     sys.exit(f"error: {e}")
 
@@ -35,6 +38,20 @@ onstart:
         _missing_engine = missing_engine_message(config)
         if _missing_engine:
             sys.exit(f"error: {_missing_engine}")
+
+# A GPU job's program runs through the pre-flight check (workflow_scripts/preflight.py): on a workstation it takes
+# GPUs of its own (CUDA_VISIBLE_DEVICES), and it stops in one line, exit 2, when torch, the driver or the vLLM build
+# does not fit the device. A CPU job (gpu=0) runs its program directly.
+VLLM_RULES = vllm_rule_names(config)
+
+
+def gpu_guard(rule):
+    """Shell prefix of `rule`'s program: the pre-flight check when the job asks for GPUs (with --vllm when the rule
+    runs vLLM under this config), nothing for a CPU job."""
+    flag = " --vllm" if rule in VLLM_RULES else ""
+    return lambda wc, resources: (
+        f"python -m workflow_scripts.preflight --gpus {resources.gpu}{flag} -- " if int(resources.gpu) > 0 else "")
+
 
 # The shared names (paths, model ids, model lists, final targets) live in workflow_scripts/layout.py; the
 # functions below bind them to this run's config.
@@ -228,6 +245,8 @@ def judge_model_input():
 
 INSTRUCT_DATA_INPUT = [INSTRUCT["data"]["source"]] if os.path.exists(INSTRUCT["data"]["source"]) else []
 INSTRUCT_RES = INSTRUCT["summaries"]["resources"]
+# The judge runs on a GPU only when its engine is local (an openai judge is an API: its jobs need no GPU).
+JUDGE_GPU = 0 if INSTRUCT["judge"]["engine"] == "openai" else INSTRUCT_RES["gpu"]
 # vLLM cannot share an environment with the CPU pins (envs/eval.yaml explains): a vllm engine uses its own env.
 SUMMARY_ENV = "../envs/synthesis-vllm.yaml" if INSTRUCT["summaries"]["engine"] == "vllm" else "../envs/eval.yaml"
 JUDGE_ENV = "../envs/synthesis-vllm.yaml" if INSTRUCT["judge"]["engine"] == "vllm" else "../envs/eval.yaml"

@@ -22,6 +22,7 @@ rule cpt:
     benchmark:
         "results/benchmarks/cpt/{method}/{budget}.tsv"
     params:
+        guard=gpu_guard("cpt"),
         cfg=job_config("cpt"),
         ops=job_ops("cpt"),
         model=lambda wc: model_location("base"),  # a folder, or a hub id (no input file)
@@ -38,7 +39,7 @@ rule cpt:
     conda:
         "../envs/train.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} TOKENIZERS_PARALLELISM=false {params.launch} -m workflow_scripts.train "
+        "OMP_NUM_THREADS={threads} TOKENIZERS_PARALLELISM=false {params.guard}{params.launch} -m workflow_scripts.train "
         "--corpus {params.corpus} --method {wildcards.method} --budget {wildcards.budget} --model {params.model:q} "
         "--output {output} --workdir {params.workdir} --articles {input.articles} --gpus {resources.gpu} "
         "--config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"

@@ -18,6 +18,7 @@ rule eval_qa:
     benchmark:
         "results/benchmarks/evaluation/eval_qa/{model}.tsv"
     params:
+        guard=gpu_guard("eval_qa"),
         cfg=job_config("eval_qa", "model"),
         ops=job_ops("eval_qa", "model"),
         model_path=eval_model_path,
@@ -29,7 +30,7 @@ rule eval_qa:
     conda:
         EVAL_ENV
     shell:
-        "python -m workflow_scripts.qa_eval --model-id {wildcards.model} --model-path {params.model_path:q} "
+        "{params.guard}python -m workflow_scripts.qa_eval --model-id {wildcards.model} --model-path {params.model_path:q} "
         "--questions {input.questions} --articles {input.articles} --output-jsonl {output.jsonl} "
         "--output-json {output.json} --threads {threads} --config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"
 
@@ -48,6 +49,7 @@ rule eval_rag:
     benchmark:
         "results/benchmarks/evaluation/eval_rag/{model}.tsv"
     params:
+        guard=gpu_guard("eval_rag"),
         cfg=job_config("eval_rag", "model"),
         ops=job_ops("eval_rag", "model"),
         model_path=eval_model_path,
@@ -59,7 +61,7 @@ rule eval_rag:
     conda:
         EVAL_ENV
     shell:
-        "python -m workflow_scripts.rag --model-id {wildcards.model} --model-path {params.model_path:q} "
+        "{params.guard}python -m workflow_scripts.rag --model-id {wildcards.model} --model-path {params.model_path:q} "
         "--questions {input.questions} --articles {input.articles} --output-jsonl {output.jsonl} "
         "--output-json {output.json} --threads {threads} --config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"
 

@@ -28,6 +28,7 @@ rule filter_variant:
     benchmark:
         "results/benchmarks/filters/{method}.tsv"
     params:
+        guard=gpu_guard("filter_variant"),
         cfg=job_config("filter_variant", "method"),
         ops=job_ops("filter_variant", "method"),
         outdir=lambda wc: f"{FILTERED}/{wc.method}",
@@ -39,7 +40,7 @@ rule filter_variant:
     conda:
         "../envs/synthesis-vllm.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python -m workflow_scripts.filters run --variant {wildcards.method} "
+        "OMP_NUM_THREADS={threads} {params.guard}python -m workflow_scripts.filters run --variant {wildcards.method} "
         "--articles {input.articles} --inputs {input.records} --outdir {params.outdir} "
         "--config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"
 

@@ -41,6 +41,7 @@ rule instruct_tune:
     benchmark:
         "results/benchmarks/instruct/tune/{model}.tsv"
     params:
+        guard=gpu_guard("instruct_tune"),
         cfg=job_config("instruct_tune"),
         ops=job_ops("instruct_tune"),
         corpus=lambda wc, input: os.path.dirname(input.tokens),
@@ -56,7 +57,7 @@ rule instruct_tune:
     conda:
         "../envs/train.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} {params.launch} -m workflow_scripts.instruct tune --corpus {params.corpus} "
+        "OMP_NUM_THREADS={threads} {params.guard}{params.launch} -m workflow_scripts.instruct tune --corpus {params.corpus} "
         "--start {params.start:q} --output {output} --workdir {params.workdir} --config-json {params.cfg:q} "
         "--ops-json {params.ops:q} 2> {log}"
 
@@ -71,6 +72,7 @@ rule summarize:
     log:
         f"{LOGS}/instruct/summarize/{{model}}.log",
     params:
+        guard=gpu_guard("summarize"),
         cfg=job_config("summarize"),
         ops=job_ops("summarize"),
     threads: INSTRUCT["summaries"]["threads"]
@@ -81,7 +83,7 @@ rule summarize:
     conda:
         SUMMARY_ENV
     shell:
-        "OMP_NUM_THREADS={threads} python -m workflow_scripts.summaries summarize --model-id {wildcards.model} "
+        "OMP_NUM_THREADS={threads} {params.guard}python -m workflow_scripts.summaries summarize --model-id {wildcards.model} "
         "--model-path {input.model:q} --articles {input.articles} --output {output} "
         "--config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"
 
@@ -98,17 +100,18 @@ rule judge_summaries:
     log:
         f"{LOGS}/instruct/judge/{{model}}.log",
     params:
+        guard=gpu_guard("judge_summaries"),
         cfg=job_config("judge_summaries"),
         ops=job_ops("judge_summaries"),
     threads: INSTRUCT["summaries"]["threads"]
     resources:
-        gpu=INSTRUCT_RES["gpu"],
+        gpu=JUDGE_GPU,
         mem_mb=INSTRUCT_RES["mem_mb"],
         runtime=INSTRUCT_RES["runtime"],
     conda:
         JUDGE_ENV
     shell:
-        "OMP_NUM_THREADS={threads} python -m workflow_scripts.claims judge --summaries {input.summaries} "
+        "OMP_NUM_THREADS={threads} {params.guard}python -m workflow_scripts.claims judge --summaries {input.summaries} "
         "--articles {input.articles} --output-jsonl {output.jsonl} --output-json {output.json} "
         "--config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"
 
@@ -125,17 +128,18 @@ rule judge_human_summaries:
     log:
         f"{LOGS}/instruct/judge/human.log",
     params:
+        guard=gpu_guard("judge_human_summaries"),
         cfg=job_config("judge_human_summaries"),
         ops=job_ops("judge_human_summaries"),
     threads: INSTRUCT["summaries"]["threads"]
     resources:
-        gpu=INSTRUCT_RES["gpu"],
+        gpu=JUDGE_GPU,
         mem_mb=INSTRUCT_RES["mem_mb"],
         runtime=INSTRUCT_RES["runtime"],
     conda:
         JUDGE_ENV
     shell:
-        "OMP_NUM_THREADS={threads} python -m workflow_scripts.claims judge --human {input.human} "
+        "OMP_NUM_THREADS={threads} {params.guard}python -m workflow_scripts.claims judge --human {input.human} "
         "--articles {input.articles} --output-jsonl {output.jsonl} --output-json {output.json} "
         "--config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"
 
@@ -172,6 +176,7 @@ rule instruct_examples:
     log:
         f"{LOGS}/instruct/examples/{{model}}.log",
     params:
+        guard=gpu_guard("instruct_examples"),
         cfg=job_config("instruct_examples"),
         ops=job_ops("instruct_examples"),
     threads: INSTRUCT["summaries"]["threads"]
@@ -182,7 +187,7 @@ rule instruct_examples:
     conda:
         SUMMARY_ENV
     shell:
-        "OMP_NUM_THREADS={threads} python -m workflow_scripts.summaries examples --model-id {wildcards.model} "
+        "OMP_NUM_THREADS={threads} {params.guard}python -m workflow_scripts.summaries examples --model-id {wildcards.model} "
         "--model-path {input.model:q} --articles {input.articles} --questions {input.questions} "
         "--output-jsonl {output.jsonl} --output-html {output.html} --config-json {params.cfg:q} "
         "--ops-json {params.ops:q} 2> {log}"

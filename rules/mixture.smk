@@ -47,6 +47,7 @@ rule corpus_difficulty:
     benchmark:
         "results/benchmarks/corpus/difficulty_{method}.tsv"
     params:
+        guard=gpu_guard("corpus_difficulty"),
         model=lambda wc: model_location("base"),
         corpus=lambda wc, input: os.path.dirname(input.tokens),
         micro_batch=MIX_CPT["micro_batch"],
@@ -58,5 +59,5 @@ rule corpus_difficulty:
     conda:
         "../envs/train.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python -m workflow_scripts.mixture difficulty --corpus {params.corpus} "
+        "OMP_NUM_THREADS={threads} {params.guard}python -m workflow_scripts.mixture difficulty --corpus {params.corpus} "
         "--model {params.model:q} --micro-batch {params.micro_batch} 2> {log}"

@@ -32,6 +32,7 @@ rule extract_entities:
     benchmark:
         "results/benchmarks/synthesis/extract_entities/shard-{shard}.tsv"
     params:
+        guard=gpu_guard("extract_entities"),
         cfg=job_config("extract_entities"),
         ops=job_ops("extract_entities"),
         uids=lambda wc: " ".join(shard_uids(wc.shard)),
@@ -43,7 +44,7 @@ rule extract_entities:
     conda:
         "../envs/synthesis-vllm.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python -m workflow_scripts.synthesis extract-shard --articles {input.articles} "
+        "OMP_NUM_THREADS={threads} {params.guard}python -m workflow_scripts.synthesis extract-shard --articles {input.articles} "
         "--shard {wildcards.shard} --shard-articles {params.uids} --outdir {output} "
         f"--work-dir {SYNTH}/entigraph/work/extraction --config-json {{params.cfg:q}} --ops-json {{params.ops:q}} 2> {{log}}"
 
@@ -78,6 +79,7 @@ rule synthesize:
     benchmark:
         "results/benchmarks/synthesis/synthesize/{method}/shard-{shard}.tsv"
     params:
+        guard=gpu_guard("synthesize"),
         cfg=job_config("synthesize", "method"),
         ops=job_ops("synthesize", "method"),
         uids=lambda wc: " ".join(shard_uids(wc.shard)),
@@ -90,7 +92,7 @@ rule synthesize:
     conda:
         "../envs/synthesis-vllm.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python -m workflow_scripts.synthesis synthesize-shard --method {wildcards.method} "
+        "OMP_NUM_THREADS={threads} {params.guard}python -m workflow_scripts.synthesis synthesize-shard --method {wildcards.method} "
         "--articles {input.articles} --shard {wildcards.shard} --shard-articles {params.uids} {params.entities} "
         f"--outdir {{output}} --work-dir {SYNTH}/{{wildcards.method}}/work --config-json {{params.cfg:q}} --ops-json {{params.ops:q}} 2> {{log}}"
 

@@ -131,7 +131,7 @@ def test_concurrent_jobs_get_their_own_gpus(tmp_path):
         assert p.returncode == 0, err
         r = json.loads(out)
         assert len(r["slots"]) == g and r["visible"] == ",".join(map(str, r["slots"]))
-        assert all(0 <= s < 3 for s in r["slots"])
+        assert set(r["slots"]) <= {"0", "1", "2"}
         results.append(r)
     for i, a in enumerate(results):
         for b in results[i + 1:]:
@@ -148,19 +148,25 @@ def test_slots_are_held_by_the_program_the_job_becomes(tmp_path):
                                "from workflow_scripts import preflight; preflight.pin_devices(2); "
                                "os.execvp('sleep', ['sleep', '3'])" % str(ROOT)], env=env)
     time.sleep(1.5)
-    assert P.try_slots(1, 2, tmp_path / "locks") is None  # both taken by the sleeping program
+    assert P.try_slots(1, ["0", "1"], tmp_path / "locks") is None  # both taken by the sleeping program
     holder.wait(timeout=30)
-    got = P.try_slots(2, 2, tmp_path / "locks")
-    assert got and got[0] == [0, 1]
+    got = P.try_slots(2, ["0", "1"], tmp_path / "locks")
+    assert got and got[0] == ["0", "1"]
     for fd in got[1]:
         os.close(fd)
-    for outside in ({"CUDA_VISIBLE_DEVICES": "3"}, {"SLURM_JOB_ID": "42"}):
-        r = subprocess.run([sys.executable, "-c", FAKE_JOB.format(root=str(ROOT), gpus=1, hold=0)],
-                           env={**env, **outside}, capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, r.stderr
-        assert json.loads(r.stdout)["slots"] is None
+    # under SLURM the scheduler's CUDA_VISIBLE_DEVICES is left alone
+    r = subprocess.run([sys.executable, "-c", FAKE_JOB.format(root=str(ROOT), gpus=1, hold=0)],
+                       env={**env, "SLURM_JOB_ID": "42", "CUDA_VISIBLE_DEVICES": "3"}, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["slots"] is None and json.loads(r.stdout)["visible"] == "3"
+    # a user's CUDA_VISIBLE_DEVICES is the pool the jobs share out
+    r = subprocess.run([sys.executable, "-c", FAKE_JOB.format(root=str(ROOT), gpus=1, hold=0)],
+                       env={**env, "CUDA_VISIBLE_DEVICES": "5,7"}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["slots"] == ["5"] and json.loads(r.stdout)["visible"] == "5"
     with pytest.raises(SystemExit, match="asks for 3 GPU\\(s\\) but this machine has 2"):
-        P.acquire_slots(3, 2, tmp_path / "locks", wait_s=0)
+        P.acquire_slots(3, ["0", "1"], tmp_path / "locks", wait_s=0)
 
 
 # ------------------------------------------------------------------------------------------ tensor parallel

@@ -125,9 +125,33 @@ def test_slurm_profile_parses_and_takes_account_and_partition_from_the_environme
 
 
 def test_local_profile_counts_the_machines_gpus():
-    assert parse_profile(PROFILES["local"])["resources"] == ["gpu=1"]
+    if shutil.which("nvidia-smi") is None:  # no GPU listed: 1, so that GPU configs still plan (their jobs stop early)
+        assert parse_profile(PROFILES["local"])["resources"] == ["gpu=1"]
     prof = parse_profile(PROFILES["local"], {"SCPT_LOCAL_GPUS": "4"})
     assert prof["resources"] == ["gpu=4"] and prof["cores"] == "all"
+
+
+def test_profile_headers_name_the_pinned_versions():
+    """The SLURM profile's header names the Snakemake and plugin versions that requirements.txt pins."""
+    pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    header = PROFILES["slurm"].read_text().splitlines()[0]
+    assert f"Snakemake {pins['snakemake']} with snakemake-executor-plugin-slurm " \
+           f"{pins['snakemake-executor-plugin-slurm']}" in header, header
+    for text in (p.read_text() for p in PROFILES.values()):
+        for version in re.findall(r"snakemake-executor-plugin-slurm (\d+\.\d+\.\d+)", text):
+            assert version == pins["snakemake-executor-plugin-slurm"]
+
+
+def test_tensor_parallel_size_is_checked_against_the_vllm_rules_gpus_when_planning(tmp_path):
+    (tmp_path / "tp2.yaml").write_text("backends: {vllm: {tensor_parallel_size: 2}}\n")
+    out = subprocess.run([*SNAKEMAKE, "-n", "--profile", "profiles/local", "--configfile", "experiments/single-gpu.yaml",
+                          str(tmp_path / "tp2.yaml")], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode != 0
+    lines = [x for x in (out.stdout + out.stderr).splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "backends.vllm.tensor_parallel_size is 2" in lines[0], out.stderr[-2000:]
+    assert "synthesis.resources.gpu=1 (extract_entities/synthesize)" in lines[0]
 
 
 # -------------------------------------------------------------------------------------------- dry runs
@@ -205,13 +229,14 @@ def test_paper_dag_under_slurm_requests_one_task_per_multi_gpu_job(tmp_path):
         sbatch, step = slurm_commands(rule, res)
         assert "-A 'proj42'" in sbatch
         if not res.get("gpu"):
-            assert "-p 'cpu'" in sbatch and "--gpus" not in sbatch and "--ntasks=1" in sbatch
+            # an API judge (judge_*: no GPU under paper.yaml) stays on the profile's GPU partition, without GPUs
+            partition = "gpu" if rule.startswith("judge_") else "cpu"
+            assert f"-p '{partition}'" in sbatch and "--gpus" not in sbatch and "--ntasks=1" in sbatch
             continue
         summaries_gpu = cfg["instruct"]["summaries"]["resources"]["gpu"]
         want = {"cpt": cfg["cpt"]["resources"]["gpu"], "eval_qa": cfg["evaluation"]["resources"]["gpu"],
                 "eval_rag": cfg["evaluation"]["resources"]["gpu"], "instruct_tune": cfg["instruct"]["resources"]["gpu"],
-                "summarize": summaries_gpu, "judge_summaries": summaries_gpu, "judge_human_summaries": summaries_gpu,
-                "instruct_examples": summaries_gpu}.get(rule, cfg["synthesis"]["resources"]["gpu"])
+                "summarize": summaries_gpu, "instruct_examples": summaries_gpu}.get(rule, cfg["synthesis"]["resources"]["gpu"])
         assert res["gpu"] == want, (rule, res)
         assert "-p 'gpu'" in sbatch and f"--gpus={want}" in sbatch and "--ntasks" not in sbatch, sbatch
         assert "--cpus-per-gpu=8" in sbatch
@@ -221,3 +246,16 @@ def test_paper_dag_under_slurm_requests_one_task_per_multi_gpu_job(tmp_path):
     # ... driven by one torchrun launcher that starts a worker per GPU of that one task
     launches = [line for line in out.splitlines() if "-m workflow_scripts.train" in line]
     assert launches and all("torch.distributed.run --standalone --nproc_per_node 8 " in x for x in launches)
+    # every GPU job's program starts through the pre-flight check (--vllm where the rule runs vLLM); CPU jobs do not
+    assert all("python -m workflow_scripts.preflight --gpus 8 -- python -m torch.distributed.run" in x for x in launches)
+    shells = {m.group(1): line for line in out.splitlines()
+              if (m := re.search(r"python -m workflow_scripts\.(synthesis (?:extract|synthesize)-shard|qa_eval|"
+                                  r"claims judge|aggregate qa)", line))}
+    assert "preflight --gpus 1 --vllm -- python -m workflow_scripts.synthesis synthesize-shard" in shells[
+        "synthesis synthesize-shard"]
+    assert "preflight --gpus 1 --vllm -- python -m workflow_scripts.qa_eval" in shells["qa_eval"]
+    assert "preflight" not in shells["aggregate qa"]
+    # the paper's judge is an API (instruct.judge.engine: openai): its jobs ask for no GPU and get no check
+    assert cfg["instruct"]["judge"]["engine"] == "openai"
+    assert all(not j["resources"].get("gpu") for j in jobs if j["rule"].startswith("judge_"))
+    assert "preflight" not in shells.get("claims judge", "")

@@ -31,7 +31,10 @@ import argparse
 import csv
 import json
 import math
+import os
 import platform
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,8 +45,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = sorted((ROOT / "resources" / "replay").glob("*.txt"))
-# Dense bf16 peak FLOP/s (NVIDIA datasheets, SXM parts; without sparsity).
-PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362.1e12}
+# The measured peak memory of the FSDP phase against workflow_scripts.memory's estimate: within this fraction.
+MEMORY_TOLERANCE = 0.25
+# The resumed run's next-step loss against the uninterrupted run's: equal to the log's 6 decimals on the CPU (fp32,
+# deterministic); on the GPU (bf16, deterministic algorithms requested) within this.
+RESUME_TOLERANCE = {"cpu": 1e-5, "cuda": 1e-3}
 SHAPES = {
     # Llama 3.2 1B's shape (config.json of meta-llama/Llama-3.2-1B): 1.24B parameters with tied embeddings
     "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -51,8 +57,8 @@ SHAPES = {
     "tiny": dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True),
 }
-RUNS = {"gpu": {"shape": "1b", "block_size": 2048, "global_batch": 16, "micro_batch": 4, "steps": 30},
-        "dry": {"shape": "tiny", "block_size": 32, "global_batch": 4, "micro_batch": 2, "steps": 6}}
+RUNS = {"gpu": {"shape": "1b", "block_size": 2048, "global_batch": 16, "micro_batch": 4, "steps": 30, "fsdp_steps": 6},
+        "dry": {"shape": "tiny", "block_size": 32, "global_batch": 4, "micro_batch": 2, "steps": 6, "fsdp_steps": 4}}
 
 
 def schema_defaults(node: dict) -> Any:
@@ -199,26 +205,44 @@ def eval_check(model, folder: Path, n_items: int) -> dict:  # type: ignore[no-un
             "max_abs_diff_vs_uncached": diff, "all_finite": finite}
 
 
-def run_check(dry_run: bool, steps: int | None = None, peak_tflops: float | None = None) -> dict:
+def check_cpt(on_gpu: bool, spec: dict) -> dict:
+    """The cpt section the check trains with: the schema's defaults, bf16 on the GPU (fp32 on the CPU)."""
+    cpt = section_defaults("cpt")
+    cpt.update(precision="bf16" if on_gpu else "fp32", checkpoint_every=0, log_every=spec["steps"], lr=1e-4,
+               warmup_ratio=0.05, threads=cpt["threads"] or 2)
+    return cpt
+
+
+def no_gpu_line() -> str:
+    """Why there is no usable CUDA device here, in the pre-flight check's words (driver, torch's CUDA build)."""
+    from .preflight import decide, gather_facts
+
+    why = decide(gather_facts(), 1, False) or "no CUDA device here"
+    return f"gpu_check: {why}; run on the GPU machine, or use --dry-run for the CPU mode"
+
+
+def run_check(dry_run: bool, steps: int | None = None, peak_tflops: float | None = None,
+              fsdp: bool = True) -> dict:
     """The whole check; returns the results (also printed)."""
     import torch
     import transformers
 
+    from .gpu_specs import peak_bf16
+
     on_gpu = torch.cuda.is_available() and not dry_run
     if not on_gpu and not dry_run:
-        raise SystemExit("gpu_check: no CUDA device here; run on the GPU machine, or use --dry-run for the CPU mode")
+        raise SystemExit(no_gpu_line())
     spec = dict(RUNS["dry" if dry_run else "gpu"])
     spec["steps"] = steps or spec["steps"]
     device = torch.device("cuda" if on_gpu else "cpu")
-    cpt = section_defaults("cpt")
-    cpt.update(precision="bf16" if on_gpu else "fp32", checkpoint_every=0, log_every=spec["steps"], lr=1e-4,
-               warmup_ratio=0.05, threads=cpt["threads"] or 2)
+    cpt = check_cpt(on_gpu, spec)
     if not on_gpu:
         torch.set_num_threads(2)
     name = torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu"
-    peak = peak_tflops * 1e12 if peak_tflops else next((v for k, v in PEAK_BF16.items() if k in name), None) \
-        if on_gpu else None
+    variant = peak_bf16(name) if on_gpu else None
+    peak = peak_tflops * 1e12 if peak_tflops else (variant[1] if variant else None)
     result: dict = {"mode": "dry-run (CPU, tiny model, fp32)" if dry_run else "gpu", "device": name,
+                    "gpu_variant": variant[0] if variant else None,
                     "versions": {"python": platform.python_version(), "torch": torch.__version__,
                                  "transformers": transformers.__version__,
                                  "accelerate": _version("accelerate")}, "run": spec}
@@ -237,12 +261,154 @@ def run_check(dry_run: bool, steps: int | None = None, peak_tflops: float | None
         if on_gpu:
             torch.cuda.empty_cache()
         result["bare_loop"] = bare_loop(spec, run, device, bf16=on_gpu)
+        if on_gpu:
+            torch.cuda.empty_cache()
+        if fsdp:
+            result["fsdp"] = fsdp_phase(dry_run, spec, Path(tmp))
     for loop in ("project_loop", "bare_loop"):
         result[loop]["mfu"] = result[loop]["tokens_per_s"] * fpt / peak if peak else None
     result["ratio_project_to_bare"] = result["project_loop"]["tokens_per_s"] / result["bare_loop"]["tokens_per_s"]
     result["first_loss_diff"] = abs(result["project_loop"]["first_loss"] - result["bare_loop"]["first_loss"])
     result["flops_per_token"], result["peak_flops"] = fpt, peak
     return result
+
+
+# ---------------------------------------------------------------- FSDP2 over NCCL/gloo, DCP save and resume, memory
+def fsdp_phase(dry_run: bool, spec: dict, workdir: Path) -> dict:
+    """The FSDP worker in its own process group: `torchrun --standalone --nproc_per_node 1 ... --fsdp-worker`
+    (NCCL and bf16 on the GPU; gloo and fp32 in the dry run). Its JSON, or the failure's last lines."""
+    out = workdir / "fsdp.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m",
+           "workflow_scripts.gpu_check", "--fsdp-worker", "--workdir", str(workdir / "fsdp"), "--output", str(out),
+           "--steps", str(spec["fsdp_steps"])] + (["--dry-run"] if dry_run else [])
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=360)
+    if r.returncode != 0 or not out.exists():
+        return {"ok": False, "error": "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])}
+    res = json.loads(out.read_text())
+    res["seconds"] = time.time() - t0
+    return res
+
+
+def fsdp_runtime(cpt: dict):  # type: ignore[no-untyped-def]
+    from . import train as T
+
+    rt = T.Runtime(cpt)
+    rt.fsdp = True  # FSDP2 forced on at world size 1 (Runtime turns it on only above 1)
+    return rt
+
+
+def fsdp_model(cpt: dict, spec: dict, seed: int):  # type: ignore[no-untyped-def]
+    """(runtime, FSDP2-wrapped model of `seed`'s initial weights, its optimizer), as train.py builds them."""
+    from . import train as T
+
+    rt = fsdp_runtime(cpt)
+    model = rt.wrap(build_model(spec["shape"], seed, rt.device))
+    model.train()
+    return rt, model, T.configure_optimizer(model, cpt["lr"], cpt["weight_decay"], tuple(cpt["betas"]), cpt["adam_eps"])
+
+
+def fsdp_train(cpt: dict, run, spec: dict, seed: int, workdir: Path, state: dict | None = None,
+               model_opt=None, stop: int | None = None):  # type: ignore[no-untyped-def]
+    """workflow_scripts.train's loop under FSDP2 forced on at world size 1 (Runtime enables FSDP only above 1):
+    (runtime, model, optimizer, state, per-step losses of the log)."""
+    from . import train as T
+
+    rt, model, optimizer = fsdp_model(cpt, spec, seed) if model_opt is None else (fsdp_runtime(cpt), *model_opt)
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / "train_log.csv"
+    if state is None:
+        state = {"step": 0, "tokens_seen": 0, "replay_sequences": 0, "train_seconds": 0.0, "loss": None,
+                 "fingerprint": "gpu-check", "settings_fingerprint": "gpu-check", "layout": rt.layout,
+                 "resumed_from": []}
+        log.write_text(",".join(T.LOG_FIELDS) + "\n")
+    try:
+        T.training_loop(cpt, rt, model, optimizer, run, state, workdir, stop_after_steps=stop)
+    except T.Interrupted:
+        pass
+    with open(log, newline="") as f:
+        losses = [float(r["loss"]) for r in csv.DictReader(f)]
+    return rt, model, optimizer, state, losses
+
+
+def memory_estimate(config: dict, spec: dict, cpt: dict, bf16: bool) -> dict:
+    """workflow_scripts.memory.estimate_train_memory for this run (the agreed interface; /work/notes/api.md)."""
+    try:
+        from .memory import ModelShape, TrainShape, estimate_train_memory
+    except ImportError as e:
+        return {"available": False, "reason": f"workflow_scripts.memory: {e}"}
+    shape = ModelShape.from_hf_config(config)
+    train = TrainShape(seq_len=spec["block_size"], micro_batch=spec["micro_batch"], world_size=1,
+                       grad_accum=spec["global_batch"] // spec["micro_batch"], param_bytes=2 if bf16 else 4,
+                       master_fp32=bf16, fsdp=True, reshard_after_forward=bool(cpt["fsdp"]["reshard_after_forward"]),
+                       cpu_offload=False, activation_checkpointing=bool(cpt["gradient_checkpointing"]),
+                       no_sync_accumulation=bool(cpt["fsdp"].get("no_sync_accumulation", False)))
+    est = estimate_train_memory(shape, train)
+    return {"available": True, "estimate_bytes": int(est.total_bytes), "parts": dict(est.parts)}
+
+
+def fsdp_worker(dry_run: bool, steps: int, workdir: Path) -> dict:
+    """Inside torchrun: an uninterrupted FSDP2 run of `steps` steps (its peak memory against the estimate), then
+    the same run stopped after steps/2 with a distributed checkpoint (train.save_checkpoint), resumed into a model
+    of OTHER initial weights (train.load_checkpoint must overwrite them) and run to the end."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, before CUDA starts
+    import torch
+    import torch.distributed as dist
+
+    from . import train as T
+
+    on_gpu = torch.cuda.is_available() and not dry_run
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.set_num_threads(2)
+    dist.init_process_group("nccl" if on_gpu else "gloo")
+    spec = dict(RUNS["dry" if dry_run else "gpu"], steps=steps)
+    cpt = check_cpt(on_gpu, spec)
+    cpt["fsdp"]["enabled"] = True
+    run = random_run(spec, SHAPES[spec["shape"]]["vocab_size"], 0, cpt)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    rt, model, opt, state, straight = fsdp_train(cpt, run, spec, 0, workdir / "uninterrupted")
+    measured = torch.cuda.max_memory_allocated() if on_gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    sharded = next(model.parameters())
+    res = {"ok": True, "backend": dist.get_backend(), "world_size": dist.get_world_size(),
+           "wrapper": type(model).__name__, "param_type": type(sharded).__name__,
+           "param_dtype": str(sharded.dtype), "compute_dtype": "bfloat16" if rt.precision == "bf16" else "float32",
+           "precision": rt.precision, "steps": steps, "losses": straight, "final_loss": state["loss"]}
+    mem = memory_estimate(build_config(spec["shape"]), spec, cpt, rt.precision == "bf16")
+    mem.update(measured_bytes=int(measured), measured_by="cuda max_memory_allocated" if on_gpu else
+               "process max RSS (Python and torch included: not comparable)", tolerance=MEMORY_TOLERANCE)
+    if mem["available"]:
+        mem["ratio"] = mem["measured_bytes"] / mem["estimate_bytes"]
+        mem["within_tolerance"] = abs(mem["ratio"] - 1) <= MEMORY_TOLERANCE if on_gpu else None
+    res["memory"] = mem
+    del model, opt
+    if on_gpu:
+        torch.cuda.empty_cache()
+    half = steps // 2
+    _, model, opt, _, _ = fsdp_train(cpt, run, spec, 0, workdir / "resumed", stop=half)
+    del model, opt
+    rt, model, opt = fsdp_model(cpt, spec, 1)  # other initial weights: the checkpoint must overwrite them
+    ckpt = sorted((workdir / "resumed").glob("step_*"))[-1]
+    state = T.load_checkpoint(rt, model, opt, ckpt)
+    _, _, _, state, resumed = fsdp_train(cpt, run, spec, 1, workdir / "resumed", state=state, model_opt=(model, opt))
+    tol = RESUME_TOLERANCE["cuda" if on_gpu else "cpu"]
+    diff = abs(resumed[half] - straight[half])
+    res["resume"] = {"checkpoint": ckpt.name, "files": sorted(p.name for p in ckpt.iterdir()), "stopped_at": half,
+                     "losses": resumed, "next_step_loss": resumed[half], "uninterrupted_next_step_loss": straight[half],
+                     "next_step_loss_diff": diff, "final_loss_diff": abs(state["loss"] - res["final_loss"]),
+                     "tolerance": tol, "equal": diff <= tol}
+    dist.destroy_process_group()
+    return res
+
+
+def build_config(shape: str) -> dict:
+    """The transformers config.json dict of a check shape (what ModelShape.from_hf_config reads)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**SHAPES[shape]).to_dict()
 
 
 def _version(module: str) -> str | None:
@@ -267,7 +433,25 @@ def report(r: dict) -> str:
              f"uncached max |diff| {e['max_abs_diff_vs_uncached']:.2e}"]
     if "peak_memory_gb" in p:
         lines.append(f"  peak GPU memory (training): {p['peak_memory_gb']:.1f} GiB")
+    if "fsdp" in r:
+        lines.extend(fsdp_report(r["fsdp"]))
     return "\n".join(lines)
+
+
+def fsdp_report(f: dict) -> list[str]:
+    if not f.get("ok"):
+        return ["  FSDP2 phase FAILED:", *("    " + x for x in f.get("error", "").splitlines())]
+    rs, m = f["resume"], f["memory"]
+    mem = (f"estimate {m['estimate_bytes'] / 2**30:.2f} GiB, measured {m['measured_bytes'] / 2**30:.2f} GiB "
+           f"({m['measured_by']}), ratio {m['ratio']:.2f}" if m["available"] else f"no estimate ({m['reason']})")
+    return [f"  FSDP2 ({f['wrapper']}, {f['backend']}, world size {f['world_size']}, params {f['param_type']} "
+            f"{f['param_dtype']}, compute {f['compute_dtype']}): loss {f['losses'][0]:.4f} -> {f['losses'][-1]:.4f} "
+            f"over {f['steps']} steps",
+            f"  DCP save/resume     : stopped after step {rs['stopped_at']}, resumed into other weights; next-step "
+            f"loss {rs['next_step_loss']:.6f} vs {rs['uninterrupted_next_step_loss']:.6f} uninterrupted "
+            f"(|diff| {rs['next_step_loss_diff']:.1e}, tolerance {rs['tolerance']:.0e}: "
+            f"{'EQUAL' if rs['equal'] else 'DIFFERENT'})",
+            f"  peak memory vs estimate: {mem}"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,11 +460,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny model, fp32: checks the code path anywhere")
     p.add_argument("--steps", type=int, default=None, help="training steps of each loop (default 30; dry run 6)")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="dense bf16 peak of this GPU for the MFU (default: known for H100/H200/A100/L40S)")
+                   help="dense bf16 peak of this GPU for the MFU (default: workflow_scripts/gpu_specs.py by its name)")
     p.add_argument("--output", default=None, help="also write the results as JSON here")
+    p.add_argument("--no-fsdp", action="store_true", help="skip the FSDP2 / checkpoint / memory phase")
+    p.add_argument("--fsdp-worker", action="store_true", help=argparse.SUPPRESS)  # inside torchrun (fsdp_phase)
+    p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.fsdp_worker:
+        res = fsdp_worker(args.dry_run, args.steps or RUNS["dry" if args.dry_run else "gpu"]["fsdp_steps"],
+                          Path(args.workdir))
+        Path(args.output).write_text(json.dumps(res, indent=2, default=str))
+        return 0
     t0 = time.time()
-    r = run_check(args.dry_run, args.steps, args.peak_tflops)
+    r = run_check(args.dry_run, args.steps, args.peak_tflops, fsdp=not args.no_fsdp)
     r["wall_seconds"] = time.time() - t0
     print(report(r))
     print(f"  wall time: {r['wall_seconds']:.0f} s")

@@ -7,11 +7,11 @@ Every GPU rule runs its program through this module when its `gpu` resource is a
 
 1. **Devices of its own** (profiles/local). Snakemake's local executor runs several jobs at once and sets no
    CUDA_VISIBLE_DEVICES, so every one-GPU job would land on GPU 0. When no scheduler chose the devices
-   (CUDA_VISIBLE_DEVICES unset, no SLURM_JOB_ID), the job takes N free GPU slots of this machine: one lock file per
-   GPU under SCPT_GPU_LOCK_DIR (default /tmp/scpt-gpu-slots-<uid>), held with flock(2) by the program it then
-   becomes (the lock files stay open across exec, so they are released when the job's last process exits, also on
-   a crash), and CUDA_VISIBLE_DEVICES set to them. The machine's GPU count is SCPT_LOCAL_GPUS (as the profile) or
-   nvidia-smi's. Snakemake's `gpu` resource already keeps one run's jobs within the count; a job of another run
+   (no SLURM_JOB_ID), the job takes N free GPUs of this machine: one lock file per GPU under SCPT_GPU_LOCK_DIR
+   (default /tmp/scpt-gpu-slots-<uid>), held with flock(2) by the program it then becomes (the lock files stay
+   open across exec, so they are released when the job's last process exits, also on a crash), and
+   CUDA_VISIBLE_DEVICES set to them. The pool is the CUDA_VISIBLE_DEVICES the run started with, else GPUs
+   0..SCPT_LOCAL_GPUS-1 (the profile's count), else nvidia-smi's. SCPT_GPU_SLOTS=off turns this off. Snakemake's `gpu` resource already keeps one run's jobs within the count; a job of another run
    waits for free slots (at most SCPT_GPU_WAIT seconds, default 24 h).
 2. **The environment fits the device**, before any model loads: torch is a CUDA build; CUDA answers (when it does
    not, the line names the NVIDIA driver found, from nvidia-smi or /proc/driver/nvidia/version, and the CUDA
@@ -171,89 +171,99 @@ def lock_dir() -> Path:
     return Path(os.environ.get("SCPT_GPU_LOCK_DIR") or f"/tmp/scpt-gpu-slots-{os.getuid()}")
 
 
-def try_slots(n: int, total: int, folder: Path) -> tuple[list[int], list[int]] | None:
-    """Take n free slots of 0..total-1 at once (all or none: a partial hold could deadlock two jobs): (slots, open
+def try_slots(n: int, devices: list[str], folder: Path) -> tuple[list[str], list[int]] | None:
+    """Take n free devices of `devices` at once (all or none: a partial hold could deadlock two jobs): (devices, open
     lock descriptors), or None when fewer than n are free now."""
     folder.mkdir(parents=True, exist_ok=True)
-    slots, fds = [], []
-    for i in range(total):
-        fd = os.open(folder / f"gpu{i}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    got, fds = [], []
+    for dev in devices:
+        fd = os.open(folder / f"gpu-{re.sub(r'[^A-Za-z0-9_.-]', '_', dev)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
             continue
-        slots.append(i)
+        got.append(dev)
         fds.append(fd)
-        if len(slots) == n:
+        if len(got) == n:
             for d in fds:
                 os.set_inheritable(d, True)  # held by the program this process execs into, and its children
-            return slots, fds
+            return got, fds
     for d in fds:
         os.close(d)
     return None
 
 
-def acquire_slots(n: int, total: int, folder: Path, wait_s: float, poll_s: float = 2.0) -> tuple[list[int], list[int]]:
-    if n > total:
-        raise SystemExit(f"preflight: this job asks for {n} GPU(s) but this machine has {total} "
-                         "(SCPT_LOCAL_GPUS or nvidia-smi); lower the job's gpu resource")
+def acquire_slots(n: int, devices: list[str], folder: Path, wait_s: float,
+                  poll_s: float = 2.0) -> tuple[list[str], list[int]]:
+    if n > len(devices):
+        raise SystemExit(f"preflight: this job asks for {n} GPU(s) but this machine has {len(devices)} "
+                         "(SCPT_LOCAL_GPUS, CUDA_VISIBLE_DEVICES or nvidia-smi); lower the job's gpu resource")
     deadline, told = time.monotonic() + wait_s, False
     while True:
-        got = try_slots(n, total, folder)
+        got = try_slots(n, devices, folder)
         if got:
             return got
         if time.monotonic() > deadline:
-            raise SystemExit(f"preflight: no {n} free GPU slot(s) of {total} in {folder} after {wait_s:.0f} s; "
+            raise SystemExit(f"preflight: no {n} free GPU(s) of {len(devices)} in {folder} after {wait_s:.0f} s; "
                              "another run holds them")
         if not told:
-            print(f"preflight: waiting for {n} free GPU slot(s) of {total} ({folder})", file=sys.stderr)
+            print(f"preflight: waiting for {n} free GPU(s) of {','.join(devices)} ({folder})", file=sys.stderr)
             told = True
         time.sleep(poll_s)
 
 
-def pin_devices(gpus: int) -> list[int] | None:
-    """Set CUDA_VISIBLE_DEVICES to free slots of this machine unless a scheduler (or the user) chose the devices."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None or os.environ.get("SLURM_JOB_ID") \
-            or os.environ.get("SCPT_GPU_SLOTS", "on") == "off":
+def pin_devices(gpus: int) -> list[str] | None:
+    """Set CUDA_VISIBLE_DEVICES to `gpus` free devices of this machine, unless a scheduler chose them (SLURM). The
+    pool is the CUDA_VISIBLE_DEVICES the run was started with (the user's choice), else the machine's GPUs."""
+    if os.environ.get("SLURM_JOB_ID") or os.environ.get("SCPT_GPU_SLOTS", "on") == "off":
         return None
-    total = machine_gpus()
-    if total is None:
-        return None  # no GPU found: the check below says so
-    slots, _fds = acquire_slots(gpus, total, lock_dir(), float(os.environ.get("SCPT_GPU_WAIT", 86400)))
-    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slots))
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if given is not None:
+        devices = [d.strip() for d in given.split(",") if d.strip()]
+    else:
+        total = machine_gpus()
+        if total is None:
+            return None  # no GPU found: the check below says so
+        devices = [str(i) for i in range(total)]
+    if not devices:
+        return None
+    slots, _fds = acquire_slots(gpus, devices, lock_dir(), float(os.environ.get("SCPT_GPU_WAIT", 86400)))
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(slots)
     return slots
 
 
 # ----------------------------------------------------------------------------------- planning-time TP check
-def vllm_rules(cfg: dict) -> list[tuple[str, str, int]]:
-    """(rules, resources key, gpus) of every rule group that runs vLLM under this config."""
-    syn, ev, ins = cfg.get("synthesis") or {}, cfg.get("evaluation") or {}, cfg.get("instruct") or {}
-    filt = cfg.get("filters") or {}
-    out = []
-    if syn.get("backend") == "vllm":
-        out.append(("extract_entities/synthesize", "synthesis.resources.gpu", (syn.get("resources") or {}).get("gpu", 0)))
+def vllm_rules(cfg: dict) -> list[tuple[tuple[str, ...], str, int]]:
+    """(rules, their resources key, their gpus) of every group of rules that runs vLLM under this config."""
     from .config import vllm_users
 
+    syn, ev, ins = cfg.get("synthesis") or {}, cfg.get("evaluation") or {}, cfg.get("instruct") or {}
+    filt, summ = cfg.get("filters") or {}, (cfg.get("instruct") or {}).get("summaries") or {}
+    gpu = lambda section: int((section.get("resources") or {}).get("gpu", 0))  # noqa: E731
+    out = []
+    if syn.get("backend") == "vllm":
+        out.append((("extract_entities", "synthesize"), "synthesis.resources.gpu", gpu(syn)))
     if "evaluation.cot.engine" in vllm_users(cfg):
-        out.append(("eval_qa/eval_rag", "evaluation.resources.gpu", (ev.get("resources") or {}).get("gpu", 0)))
-    if ((filt.get("judge") or {}).get("engine") or syn.get("backend")) == "vllm" and filt.get("enabled", True):
-        out.append(("filter_variant", "filters.resources.gpu", (filt.get("resources") or {}).get("gpu", 0)))
-    if ins.get("enabled"):
-        summ = ins.get("summaries") or {}
-        gpu = (summ.get("resources") or {}).get("gpu", 0)
-        if summ.get("engine") == "vllm":
-            out.append(("summarize/instruct_examples", "instruct.summaries.resources.gpu", gpu))
-        if (ins.get("judge") or {}).get("engine") == "vllm":
-            out.append(("judge_summaries/judge_human_summaries", "instruct.summaries.resources.gpu", gpu))
+        out.append((("eval_qa", "eval_rag"), "evaluation.resources.gpu", gpu(ev)))
+    if ((filt.get("judge") or {}).get("engine") or syn.get("backend")) == "vllm":
+        out.append((("filter_variant",), "filters.resources.gpu", gpu(filt)))
+    if summ.get("engine") == "vllm":
+        out.append((("summarize", "instruct_examples"), "instruct.summaries.resources.gpu", gpu(summ)))
+    if (ins.get("judge") or {}).get("engine") == "vllm":
+        out.append((("judge_summaries", "judge_human_summaries"), "instruct.summaries.resources.gpu", gpu(summ)))
     return out
+
+
+def vllm_rule_names(cfg: dict) -> set[str]:
+    return {r for rules, _, _ in vllm_rules(cfg) for r in rules}
 
 
 def tensor_parallel_problem(cfg: dict) -> str | None:
     """One line when a vLLM rule's GPUs differ from backends.vllm.tensor_parallel_size (vLLM shards one model over
     exactly that many GPUs: fewer fail at start-up, more sit idle); rules on the CPU (gpu 0) are not checked."""
     tp = int(((cfg.get("backends") or {}).get("vllm") or {}).get("tensor_parallel_size", 1))
-    bad = [f"{key}={gpu} ({rules})" for rules, key, gpu in vllm_rules(cfg) if gpu and int(gpu) != tp]
+    bad = [f"{key}={gpu} ({'/'.join(rules)})" for rules, key, gpu in vllm_rules(cfg) if gpu and gpu != tp]
     if not bad:
         return None
     return (f"backends.vllm.tensor_parallel_size is {tp} but these vLLM jobs ask for another GPU count: "
