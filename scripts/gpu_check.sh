@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One-shot GPU check (issue 11): the project's training loop and log-likelihood evaluation on one GPU, offline.
+# One-shot GPU check (issues 11, 18): the project's training loop and log-likelihood evaluation on one GPU, then
+# FSDP2 in bf16 over NCCL under torchrun (world size 1, FSDP forced on) with a distributed-checkpoint save and
+# resume, and the peak memory against workflow_scripts.memory's estimate; offline.
 #
-#     bash scripts/gpu_check.sh [--output gpu_check.json] [--steps N]   # on an H100/H200: about 2-4 minutes
-#     bash scripts/gpu_check.sh --dry-run                                  # CPU, tiny model: the code path anywhere
+#     bash scripts/gpu_check.sh [--output gpu_check.json] [--steps N] [--no-fsdp]   # on an H100/H200: 3-5 minutes
+#     bash scripts/gpu_check.sh --dry-run                                  # CPU (gloo, fp32), tiny model
 #
 # Needs only Python with torch, transformers and accelerate (no vLLM, Snakemake, jsonschema, network or model
 # download); PYTHON selects the interpreter (default: .venv/bin/python if present, else python3). Stops after

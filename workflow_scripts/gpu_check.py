@@ -21,8 +21,17 @@ network and no model download. Steps:
    multiple-choice items scored by qa_eval.LoglikScorer (shared-prefix cache, batched), checked against the
    uncached reference naive_loglik, with tokens/s.
 
-The results go to stdout as a table and, with --output, as JSON. `--dry-run` runs the same steps on the CPU with a
-2-layer model in fp32 (tests/test_gpu_check.py).
+4. FSDP2 (issue 18): `torchrun --standalone --nproc_per_node 1 -m workflow_scripts.gpu_check --fsdp-worker`, a
+   process group over NCCL, train.Runtime with FSDP forced on at world size 1 (fully_shard per decoder layer, bf16
+   MixedPrecisionPolicy with fp32 reduction), the project's loop for 6 steps; the same run stopped after 3 steps
+   with train.save_checkpoint (torch.distributed.checkpoint), loaded by train.load_checkpoint into a model of OTHER
+   initial weights and run on: its next-step loss must equal the uninterrupted run's (RESUME_TOLERANCE). The
+   uninterrupted run's torch.cuda.max_memory_allocated is set against workflow_scripts.memory.estimate_train_memory
+   (MEMORY_TOLERANCE).
+
+MFU uses the dense bf16 peak of the GPU variant named by torch.cuda.get_device_name() (workflow_scripts/gpu_specs.py:
+H100 SXM / PCIe / NVL, H200, A100, ...). The results go to stdout as a table and, with --output, as JSON.
+`--dry-run` runs the same steps on the CPU with a 2-layer model in fp32, gloo for NCCL (tests/test_gpu_check.py).
 """
 
 from __future__ import annotations

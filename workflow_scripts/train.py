@@ -192,9 +192,12 @@ def check_devices(cpt: dict, gpus: int) -> None:
 
     if torch.cuda.is_available():
         return
-    if gpus > 0:
-        raise InputError(f"cpt.resources.gpu is {gpus} but this machine ({platform.node()}) has no CUDA device: "
-                         "run the job on a GPU node, or set cpt.resources.gpu: 0 to train on the CPU")
+    if gpus > 0:  # why CUDA does not answer (CPU torch, no driver, a driver too old for torch's CUDA), as preflight
+        from .preflight import decide, gather_facts
+
+        why = decide(gather_facts(), gpus, False) or "run the job on a GPU node"
+        raise InputError(f"cpt.resources.gpu is {gpus} but this machine ({platform.node()}) has no CUDA device it "
+                         f"can use: {why}; or set cpt.resources.gpu: 0 to train on the CPU")
     if cpt["precision"] == "bf16":
         raise InputError(f"cpt.precision is bf16 but this machine ({platform.node()}) has no CUDA device: "
                          "set cpt.precision: auto (fp32 on CPU) or run on a GPU node")
