@@ -8,6 +8,7 @@ resources a dry run prints, so the tests follow the plugin's real behaviour (no 
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import shutil
@@ -259,3 +260,30 @@ def test_paper_dag_under_slurm_requests_one_task_per_multi_gpu_job(tmp_path):
     assert cfg["instruct"]["judge"]["engine"] == "openai"
     assert all(not j["resources"].get("gpu") for j in jobs if j["rule"].startswith("judge_"))
     assert "preflight" not in shells.get("claims judge", "")
+
+
+def test_local_profile_jobs_run_side_by_side_on_their_own_gpus(tmp_path):
+    """Snakemake with profiles/local on a pretend 2-GPU machine (SCPT_LOCAL_GPUS=2), four 1-GPU jobs at once: the
+    profile lets two run together, and the GPU slots (workflow_scripts/preflight.py, which every GPU rule's shell line
+    runs) give those two different devices. The jobs call the slot allocator itself: the pre-flight check around it
+    would stop them on this CPU machine."""
+    (tmp_path / "job.py").write_text(
+        f"import json, os, sys, time\nsys.path.insert(0, {str(ROOT)!r})\nfrom workflow_scripts import preflight\n"
+        "preflight.pin_devices(1)\nt = time.time()\ntime.sleep(2)\n"
+        "json.dump(dict(dev=os.environ['CUDA_VISIBLE_DEVICES'], start=t, end=time.time()), open(sys.argv[1], 'w'))\n")
+    (tmp_path / "Snakefile").write_text(
+        'rule all:\n    input: expand("out/{i}.json", i=range(4))\n\n'
+        'rule job:\n    output: "out/{i}.json"\n    resources:\n        gpu=1,\n'
+        f'    shell: "{sys.executable} job.py {{output}}"\n')
+    shutil.copytree(ROOT / "profiles", tmp_path / "profiles")
+    env = clean_env(SCPT_LOCAL_GPUS="2", SCPT_GPU_LOCK_DIR=str(tmp_path / "locks"))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    r = subprocess.run([*SNAKEMAKE, "--profile", "profiles/local", "--cores", "4"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    runs = [json.loads((tmp_path / "out" / f"{i}.json").read_text()) for i in range(4)]
+    assert {x["dev"] for x in runs} <= {"0", "1"}
+    overlapping = [(a, b) for i, a in enumerate(runs) for b in runs[i + 1:]
+                   if a["start"] < b["end"] and b["start"] < a["end"]]
+    assert overlapping, "two 1-GPU jobs should run at once on a 2-GPU machine"
+    assert all(a["dev"] != b["dev"] for a, b in overlapping)
