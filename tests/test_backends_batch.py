@@ -200,7 +200,32 @@ def test_the_key_comes_from_the_environment_and_is_never_shown(tmp_path, monkeyp
         assert "sk-secret" not in repr(e)
         (c,) = e.generate([chat(0)])
     assert c.error and "HTTP 401" in c.error and "sk-secret" not in c.error
-    assert "sk-secret" not in (tmp_path / "s.json").read_text() if (tmp_path / "s.json").exists() else True
+    assert not (tmp_path / "s.json").exists() or "sk-secret" not in (tmp_path / "s.json").read_text()
     monkeypatch.delenv("BATCH_TEST_KEY")
     with pytest.raises(InputError, match="BATCH_TEST_KEY"):
         engine(srv, tmp_path / "s.json", api_key_env="BATCH_TEST_KEY")
+
+
+def test_extraction_of_a_shard_is_one_batch_per_attempt(tmp_path):
+    """EntiGraph extraction through the shard runner's batch rounds: each attempt of every article of the shard
+    goes into one batch (the echo answers are no JSON, so each article retries once, then falls back)."""
+    from workflow_scripts import synthesis as syn
+
+    arts = [{"uid": u, "title": f"T {u}", "author": "Doe, Jane", "year": 1950,
+             "text": f"Anna met Thomas in {u}. Thomas met Margaret Hale."} for u in ("x1", "x2")]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(a) + "\n" for a in arts))
+    ((shard, uids),) = syn.article_shards(["x1", "x2"], 2)
+    with StandInServer(next(PORTS), echo_completer) as srv:
+        cfg = {"models": {"generator": {"source": "hf", "name": "m"}},
+               "synthesis": {"backend": "openai_batch", "entigraph": {
+                   "extraction_retries": 1, "extraction_max_new_tokens": 8, "extraction_fallback": "heuristic"}},
+               "backends": {"openai_batch": {"base_url": srv.base_url, "api_key_env": None,
+                                             "poll_interval_s": 0.01, "progress": False}}}
+        assert syn.main(["extract-shard", "--articles", str(tmp_path / "a.jsonl"), "--shard", shard,
+                         "--shard-articles", *uids, "--outdir", str(tmp_path / "out"), "--work-dir",
+                         str(tmp_path / "work"), "--config-json", json.dumps(cfg)]) == 0
+    state = json.loads((tmp_path / "work" / "batches" / f"{shard}.json").read_text())
+    assert [len(b["request_ids"]) for b in state["batches"]] == [2, 2] and posts(srv, "/v1/batches") == 2
+    for uid in uids:
+        doc = json.loads((tmp_path / "out" / f"{uid}.json").read_text())
+        assert doc["status"] == "fallback" and len(doc["attempts"]) == 2
