@@ -28,8 +28,8 @@ Secrets as in the openai engine: the key is read from the environment variable `
 Authorization header, and scrubbed from every error message; the state file holds ids only.
 
 Settings (config `backends.openai_batch`, documented in schemas/config.schema.yaml): base_url, api_key_env,
-completion_window, poll_interval_s, max_wait_s, max_batch_tries, max_requests_per_batch, max_batch_bytes, max_retries, timeout_s, backoff_base_s,
-backoff_max_s, extra_body, progress.
+completion_window, poll_interval_s, max_wait_s, max_batch_tries, max_requests_per_batch, max_batch_bytes,
+max_retries, timeout_s, backoff_base_s, backoff_max_s, extra_body, progress.
 """
 
 from __future__ import annotations
