@@ -6,7 +6,8 @@ files, and expiry. A batch's status goes validating -> in_progress -> completed 
 it receives; tests steer it with `plans` (per batch, in creation order): `hold` keeps it in_progress until
 `release()`, `expire_after: k` expires it with its first k requests done (the rest get `batch_expired` lines in
 the error file, as OpenAI writes them), `cancel_after: k` likewise as a cancellation, `fail: [custom_id, ...]`
-answers those requests with an HTTP 500 line (a retryable error).
+answers those requests with an HTTP 500 line (a retryable error), `fail_batch` fails the batch in validation
+(no files; the batch's `errors` say why, as OpenAI's enqueued-token limit does).
 
 Completions come from a `completer`: a function from input lines (the batch file's JSON objects) to output lines
 in the OpenAI batch format. `RunBatchCompleter` runs vLLM's offline batch runner
@@ -146,7 +147,11 @@ class StandIn:
         """One poll's step of the lifecycle."""
         b = self.batches[bid]
         plan = self.plan_of(bid)
-        if b["status"] == "validating":
+        if b["status"] == "validating" and plan.get("fail_batch"):
+            b["status"] = "failed"
+            b["errors"] = {"object": "list", "data": [{"code": "token_limit_exceeded",
+                                                       "message": "stand-in: enqueued token limit reached"}]}
+        elif b["status"] == "validating":
             b["status"] = "in_progress"
         elif b["status"] == "in_progress" and not (plan.get("hold") and not self.held.is_set()):
             self.finish(bid, plan)

@@ -193,6 +193,24 @@ def test_expired_and_failed_requests_are_recorded_when_the_tries_run_out(tmp_pat
     assert again == {k: c.error for k, c in out.items()} and posts(srv2, "/v1/batches") == 0
 
 
+def test_a_failed_batch_is_resubmitted_and_its_reason_recorded(tmp_path):
+    with StandInServer(next(PORTS), echo_completer) as srv:
+        srv.state.plans = [{"fail_batch": True}]
+        out = list(engine(srv, tmp_path / "s.json").generate([chat(0), chat(1)]))
+        assert not any(c.error for c in out) and posts(srv, "/v1/batches") == 2
+        srv.state.plans = [{}, {}, {"fail_batch": True}]
+        (c,) = engine(srv, tmp_path / "t.json", max_batch_tries=1).generate([chat(2)])
+    assert "status failed: token_limit_exceeded stand-in: enqueued token limit" in c.error
+
+
+def test_an_output_file_the_provider_no_longer_keeps_means_resubmission(tmp_path):
+    with StandInServer(next(PORTS), echo_completer) as srv:
+        list(engine(srv, tmp_path / "s.json").generate([chat(0)]))
+        del srv.state.files[srv.state.batches["batch_0000"]["output_file_id"]]
+        (c,) = engine(srv, tmp_path / "s.json").generate([chat(0)])
+    assert not c.error and posts(srv, "/v1/batches") == 2
+
+
 def test_the_key_comes_from_the_environment_and_is_never_shown(tmp_path, monkeypatch):
     monkeypatch.setenv("BATCH_TEST_KEY", "sk-secret-123")
     with StandInServer(next(PORTS), echo_completer, api_key="sk-other") as srv:

@@ -139,6 +139,18 @@ def completion_from_body(req: GenerationRequest, body: dict[str, Any], model: st
     return c
 
 
+def batch_errors(entry: dict[str, Any]) -> str:
+    """The first of a failed batch's own errors (e.g. the provider's validation or token-limit message), or ''."""
+    errors = entry.get("errors") or {}
+    data = errors.get("data") if isinstance(errors, dict) else errors
+    if not data:
+        return ""
+    first = data[0] if isinstance(data, list) else data
+    if isinstance(first, dict):
+        first = f"{first.get('code') or ''} {first.get('message') or ''}".strip()
+    return f": {str(first)[:300]}"
+
+
 def load_state(path: Path) -> dict[str, Any]:
     """The state file of a shard's batches, or an empty one. A damaged file stops the job with one line."""
     if not path.exists():
@@ -369,7 +381,14 @@ class OpenAIBatchBackend:
             fid = entry.get(key)
             if not fid:
                 continue
-            raw = self._http("GET", f"/files/{fid}/content").decode("utf-8", "replace")
+            try:
+                raw = self._http("GET", f"/files/{fid}/content").decode("utf-8", "replace")
+            except BatchAPIError as e:
+                if not str(e).startswith("HTTP 404"):
+                    raise
+                # a file the provider no longer keeps: its requests count as without a result (resubmitted)
+                self._say(f"batch {entry['batch_id']}: file {fid} is gone ({e}); its requests have no result")
+                continue
             for n, text in enumerate(raw.splitlines(), start=1):
                 if not text.strip():
                     continue
@@ -430,7 +449,8 @@ class OpenAIBatchBackend:
                     if rid not in unresolved or owner.get(rid) is not entry:
                         continue
                     body, err, retryable = results.get(rid, (None, f"no result in batch {entry['batch_id']} "
-                                                                  f"(status {entry['status']})", True))
+                                                                  f"(status {entry['status']}"
+                                                                  f"{batch_errors(entry)})", True))
                     if body is not None:
                         c = self._completion(reqs[rid], body)
                     elif retryable and tries.get(rid, 0) < self.max_batch_tries:
