@@ -113,7 +113,7 @@ def configs() -> list[dict]:
     return [copy.deepcopy(c) for c in _configs()]
 
 
-OVERLAYS = ("cpu-judge", "cpu-curriculum", "cpu-instruct", "paper")
+OVERLAYS = ("cpu-judge", "cpu-curriculum", "cpu-instruct", "paper", "paper-batch")
 
 
 def _make_configs() -> list[dict]:

@@ -40,6 +40,12 @@ OPERATIONAL: tuple[str, ...] = (
     "backends.vllm.gpu_memory_utilization", "backends.vllm.enforce_eager", "backends.openai.api_key_env",
     "backends.vllm.cpu_kvcache_space_gib", "backends.openai.max_retries", "backends.openai.timeout_s", "backends.openai.backoff_base_s",
     "backends.openai.backoff_max_s",
+    # a Batch API's waiting, polling, retries and batch sizes (which requests share a batch changes no text)
+    "backends.openai_batch.api_key_env", "backends.openai_batch.completion_window",
+    "backends.openai_batch.poll_interval_s", "backends.openai_batch.max_wait_s",
+    "backends.openai_batch.max_batch_tries", "backends.openai_batch.max_requests_per_batch",
+    "backends.openai_batch.max_batch_bytes", "backends.openai_batch.max_retries", "backends.openai_batch.timeout_s",
+    "backends.openai_batch.backoff_base_s", "backends.openai_batch.backoff_max_s", "backends.openai_batch.progress",
     # the derived corpora and the instruction stages (rules/filters.smk, rules/instruct.smk)
     "filters.resources", "instruct.resources", "instruct.summaries.threads", "instruct.summaries.resources",
 )

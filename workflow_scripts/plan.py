@@ -294,14 +294,23 @@ def synthesis_price(cfg: dict, model: str) -> tuple[dict | None, str]:
     return price, f"planner.prices[{model!r}]"
 
 
+def batch_price(price: dict, factor: float) -> dict:
+    """A Batch API's price: every per-million-token price times `factor` (synthesis.prices.batch_factor)."""
+    return {k: (None if v is None else v * factor) if k.endswith("_per_mtok") else v for k, v in price.items()}
+
+
 def plan_synthesis(cfg: dict, tokens: list[float], entities: list[int], plan: Plan) -> dict[str, float]:
     """Lines for every synthesis method; returns each method's expected corpus size (its completion tokens:
     the paper's corpus is the summaries plus every relation text)."""
     produced: dict[str, float] = {}
     engine, model = synthesis_engine(cfg)
-    price, price_src = synthesis_price(cfg, model) if engine == "openai" else (None, "")
-    if engine == "openai":
-        plan.sources["generator"] = f"{model} via openai at {price_src}"
+    api = engine in ("openai", "openai_batch")
+    price, price_src = synthesis_price(cfg, model) if api else (None, "")
+    if engine == "openai_batch" and price is not None:
+        factor = float(cfg["synthesis"]["prices"]["batch_factor"])
+        price, price_src = batch_price(price, factor), f"{price_src} x batch_factor {factor:g} (Batch API)"
+    if api:
+        plan.sources["generator"] = f"{model} via {engine} at {price_src}"
     else:
         plan.sources["generator"] = f"{model} on {engine} at planner.throughputs.synthesis.{engine}"
     for method in synth_methods(cfg):
@@ -313,7 +322,7 @@ def plan_synthesis(cfg: dict, tokens: list[float], entities: list[int], plan: Pl
         for item, g, note in groups:
             line = Line("synthesis", f"{method}: {item}", engine, int(g["requests"]), g["prompt"], g["cached"],
                         g["completion"], note=note)
-            if engine == "openai":
+            if api:
                 if price is None:
                     plan.notes.append(f"no price for API model {model!r} (synthesis.prices or planner.prices)")
                 else:

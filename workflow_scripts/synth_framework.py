@@ -244,7 +244,7 @@ def generator_name(cfg: dict) -> str:
     """The generator's name as recorded in records and ids (the API model for the openai backend)."""
     backend = cfg["synthesis"]["backend"]
     settings = (cfg.get("backends") or {}).get(backend) or {}
-    if backend == "openai" and settings.get("model"):
+    if backend in ("openai", "openai_batch") and settings.get("model"):
         return str(settings["model"])
     return str(cfg["models"]["generator"]["name"])
 

@@ -166,11 +166,14 @@ def build_ledger(cfg: dict, method: str, stats: list[dict], entity_docs: dict[st
         ledger["requests"] += ledger["extraction"]["requests"]
         ledger["prompt_tokens"] += ledger["extraction"]["prompt_tokens"]
         ledger["completion_tokens"] += ledger["extraction"]["completion_tokens"]
-    cost_in = ledger["prompt_tokens"] * prices["input_per_mtok"] / 1e6
-    cost_out = ledger["completion_tokens"] * prices["output_per_mtok"] / 1e6
+    # a Batch API (backends/openai_batch.py) bills synthesis.prices.batch_factor of the synchronous price
+    factor = float(prices.get("batch_factor", 0.5)) if ledger["backend"] == "openai_batch" else 1.0
+    cost_in = ledger["prompt_tokens"] * prices["input_per_mtok"] * factor / 1e6
+    cost_out = ledger["completion_tokens"] * prices["output_per_mtok"] * factor / 1e6
     ledger["cost"] = {"currency": prices["currency"], "input": round(cost_in, 6), "output": round(cost_out, 6),
                       "total": round(cost_in + cost_out, 6), "input_per_mtok": prices["input_per_mtok"],
-                      "output_per_mtok": prices["output_per_mtok"]}
+                      "output_per_mtok": prices["output_per_mtok"], "price_factor": factor,
+                      "pricing": "batch" if factor != 1.0 else "synchronous"}
     run_ct = sum(s["run"]["completion_tokens"] for s in stats)
     ledger["wall_seconds"] = round(wall, 3)
     ledger["last_run"] = {

@@ -310,6 +310,80 @@ class SharedEngine:
             self.engine = None
 
 
+class Deferred(Exception):
+    """Raised by BatchRounds.generate: the requests are collected for the shard's next batch."""
+
+
+class BatchRounds:
+    """The engine of a shard job on a Batch API (synthesis.backend: openai_batch): every article's requests go
+    into one batch per round instead of one batch per article.
+
+    A round runs each per-article step with this object as its engine: a step whose requests have no result yet
+    adds them to the round and stops (Deferred, nothing final written); then one `generate` call submits them
+    all, and the next round runs the steps again with the results at hand. Synthesis takes two rounds;
+    extraction one more per retried attempt. The batch ids live in `state_path` (the shard's work folder), so a
+    killed job re-attaches to its batches (workflow_scripts/backends/openai_batch.py)."""
+
+    def __init__(self, engine: SharedEngine, state_path: Path) -> None:
+        self.shared = engine
+        self.state_path = state_path
+        self.results: dict[str, Any] = {}
+        self.wanted: dict[str, GenerationRequest] = {}
+
+    def __call__(self) -> "BatchRounds":
+        return self
+
+    @property
+    def model(self) -> str:
+        return self.shared.model
+
+    def generate(self, requests: Iterable[GenerationRequest]) -> Iterable[Any]:
+        reqs = list(requests)
+        missing = [r for r in reqs if r.id not in self.results]
+        if missing:
+            self.wanted.update({r.id: r for r in missing})
+            raise Deferred(f"{len(missing)} requests wait for the next batch")
+        return iter([self.results[r.id] for r in reqs])
+
+    def close(self) -> None:
+        """Kept open for the shard's next article."""
+
+    def run_round(self) -> None:
+        from .backends.common import error_completion
+
+        reqs, self.wanted = list(self.wanted.values()), {}
+        engine = self.shared().engine
+        if hasattr(engine, "state_path"):
+            engine.state_path = self.state_path
+        for c in engine.generate(reqs):
+            self.results[c.id] = c
+        for r in reqs:  # an engine that dropped a request: an error result, so the step goes on
+            if r.id not in self.results:
+                self.results[r.id] = error_completion(r, self.model, "no completion returned by the engine")
+
+    def run(self, step: Callable[[dict], None], articles: list[dict], max_rounds: int = 64) -> None:
+        """Run `step(article)` for every article, batching the requests of each round."""
+        for _ in range(max_rounds):
+            waiting = []
+            for article in articles:
+                try:
+                    step(article)
+                except Deferred:
+                    waiting.append(article)
+            if not waiting:
+                return
+            self.run_round()
+            articles = waiting
+        raise RuntimeError(f"articles still waiting for results after {max_rounds} batch rounds")
+
+
+def batch_rounds(cfg: dict, engine: SharedEngine, work_dir: Path, shard: str) -> BatchRounds | None:
+    """The shard's batch rounds when the engine is a Batch API, else None (engines that answer at once)."""
+    if cfg["synthesis"]["backend"] != "openai_batch":
+        return None
+    return BatchRounds(engine, work_dir / "batches" / f"{shard}.json")
+
+
 def load_articles(articles_path: str | Path, uids: Sequence[str]) -> list[dict]:
     """The shard's articles, in its order (one pass over the article file)."""
     want = {str(u) for u in uids}
@@ -371,24 +445,34 @@ def synthesize_shard(cfg: dict, method_name: str, articles_path: str | Path, sha
         raise InputError(f"method {method_name!r} needs the entity files (--entities-dir "
                          "results/synth/entigraph/entities)")
     engine = SharedEngine(make_backend or backend_factory(cfg), cfg["synthesis"]["backend"])
+    rounds = batch_rounds(cfg, engine, work_dir, shard)
     results: dict[str, str] = {}
     incomplete: list[str] = []
+
+    def one(article: dict) -> None:
+        uid = str(article["uid"])
+        doc = read_entities_doc(Path(entities_dir) / f"{uid}.json") if method.needs_entities else None
+        try:
+            st = synthesize_article(cfg, method_name, article, outdir / f"{uid}.jsonl",
+                                    outdir / "stats" / f"{uid}.json", doc, work_dir / f"{uid}.jsonl",
+                                    rounds or engine)
+        except SynthesisIncomplete as err:
+            results[uid] = "incomplete"
+            incomplete.append(str(err))
+            print(f"incomplete: {err}", file=sys.stderr, flush=True)
+            return
+        results[uid] = st["status"]
+        print(f"{method_name}/{uid}: {st['records']} records ({st['generated']} generated, {st['reused']} "
+              f"reused, {st['failures']} failed) in {st['run']['wall_seconds']:.1f}s", file=sys.stderr,
+              flush=True)
+
     try:
-        for article in load_articles(articles_path, uids):
-            uid = str(article["uid"])
-            doc = read_entities_doc(Path(entities_dir) / f"{uid}.json") if method.needs_entities else None
-            try:
-                st = synthesize_article(cfg, method_name, article, outdir / f"{uid}.jsonl",
-                                        outdir / "stats" / f"{uid}.json", doc, work_dir / f"{uid}.jsonl", engine)
-            except SynthesisIncomplete as err:
-                results[uid] = "incomplete"
-                incomplete.append(str(err))
-                print(f"incomplete: {err}", file=sys.stderr, flush=True)
-                continue
-            results[uid] = st["status"]
-            print(f"{method_name}/{uid}: {st['records']} records ({st['generated']} generated, {st['reused']} "
-                  f"reused, {st['failures']} failed) in {st['run']['wall_seconds']:.1f}s", file=sys.stderr,
-                  flush=True)
+        articles = load_articles(articles_path, uids)
+        if rounds is not None:
+            rounds.run(one, articles)
+        else:
+            for article in articles:
+                one(article)
     finally:
         engine.shutdown()
         _shard_manifest(outdir, shard, uids, f"synthesize:{method_name}", engine, results,
@@ -409,15 +493,24 @@ def extract_shard(cfg: dict, articles_path: str | Path, shard: str, uids: Sequen
     outdir, work_dir = Path(outdir), Path(work_dir)
     prepare_shard_dir(outdir, uids)
     engine = SharedEngine(make_backend or backend_factory(cfg), cfg["synthesis"]["backend"])
+    rounds = batch_rounds(cfg, engine, work_dir, shard)
     results: dict[str, str] = {}
+
+    def one(article: dict) -> None:
+        uid = str(article["uid"])
+        doc = extract_entities(cfg, article, work_dir / f"{uid}.jsonl", rounds or engine)
+        write_json_atomic(outdir / f"{uid}.json", doc)
+        results[uid] = doc["status"]
+        print(f"{uid}: extraction {doc['status']} ({len(doc['entities'])} entities"
+              f"{'; ' + doc['reason'] if doc.get('reason') else ''})", file=sys.stderr, flush=True)
+
     try:
-        for article in load_articles(articles_path, uids):
-            uid = str(article["uid"])
-            doc = extract_entities(cfg, article, work_dir / f"{uid}.jsonl", engine)
-            write_json_atomic(outdir / f"{uid}.json", doc)
-            results[uid] = doc["status"]
-            print(f"{uid}: extraction {doc['status']} ({len(doc['entities'])} entities"
-                  f"{'; ' + doc['reason'] if doc.get('reason') else ''})", file=sys.stderr, flush=True)
+        articles = load_articles(articles_path, uids)
+        if rounds is not None:
+            rounds.run(one, articles)
+        else:
+            for article in articles:
+                one(article)
     finally:
         engine.shutdown()
         _shard_manifest(outdir, shard, uids, "extract", engine, results, time.perf_counter() - t0)

@@ -71,6 +71,7 @@ _ENGINES = {
     "transformers": "workflow_scripts.backends.transformers_backend:TransformersBackend",
     "vllm": "workflow_scripts.backends.vllm_backend:VLLMBackend",
     "openai": "workflow_scripts.backends.openai_backend:OpenAIBackend",
+    "openai_batch": "workflow_scripts.backends.openai_batch:OpenAIBatchBackend",
 }
 
 
