@@ -158,7 +158,7 @@ def test_cot_stops_keep_the_letter_only_where_the_engine_keeps_stops():
 # Item 1 of issue 12: the reference reads the letter from the `Answer: X.` stop the completion ended on.
 @pytest.mark.parametrize("completion,reference,first_match", [
     ("The correct answer: A, since ...\nAnswer: D.\n", 3, 0),          # the issue's example
-    ("The correct answer: A, since ...\nAnswer: D.", 3, 0),            # an engine that ended on the stop
+    ("The correct answer: A, since ...\nAnswer: D.", None, 0),         # no newline: reference_eot reads D
     (" Soma keeps them happy.\nAnswer: B.\n\n## Example 7", 1, 1),     # a hosted API: no answer stop sent
     (" It is A. No, it is C.\nAnswer: B.\nAnswer: D.\n", 1, 1),        # generation stops at the first stop
     (" ...\nAnswer: C", None, 2),                                      # cut at max tokens: not attempted
@@ -173,6 +173,8 @@ def test_cot_stops_keep_the_letter_only_where_the_engine_keeps_stops():
 ])
 def test_answer_rules_table(completion, reference, first_match):
     assert qa_eval.read_answer(completion, "reference") == reference
+    eot = 3 if completion == "The correct answer: A, since ...\nAnswer: D." else reference
+    assert qa_eval.read_answer(completion, "reference_eot") == eot
     assert qa_eval.read_answer(completion, "first_match") == first_match
 
 
