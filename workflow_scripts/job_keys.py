@@ -48,8 +48,8 @@ OPERATIONAL: tuple[str, ...] = (
 # list, the instruction stages' switch and models), which file a job reads (the human summaries, an input of their
 # judging), or only feed the planner (python -m workflow_scripts.plan). The names under filters.variants, imports
 # and mixtures are structural too: each of their jobs reads only its own entry.
-STRUCTURAL: tuple[str, ...] = ("cpt.budgets", "cpt.method_budgets", "synthesis.methods", "synthesis.articles_per_job",
-                               "evaluation.rag.enabled",
+STRUCTURAL: tuple[str, ...] = ("cpt.budgets", "cpt.method_budgets", "cpt.budget_unit", "synthesis.methods",
+                               "synthesis.articles_per_job", "evaluation.rag.enabled",
                                "evaluation.rag.models", "planner", "instruct.enabled", "instruct.models",
                                "instruct.judge.human_summaries")
 
@@ -92,10 +92,11 @@ def _synthesize(cfg: dict, method: str) -> Reads:
 
 
 def _evaluate(cfg: dict, model: str, rag: bool = False) -> Reads:
-    """eval_qa / eval_rag of one model: the evaluation keys (RAG's only for RAG jobs; the API list narrowed to
-    this model), and the engine's settings when the model is sampled (cot)."""
+    """eval_qa / eval_rag of one model: the evaluation keys (RAG's only for RAG jobs; the API and external lists
+    narrowed to this model), and the engine's settings when the model is sampled (cot)."""
     ev = cfg["evaluation"]
     api = next((a for a in ev["api_models"] if f"api-{a['name']}" == model), None)
+    ext = next((e for e in ev.get("external_models") or [] if f"ext-{e['name']}" == model), None)
     if api is not None:
         modes, engine = api["modes"], api["engine"]
     else:
@@ -103,7 +104,8 @@ def _evaluate(cfg: dict, model: str, rag: bool = False) -> Reads:
         engine = ev["cot"]["engine"]
     paths = ["seed", "evaluation"] + ([f"backends.{engine}"] if "cot" in modes else [])
     return Reads(paths, exclude=list(STRUCTURAL) + ([] if rag else ["evaluation.rag"]),
-                 values={"evaluation.api_models": [api] if api is not None else []})
+                 values={"evaluation.api_models": [api] if api is not None else [],
+                         "evaluation.external_models": [ext] if ext is not None else []})
 
 
 def _corpus(cfg: dict, method: str) -> Reads:

@@ -669,6 +669,17 @@ def api_model_spec(ecfg: dict, model_id: str) -> dict | None:
     raise InputError(f"model id {model_id!r}: no evaluation.api_models entry named {name!r}")
 
 
+def external_spec(ecfg: dict, model_id: str) -> dict | None:
+    """The evaluation.external_models entry of an `ext-{name}` model id (None for other models)."""
+    if not model_id.startswith("ext-"):
+        return None
+    name = model_id[len("ext-"):]
+    for spec in ecfg.get("external_models") or []:
+        if spec["name"] == name:
+            return spec
+    raise InputError(f"model id {model_id!r}: no evaluation.external_models entry named {name!r}")
+
+
 def make_backend(cfg: dict, engine: str, model: str) -> Any:
     """Engine `engine` serving `model` (backends.engine_for; imported lazily, as every engine is)."""
     from .backends import engine_for
@@ -759,6 +770,10 @@ def evaluate_and_write(cfg: dict, model_id: str, model_path: str | None, questio
         # the evaluation keys that shape the numbers (threads, devices and batch sizes leave them as they are)
         "config_hash": config_hash(shaping_part(cfg, "evaluation")), "seed": seed, "run": info,
     }
+    ext = external_spec(ecfg, model_id)
+    if ext is not None:  # an evaluation-only model (evaluation.external_models): the table and figure label it
+        summary["external"] = {"label": ext.get("label") or ext["name"], "source": ext["source"],
+                               "path_or_id": ext["path_or_id"]}
     summary["seconds"] = round(time.time() - t0, 2)
     write_jsonl_atomic(output_jsonl, records)
     write_json_atomic(output_json, json_safe(summary))
