@@ -39,7 +39,9 @@ OPERATIONAL: tuple[str, ...] = (
     "evaluation.device", "backends.transformers.device", "backends.vllm.tensor_parallel_size",
     "backends.vllm.gpu_memory_utilization", "backends.vllm.enforce_eager", "backends.openai.api_key_env",
     "backends.vllm.cpu_kvcache_space_gib", "backends.openai.max_retries", "backends.openai.timeout_s", "backends.openai.backoff_base_s",
-    "backends.openai.backoff_max_s",
+    "backends.openai.backoff_max_s", "evaluation.rag.embedding_endpoint.api_key_env",
+    "evaluation.rag.embedding_endpoint.batch_size", "evaluation.rag.embedding_endpoint.timeout_s",
+    "evaluation.rag.rerank.api_key_env", "evaluation.rag.rerank.timeout_s",
     # the derived corpora and the instruction stages (rules/filters.smk, rules/instruct.smk)
     "filters.resources", "instruct.resources", "instruct.summaries.threads", "instruct.summaries.resources",
 )
@@ -170,9 +172,9 @@ def _summaries(cfg: dict, *sections: str) -> Reads:
 
 
 FIGURE_KEYS = {
-    "fit_scaling": ("fit", "accuracy_scale"),
+    "fit_scaling": ("fit", "accuracy_scale", "x_axis", "fraction_scale"),
     "plot_scaling": ("style", "dpi", "figsize", "formats", "paper_reference", "show_fit", "show_chance", "modes",
-                     "accuracy_scale"),
+                     "accuracy_scale", "x_axis", "fraction_scale"),
     "plot_diversity": ("style", "dpi", "diversity_figsize", "formats"),
 }
 # The titles of the plots name the run, the models and the data selection.
