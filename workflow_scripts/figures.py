@@ -145,6 +145,13 @@ def _fit_label(fit: dict) -> str:
 Legend = list  # [(handle, label)] in the order the legend should show them
 
 
+def x_label(fcfg: dict) -> str:
+    """The measured panel's x label under figures.x_axis (tokens, or the authors' fraction x fraction_scale)."""
+    if fcfg["x_axis"] == "tokens":
+        return "Synthetic training tokens (CPT budget, log scale)"
+    return f"Fraction of the corpus x {fcfg['fraction_scale'] / 1e6:g}M tokens (the paper's axis, log scale)"
+
+
 def external_level_style(row: Any) -> tuple[str, Any, str]:
     """(color, line style, legend name) of an evaluation-only model (evaluation.external_models): its label,
     marked as external, so a released checkpoint is never read as a model this run trained."""
@@ -274,8 +281,7 @@ def plot_scaling(table: str | Path, fit_json: str | Path | None, cfg: dict, outp
                     color="#888888")
         if layout == "overlay":
             _draw_paper(ax, with_prefix=True, legend=legend)
-        _token_axis(ax, "Synthetic training tokens (CPT budget, log scale)" if fcfg["x_axis"] == "tokens" else
-                    f"Fraction of the corpus x {fcfg['fraction_scale'] / 1e6:g}M tokens (the paper's axis, log scale)",
+        _token_axis(ax, x_label(fcfg),
                     ticks=[] if layout == "overlay" else pts["tokens"].tolist())
         plotted = plotted_number(df)
         ax.set_ylabel("Closed-book QA accuracy (%)" + (f"\n{plotted}" if plotted else ""))
