@@ -9,10 +9,13 @@ splitter, no overlap, title/author/year prepended), retrieves 128 with OpenAI em
 to the top k (8 for EntiGraph CPT, 16 for the base model) and puts them in the prompt with the most relevant chunk
 last. Closed APIs are not available offline, so here:
 
-- chunking: `split_text`, a recursive character splitter (paragraphs, then lines, then words, then characters)
-  with the paper's size and overlap; `chunk_articles` prepends `Title:`, `Author:`, `Year Written:` lines;
-- retrieval: BM25 (bm25s) and dense retrieval with the packaged offline all-MiniLM-L6-v2 (sentence-transformers),
-  each returning `candidates` chunks, fused by reciprocal rank (`hybrid`, our stand-in for the reranker);
+- chunking (evaluation.rag.splitter): `split_text_authors`, the authors' splitter (LangChain's recursive character
+  splitter as they call it: separators kept at the start of the next piece), or `split_text` (this workflow's
+  earlier one); `chunk_articles` prepends `Title:`, `Author:`, `Year Written:` lines;
+- retrieval: BM25 (bm25s) and dense retrieval with the packaged offline all-MiniLM-L6-v2 (sentence-transformers) or
+  an OpenAI-compatible embeddings endpoint (rag.embedding_endpoint, L2 ranking as the authors' FAISS index), each
+  returning `candidates` chunks, fused by reciprocal rank (`hybrid`); optionally reranked (rag.rerank: a
+  Cohere/Jina/vLLM-style endpoint or a local cross-encoder; workflow_scripts/rag_endpoints.py);
 - recall@k of the gold article (a question counts when any of its top-k chunks comes from its article), per
   retriever;
 - the prompt (evaluation.rag.prompt): `authors_icl` (default) is the authors' own 5-shot RAG prompt,
