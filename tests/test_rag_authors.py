@@ -94,3 +94,27 @@ def test_temperature_and_k_per_model_as_the_authors_readme():
     assert rag.rag_settings(ecfg["rag"], ecfg, "base") == (16, 0.1)
     assert rag.rag_settings(ecfg["rag"], ecfg, "ext-authors_entigraph") == (8, 0.3)  # the released EntiGraph model
     assert ecfg["rag"]["splitter"] == "authors" and ecfg["rag"]["candidates"] == 128
+
+
+def test_local_cross_encoder_reranker_loads_a_folder(tmp_path):
+    """rerank.engine cross_encoder: the real loading and scoring code on a tiny random BERT cross-encoder made here
+    (no package ships trained weights offline): one finite score per document, deterministic."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "named", "admiral", "lighthouse", "a"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, num_labels=1)
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path)
+    rr = validate_config({"evaluation": {"rag": {"rerank": {"enabled": True, "engine": "cross_encoder",
+                                                            "model": str(tmp_path)}}}})["evaluation"]["rag"]["rerank"]
+    reranker = rag.make_reranker(rr)
+    docs = ["the cat named admiral", "a lighthouse", "the cat"]
+    scores = reranker.scores("cat named admiral", docs)
+    assert len(scores) == 3 and all(isinstance(x, float) and x == x for x in scores)
+    assert reranker.scores("cat named admiral", docs) == scores
+    out = rag.rerank([[0, 1, 2]], docs, ["cat named admiral"], reranker)
+    assert sorted(out[0]) == [0, 1, 2] and out[0][0] == max(range(3), key=lambda i: scores[i])
