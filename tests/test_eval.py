@@ -312,8 +312,8 @@ class FakeBackend:
 
 def test_cot_run_reports_both_conventions(tmp_path, monkeypatch):
     qp, ap = write_inputs(tmp_path)
-    fake = FakeBackend({"q1": [" Mira did.\nAnswer: A.", " Answer: B."],         # first valid: A (correct)
-                        "q2": [" It was ice.\nAnswer: C.", " Answer: B."],       # first valid: C (wrong)
+    fake = FakeBackend({"q1": [" Mira did.\nAnswer: A.\n", " Answer: B.\n"],     # first valid: A (correct)
+                        "q2": [" It was ice.\nAnswer: C.\n", " Answer: B.\n"],   # first valid: C (wrong)
                         "q3": [" I cannot tell.", " Not sure at all"]})          # no answer: unparseable
     monkeypatch.setattr(qa_eval, "make_backend", lambda cfg, engine, model: fake)
     cfg = config(modes=["cot"], cot={"n": 2, "temperature": 0.1, "max_new_tokens": 300})
@@ -356,7 +356,7 @@ class FlakyBackend(FakeBackend):
 
 def test_cot_failures_stop_the_job_and_a_rerun_resumes(tmp_path, monkeypatch):
     qp, ap = write_inputs(tmp_path)
-    scripts = {"q1": [" Answer: A."], "q2": [" Answer: B."], "q3": [" Answer: D."]}
+    scripts = {"q1": [" Answer: A.\n"], "q2": [" Answer: B.\n"], "q3": [" Answer: D.\n"]}  # stop kept
     cfg = config(modes=["cot"])
     out = (tmp_path / "qa.jsonl", tmp_path / "qa.json")
     first = FlakyBackend(scripts, fail={"q3"})
