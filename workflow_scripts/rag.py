@@ -282,7 +282,8 @@ class CrossEncoderReranker:
         return [float(x) for x in self.encoder.predict([(query, d) for d in documents], show_progress_bar=False)]
 
 
-def rerank(rankings: Sequence[Sequence[int]], texts: Sequence[str], queries: Sequence[str], reranker: Any) -> list[list[int]]:
+def rerank(rankings: Sequence[Sequence[int]], texts: Sequence[str], queries: Sequence[str],
+           reranker: Any) -> list[list[int]]:
     """Every query's candidates reordered by the reranker's score, highest first (ties keep retrieval order): the
     authors score all retrieved chunks and keep the top k (inference/retrieval.py)."""
     from .rag_endpoints import rerank_order
