@@ -15,7 +15,7 @@ report: "report/workflow.rst"
 # Wildcards shared by every stage (docs/architecture.md).
 wildcard_constraints:
     method="[a-z0-9_]+",
-    budget=r"\d+|all",
+    budget=r"\d+|all|r\d+\.\d+",  # a token count, all, or rRATIO (workflow_scripts/budgets.py WILDCARD)
     article="[A-Za-z0-9_.-]+",
     model="[A-Za-z0-9_.-]+",
 

@@ -194,6 +194,9 @@ def eval_model_input(wildcards):
         return []
     if mid == "base":
         return model_input("base")
+    if layout.is_external_model(mid):  # evaluation.external_models: a folder is an input, a hub id is not
+        spec = layout.external_model(config, mid)
+        return [spec["path_or_id"]] if spec["source"] == "path" else []
     return [model_dir(mid)]
 
 

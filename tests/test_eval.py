@@ -158,7 +158,7 @@ def test_cot_stops_keep_the_letter_only_where_the_engine_keeps_stops():
 # Item 1 of issue 12: the reference reads the letter from the `Answer: X.` stop the completion ended on.
 @pytest.mark.parametrize("completion,reference,first_match", [
     ("The correct answer: A, since ...\nAnswer: D.\n", 3, 0),          # the issue's example
-    ("The correct answer: A, since ...\nAnswer: D.", 3, 0),            # an engine that ended on the stop
+    ("The correct answer: A, since ...\nAnswer: D.", None, 0),         # no newline: reference_eot reads D
     (" Soma keeps them happy.\nAnswer: B.\n\n## Example 7", 1, 1),     # a hosted API: no answer stop sent
     (" It is A. No, it is C.\nAnswer: B.\nAnswer: D.\n", 1, 1),        # generation stops at the first stop
     (" ...\nAnswer: C", None, 2),                                      # cut at max tokens: not attempted
@@ -173,6 +173,8 @@ def test_cot_stops_keep_the_letter_only_where_the_engine_keeps_stops():
 ])
 def test_answer_rules_table(completion, reference, first_match):
     assert qa_eval.read_answer(completion, "reference") == reference
+    eot = 3 if completion == "The correct answer: A, since ...\nAnswer: D." else reference
+    assert qa_eval.read_answer(completion, "reference_eot") == eot
     assert qa_eval.read_answer(completion, "first_match") == first_match
 
 
@@ -310,8 +312,8 @@ class FakeBackend:
 
 def test_cot_run_reports_both_conventions(tmp_path, monkeypatch):
     qp, ap = write_inputs(tmp_path)
-    fake = FakeBackend({"q1": [" Mira did.\nAnswer: A.", " Answer: B."],         # first valid: A (correct)
-                        "q2": [" It was ice.\nAnswer: C.", " Answer: B."],       # first valid: C (wrong)
+    fake = FakeBackend({"q1": [" Mira did.\nAnswer: A.\n", " Answer: B.\n"],     # first valid: A (correct)
+                        "q2": [" It was ice.\nAnswer: C.\n", " Answer: B.\n"],   # first valid: C (wrong)
                         "q3": [" I cannot tell.", " Not sure at all"]})          # no answer: unparseable
     monkeypatch.setattr(qa_eval, "make_backend", lambda cfg, engine, model: fake)
     cfg = config(modes=["cot"], cot={"n": 2, "temperature": 0.1, "max_new_tokens": 300})
@@ -354,7 +356,7 @@ class FlakyBackend(FakeBackend):
 
 def test_cot_failures_stop_the_job_and_a_rerun_resumes(tmp_path, monkeypatch):
     qp, ap = write_inputs(tmp_path)
-    scripts = {"q1": [" Answer: A."], "q2": [" Answer: B."], "q3": [" Answer: D."]}
+    scripts = {"q1": [" Answer: A.\n"], "q2": [" Answer: B.\n"], "q3": [" Answer: D.\n"]}  # stop kept
     cfg = config(modes=["cot"])
     out = (tmp_path / "qa.jsonl", tmp_path / "qa.json")
     first = FlakyBackend(scripts, fail={"q3"})

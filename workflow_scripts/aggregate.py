@@ -12,7 +12,10 @@ conventions), then accuracy_attempted and attempted (CoT's two conventions), the
 bootstrap interval, the split by QuALITY's `difficult` flag, the three loglik normalizations, and from the CPT
 model's train_summary.json the tokens it trained on. method is `base` for the base model (budget_tokens empty),
 `raw` for Raw CPT (budget_tokens = the raw corpus tokens when its train_summary.json says so, else empty), `api`
-for API references (empty), else the synthesis method with its synthetic-token budget.
+for API references (empty), `external` for evaluation-only models (ext-NAME, empty), else the synthesis method
+with its synthetic-token budget (for a fraction budget rRATIO, the tokens of its train summary). `kind` is base |
+cpt | api | external, `label` an external model's configured label (else the id), `budget_fraction` the budget as
+a fraction of the method's corpus (train summary: budget_tokens / corpus_total_tokens).
 """
 
 from __future__ import annotations
@@ -42,15 +45,41 @@ SPLIT_LABELS = {"all": "all questions", "val": "val split (first 20% of articles
                 "test": "test split (last 80% of articles)"}
 REPORTED_COLUMNS = ["plotted"] + [f"{stat}_{split}_{conv}" for split in SPLITS for conv in CONVENTIONS
                                   for stat in ("accuracy", "n", "ci_low", "ci_high")] + [f"attempted_{s}" for s in SPLITS]
-QA_COLUMNS = QA_COLUMNS[:8] + REPORTED_COLUMNS + QA_COLUMNS[8:]
+QA_COLUMNS = QA_COLUMNS[:8] + REPORTED_COLUMNS + QA_COLUMNS[8:] + ["kind", "label", "budget_fraction"]
 RAG_COLUMNS = QA_COLUMNS[:8] + REPORTED_COLUMNS + ["retriever", "top_k", "recall_at_k", "recall_at_k_bm25", "recall_at_k_embedding",
                                 "recall_at_k_hybrid", "accuracy_attempted", "attempted", "prefix_version",
-                                "config_hash"]
+                                "config_hash", "kind", "label", "budget_fraction"]
+
+
+def model_kind(model: str) -> str:
+    """What a model id is (issue 21): base, api (an API reference), external (evaluation-only, ext-NAME:
+    evaluation.external_models), else cpt (Raw CPT and every method x budget, trained by this workflow)."""
+    if model == "base":
+        return "base"
+    if model.startswith("api-"):
+        return "api"
+    if model.startswith("ext-"):
+        return "external"
+    return "cpt"
+
+
+def model_label(summary: dict) -> str:
+    """The label a table row and a legend show: an external model's configured label (its summary's `external`),
+    else the model id."""
+    ext = summary.get("external") or {}
+    return ext.get("label") or summary["model"]
+
+
+def budget_fraction(ts: dict) -> float | None:
+    """The budget as a fraction of the method's corpus (the authors' subsample_ratio; docs/cpt.md "Budgets"):
+    budget_tokens / corpus_total_tokens of the train summary, None when it does not say."""
+    tokens, total = ts.get("budget_tokens"), ts.get("corpus_total_tokens")
+    return tokens / total if tokens and total else None
 
 
 def train_summary(models_dir: str | Path | None, method: str, model: str) -> dict:
     """results/models/{method}/{budget}/train_summary.json of a CPT model, or {} when absent."""
-    if models_dir is None or method in ("base", "api"):
+    if models_dir is None or method in ("base", "api", "external"):
         return {}
     budget = model.rpartition("-")[2]
     path = Path(models_dir) / method / budget / "train_summary.json"
@@ -121,8 +150,9 @@ def summary_rows(summary: dict, models_dir: str | Path | None = None, split: str
     model = summary["model"]
     method, budget = parse_model_id(model)
     ts = train_summary(models_dir, method, model)
-    if method == "raw" and budget is None:
-        budget = ts.get("budget_tokens")  # Raw CPT trains on the whole raw corpus: its token count
+    if budget is None and model_kind(model) == "cpt":
+        # Raw CPT (the whole raw corpus) and fraction budgets (rRATIO): the token count the model trained on
+        budget = ts.get("budget_tokens")
     rows = []
     for mode, block in summary["modes"].items():
         boot = block.get("bootstrap_ci") or [None, None]
@@ -140,6 +170,7 @@ def summary_rows(summary: dict, models_dir: str | Path | None = None, split: str
             "train_tokens_seen": ts.get("tokens_seen"), "train_epochs": ts.get("epochs"),
             "budget_capped": ts.get("budget_capped"),
             "prefix_version": summary.get("prefix_version"), "config_hash": summary.get("config_hash"),
+            "kind": model_kind(model), "label": model_label(summary), "budget_fraction": budget_fraction(ts),
         }
         row.update(reported_columns({**block, "model": model}, split, convention,
                                     (summary.get("split") or {}).get("val_fraction")))
@@ -154,7 +185,7 @@ def summary_rows(summary: dict, models_dir: str | Path | None = None, split: str
 
 
 def sort_key(row: dict) -> tuple:
-    order = {"base": 0, "raw": 1, "api": 3}
+    order = {"base": 0, "raw": 1, "api": 3, "external": 4}
     return (order.get(row["method"], 2), row["method"], row["budget_tokens"] or 0, row["mode"], row["model"])
 
 

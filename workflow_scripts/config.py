@@ -94,20 +94,35 @@ def load_config(configfiles: list[str | Path] | None = None, overrides: dict | N
     return validate_config(cfg)
 
 
-def method_budgets(cfg: dict, method: str) -> list[int]:
-    """Synthetic-token budgets a method is trained at: cpt.method_budgets[method] if given, else cpt.budgets."""
+def method_budgets(cfg: dict, method: str) -> list[int | float]:
+    """Budgets a method is trained at: cpt.method_budgets[method] if given, else cpt.budgets; token counts (int)
+    or, with cpt.budget_unit: fraction, fractions of the method's corpus (float; workflow_scripts/budgets.py)."""
     cpt = cfg.get("cpt", {})
     per_method = cpt.get("method_budgets") or {}
-    return [int(b) for b in per_method.get(method, cpt.get("budgets", []))]
+    values = per_method.get(method, cpt.get("budgets", []))
+    if cpt.get("budget_unit", "tokens") == "fraction":
+        return [float(b) for b in values]
+    return [int(b) if float(b).is_integer() else b for b in values]
 
 
 def check_budgets(cfg: dict) -> None:
-    """Fail at planning time, not hours later in a CPT job: every budget must fill at least one block."""
-    cpt = cfg.get("cpt", {})
-    block = int(cpt.get("block_size", 1))
+    """Fail at planning time, not hours later in a CPT job: every budget fits cpt.budget_unit, and (token budgets)
+    fills at least one block. A fraction's size is known once the corpus is built: train.py checks it then."""
+    from .budgets import check_budget_values
     from .derived import trained_methods
 
+    cpt = cfg.get("cpt", {})
+    block = int(cpt.get("block_size", 1))
+    unit = cpt.get("budget_unit", "tokens")
     methods = trained_methods(cfg)
+    for m in methods:
+        try:
+            check_budget_values(method_budgets(cfg, m), unit,
+                                f"cpt.method_budgets.{m}" if m in (cpt.get("method_budgets") or {}) else "cpt.budgets")
+        except InputError as e:
+            raise ConfigError(str(e)) from None
+    if unit == "fraction":
+        return
     small = sorted({(m, b) for m in methods for b in method_budgets(cfg, m) if b < block})
     if small:
         listed = ", ".join(f"{m} {b}" for m, b in small)

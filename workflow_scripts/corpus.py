@@ -16,8 +16,10 @@ entity lists are not records). For `raw`, the articles of results/data/articles.
 before the shuffle, so the order depends on the records and the seed only, never on file or line order.
 
 Budgets (`budget_tokens`): a budget of N tokens is the first N tokens of this one order, so budgets are nested
-(a smaller budget is a prefix of a larger one) and their token counts exact. A budget larger than the corpus is
-an error unless capping is allowed, and a cap is recorded by the caller (train.py writes it to its summary).
+(a smaller budget is a prefix of a larger one) and their token counts exact. A fraction budget rRATIO
+(cpt.budget_unit: fraction; workflow_scripts/budgets.py) is the first int(total x ratio) tokens, as the authors cut
+their corpus file. A budget larger than the corpus is an error unless capping is allowed, and a cap is recorded by
+the caller (train.py writes it to its summary).
 
 Special tokens (paper: BOS + text + EOS, the Llama 3 convention). `auto` takes the tokenizer's bos/eos token
 unless it is a chat-template marker (SmolLM2-Instruct's bos `<|im_start|>` and eos `<|im_end|>` are turn
@@ -39,6 +41,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from . import stage
+from .budgets import prefix_tokens
 from .config import config_hash
 from .io_utils import InputError, atomic_path, iter_jsonl, sha256_file, write_json_atomic
 from .job_keys import shaping_part
@@ -283,14 +286,19 @@ def load_corpus(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
 
 
 def budget_tokens(total: int, budget: int | str, allow_cap: bool, where: str = "corpus") -> tuple[int, bool]:
-    """Tokens of a budget: (n, capped). `all` is the whole corpus; a number is an exact prefix length."""
+    """Tokens of a budget: (n, capped). `all` is the whole corpus; a number is an exact prefix length; rRATIO (the
+    fraction unit, workflow_scripts/budgets.py) is int(total x ratio), as the authors' data/cptdata.py cuts it."""
     if total <= 0:
         raise InputError(f"{where}: the corpus is empty; nothing to train on")
     if budget == "all":
         return total, False
-    n = int(budget)
+    try:
+        n = prefix_tokens(total, budget)
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
     if n <= 0:
-        raise InputError(f"{where}: budget {budget} must be a positive token count or 'all'")
+        raise InputError(f"{where}: budget {budget} is {n} tokens of this {total}-token corpus; it must be a "
+                         "positive token count, a fraction giving at least one token, or 'all'")
     if n > total:
         if not allow_cap:
             raise InputError(f"{where}: budget {n} tokens exceeds the corpus ({total} tokens); lower cpt.budgets, "
@@ -313,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--articles", default=None, help="results/data/articles.jsonl (titles for corpus.document_format)")
     i = stage.subcommand(sub, "info", "print a corpus manifest's summary (and a budget's token count)")
     i.add_argument("corpus", help="corpus folder")
-    i.add_argument("--budget", default=None, help="a token budget or 'all'")
+    i.add_argument("--budget", default=None, help="a token budget, rRATIO (a fraction) or 'all'")
     i.add_argument("--allow-cap", action="store_true")
     args = p.parse_args(argv)
 

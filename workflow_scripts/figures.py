@@ -145,6 +145,20 @@ def _fit_label(fit: dict) -> str:
 Legend = list  # [(handle, label)] in the order the legend should show them
 
 
+def x_label(fcfg: dict) -> str:
+    """The measured panel's x label under figures.x_axis (tokens, or the authors' fraction x fraction_scale)."""
+    if fcfg["x_axis"] == "tokens":
+        return "Synthetic training tokens (CPT budget, log scale)"
+    return f"Fraction of the corpus x {fcfg['fraction_scale'] / 1e6:g}M tokens (the paper's axis, log scale)"
+
+
+def external_level_style(row: Any) -> tuple[str, Any, str]:
+    """(color, line style, legend name) of an evaluation-only model (evaluation.external_models): its label,
+    marked as external, so a released checkpoint is never read as a model this run trained."""
+    label = row.get("label") if isinstance(row.get("label"), str) and row.get("label") else row["model"]
+    return "#8c564b", (0, (5, 1, 1, 1)), f"{label} (external checkpoint, evaluation only)"
+
+
 def _draw_levels(ax: plt.Axes, levels: pd.DataFrame, multi_mode: bool, legend: Legend) -> None:
     """Base model, Raw CPT and API models as horizontal lines (they have no synthetic-token count)."""
     api_models = sorted(set(levels.loc[levels["method"] == "api", "model"]))
@@ -153,6 +167,8 @@ def _draw_levels(ax: plt.Axes, levels: pd.DataFrame, multi_mode: bool, legend: L
             color = OTHER_COLORS[api_models.index(row["model"]) % len(OTHER_COLORS)]
             model = row["model"][len("api-"):] if row["model"].startswith("api-") else row["model"]
             style, name = (0, (1, 1)), f"{model} (API, closed-book)"
+        elif row["method"] == "external":
+            color, style, name = external_level_style(row)
         else:
             color = method_color(row["method"])
             style, name = ("-" if row["method"] == "base" else "-."), method_label(row["method"])
@@ -200,7 +216,7 @@ def plot_scaling(table: str | Path, fit_json: str | Path | None, cfg: dict, outp
     """Draw the scaling curve (see module docstring) into every path of `outputs`; return what was drawn."""
     cfg = with_defaults(cfg)
     fcfg = cfg["figures"]
-    df = read_accuracy_table(table, fcfg["accuracy_scale"])
+    df = read_accuracy_table(table, fcfg["accuracy_scale"], fcfg["x_axis"], fcfg["fraction_scale"])
     if fcfg["modes"]:
         df = df[df["mode"].isin(fcfg["modes"])]
     fits: list[dict] = []
@@ -265,7 +281,7 @@ def plot_scaling(table: str | Path, fit_json: str | Path | None, cfg: dict, outp
                     color="#888888")
         if layout == "overlay":
             _draw_paper(ax, with_prefix=True, legend=legend)
-        _token_axis(ax, "Synthetic training tokens (CPT budget, log scale)",
+        _token_axis(ax, x_label(fcfg),
                     ticks=[] if layout == "overlay" else pts["tokens"].tolist())
         plotted = plotted_number(df)
         ax.set_ylabel("Closed-book QA accuracy (%)" + (f"\n{plotted}" if plotted else ""))

@@ -42,7 +42,8 @@ X_UNIT = "millions of synthetic tokens"
 Y_UNIT = "accuracy (%)"
 DECAY_MIN = 0.05  # per unit of x scaled to [0, 1]
 DECAY_MAX_AT_XMIN = 50.0  # decay x smallest positive x (scaled)
-LEVEL_METHODS = ("base", "raw", "api")  # drawn as horizontal levels, never fitted
+LEVEL_METHODS = ("base", "raw", "api", "external")  # drawn as horizontal levels, never fitted
+X_AXES = ("tokens", "fraction")  # figures.x_axis: this workflow's tokens, or the authors' fraction x fraction_scale
 
 
 @dataclass
@@ -293,7 +294,20 @@ def _profile_asymptote(residuals, theta: np.ndarray, lb: np.ndarray, ub: np.ndar
 
 # ---- the workflow side: qa_accuracy.csv -> one fit per synthesis method (and evaluation mode) ----
 
-def read_accuracy_table(path: str | Path, accuracy_scale: str = "auto") -> pd.DataFrame:
+def x_tokens(df: pd.DataFrame, x_axis: str = "tokens", fraction_scale: float = 455e6) -> pd.Series:
+    """The x of every row: budget_tokens (this workflow's corpus tokens), or with x_axis `fraction` the authors'
+    axis, budget_fraction x fraction_scale (the paper plots subsample_ratio x 455M; docs/figures.md)."""
+    if x_axis == "tokens":
+        return pd.to_numeric(df["budget_tokens"], errors="coerce")
+    if x_axis != "fraction":
+        raise InputError(f"figures.x_axis must be one of {', '.join(X_AXES)} (got {x_axis!r})")
+    if "budget_fraction" not in df.columns:
+        raise InputError("figures.x_axis fraction needs the table's budget_fraction column (re-run aggregate)")
+    return pd.to_numeric(df["budget_fraction"], errors="coerce") * float(fraction_scale)
+
+
+def read_accuracy_table(path: str | Path, accuracy_scale: str = "auto", x_axis: str = "tokens",
+                        fraction_scale: float = 455e6) -> pd.DataFrame:
     """Read results/tables/qa_accuracy.csv and add accuracy_pct, ci_low_pct, ci_high_pct, tokens_millions.
 
     accuracy_scale: fraction (0-1), percent (0-100) or auto (fraction when every accuracy and interval bound is
@@ -332,7 +346,7 @@ def read_accuracy_table(path: str | Path, accuracy_scale: str = "auto") -> pd.Da
     for col in ("accuracy", "ci_low", "ci_high"):
         df[f"{col}_pct"] = df[col] * factor
     # budget_tokens: empty for base (and possibly raw, or "all"); a count for synthesis methods.
-    df["tokens"] = pd.to_numeric(df["budget_tokens"], errors="coerce")
+    df["tokens"] = x_tokens(df, x_axis, fraction_scale)
     df["tokens_millions"] = df["tokens"] / 1e6
     # budget_capped (from the CPT train summary): the method's corpus was smaller than the budget, so the model
     # trained on fewer tokens than its nominal budget: such points are marked in the plot and left out of the fit.
@@ -383,12 +397,14 @@ def fit_table(df: pd.DataFrame, fcfg: dict) -> list[dict]:
 def fit_workflow(table: str | Path, cfg: dict) -> dict:
     """The content of results/figures/scaling_fit.json: the fits of every synthesis method, with provenance."""
     fcfg = with_defaults(cfg)["figures"]
-    df = read_accuracy_table(table, fcfg["accuracy_scale"])
+    df = read_accuracy_table(table, fcfg["accuracy_scale"], fcfg["x_axis"], fcfg["fraction_scale"])
     fits = fit_table(df, fcfg)
     return {
         "table": str(table),
         "accuracy_scale_read": df.attrs["accuracy_scale"],
         "model_form": "y = asymptote - sum_k weight_k * rate_k ** x (x in millions of synthetic tokens, y in %)",
+        "x_axis": (fcfg["x_axis"] if fcfg["x_axis"] == "tokens"
+                   else f"fraction of the corpus x {fcfg['fraction_scale']:.6g} tokens (the paper's axis)"),
         "fits": fits,
         "note": "" if fits else "no synthesis-method rows with a token budget in the table: nothing to fit",
         "config_hash": config_hash(fcfg),

@@ -39,7 +39,9 @@ OPERATIONAL: tuple[str, ...] = (
     "evaluation.device", "backends.transformers.device", "backends.vllm.tensor_parallel_size",
     "backends.vllm.gpu_memory_utilization", "backends.vllm.enforce_eager", "backends.openai.api_key_env",
     "backends.vllm.cpu_kvcache_space_gib", "backends.openai.max_retries", "backends.openai.timeout_s", "backends.openai.backoff_base_s",
-    "backends.openai.backoff_max_s",
+    "backends.openai.backoff_max_s", "evaluation.rag.embedding_endpoint.api_key_env",
+    "evaluation.rag.embedding_endpoint.batch_size", "evaluation.rag.embedding_endpoint.timeout_s",
+    "evaluation.rag.rerank.api_key_env", "evaluation.rag.rerank.timeout_s",
     # a Batch API's waiting, polling, retries and batch sizes (which requests share a batch changes no text)
     "backends.openai_batch.api_key_env", "backends.openai_batch.completion_window",
     "backends.openai_batch.poll_interval_s", "backends.openai_batch.max_wait_s",
@@ -54,8 +56,8 @@ OPERATIONAL: tuple[str, ...] = (
 # list, the instruction stages' switch and models), which file a job reads (the human summaries, an input of their
 # judging), or only feed the planner (python -m workflow_scripts.plan). The names under filters.variants, imports
 # and mixtures are structural too: each of their jobs reads only its own entry.
-STRUCTURAL: tuple[str, ...] = ("cpt.budgets", "cpt.method_budgets", "synthesis.methods", "synthesis.articles_per_job",
-                               "evaluation.rag.enabled",
+STRUCTURAL: tuple[str, ...] = ("cpt.budgets", "cpt.method_budgets", "cpt.budget_unit", "synthesis.methods",
+                               "synthesis.articles_per_job", "evaluation.rag.enabled",
                                "evaluation.rag.models", "planner", "instruct.enabled", "instruct.models",
                                "instruct.judge.human_summaries")
 
@@ -98,10 +100,11 @@ def _synthesize(cfg: dict, method: str) -> Reads:
 
 
 def _evaluate(cfg: dict, model: str, rag: bool = False) -> Reads:
-    """eval_qa / eval_rag of one model: the evaluation keys (RAG's only for RAG jobs; the API list narrowed to
-    this model), and the engine's settings when the model is sampled (cot)."""
+    """eval_qa / eval_rag of one model: the evaluation keys (RAG's only for RAG jobs; the API and external lists
+    narrowed to this model), and the engine's settings when the model is sampled (cot)."""
     ev = cfg["evaluation"]
     api = next((a for a in ev["api_models"] if f"api-{a['name']}" == model), None)
+    ext = next((e for e in ev.get("external_models") or [] if f"ext-{e['name']}" == model), None)
     if api is not None:
         modes, engine = api["modes"], api["engine"]
     else:
@@ -109,7 +112,8 @@ def _evaluate(cfg: dict, model: str, rag: bool = False) -> Reads:
         engine = ev["cot"]["engine"]
     paths = ["seed", "evaluation"] + ([f"backends.{engine}"] if "cot" in modes else [])
     return Reads(paths, exclude=list(STRUCTURAL) + ([] if rag else ["evaluation.rag"]),
-                 values={"evaluation.api_models": [api] if api is not None else []})
+                 values={"evaluation.api_models": [api] if api is not None else [],
+                         "evaluation.external_models": [ext] if ext is not None else []})
 
 
 def _corpus(cfg: dict, method: str) -> Reads:
@@ -174,9 +178,9 @@ def _summaries(cfg: dict, *sections: str) -> Reads:
 
 
 FIGURE_KEYS = {
-    "fit_scaling": ("fit", "accuracy_scale"),
+    "fit_scaling": ("fit", "accuracy_scale", "x_axis", "fraction_scale"),
     "plot_scaling": ("style", "dpi", "figsize", "formats", "paper_reference", "show_fit", "show_chance", "modes",
-                     "accuracy_scale"),
+                     "accuracy_scale", "x_axis", "fraction_scale"),
     "plot_diversity": ("style", "dpi", "diversity_figsize", "formats"),
 }
 # The titles of the plots name the run, the models and the data selection.

@@ -3,13 +3,16 @@ evaluated and RAG models, and the final targets. rules/common.smk and the Python
 read them here, so a path or an id is spelled once (docs/architecture.md, "The DAG and its files").
 
 Model ids: `base` (the CPT base model), `raw-all` (Raw CPT on every article token), `METHOD-BUDGET` (a synthesis
-method's corpus cut at BUDGET synthetic tokens), `api-NAME` (an API reference model, evaluation.api_models).
+method's corpus cut at BUDGET synthetic tokens, or at the fraction RATIO of it for a label `rRATIO`:
+workflow_scripts/budgets.py), `api-NAME` (an API reference model, evaluation.api_models), `ext-NAME` (an
+evaluation-only model from a hub id or a folder, e.g. a released checkpoint: evaluation.external_models).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from .budgets import budget_label, parse_budget
 from .config import method_budgets
 from .derived import filter_variants, imported, trained_methods
 from .io_utils import InputError
@@ -52,6 +55,7 @@ CLAIMS_FIGURE = f"{FIGURES}/summary_claims.png"
 RAW = "raw"  # the Raw CPT baseline's method name (its corpus is the articles)
 BASE = "base"
 API_PREFIX = "api-"
+EXTERNAL_PREFIX = "ext-"  # evaluation-only models (evaluation.external_models): ext-NAME
 
 
 # ---------------------------------------------------------------------------------------------- model ids
@@ -74,15 +78,28 @@ def parse_model_id(model: str) -> tuple[str, int | None]:
         return BASE, None
     if model.startswith(API_PREFIX):
         return "api", None
+    if model.startswith(EXTERNAL_PREFIX):
+        return "external", None
     method, _, budget = model.rpartition("-")
     if not method:
         raise InputError(f"model id {model!r}: expected base, raw-all, api-NAME or METHOD-BUDGET")
     if budget == "all":
         return method, None
     try:
-        return method, int(budget)
-    except ValueError:
-        raise InputError(f"model id {model!r}: budget {budget!r} is not a token count") from None
+        unit, value = parse_budget(budget)
+    except InputError:
+        raise InputError(f"model id {model!r}: budget {budget!r} is not a token count or rRATIO") from None
+    # a fraction's token count is known from its train summary (budget_tokens), not from the id
+    return method, (int(value) if unit == "tokens" else None)
+
+
+def budget_of(model: str) -> str | None:
+    """The budget label of a CPT model id (`455000000`, `r0.0004`, `all`), None for base and API models."""
+    if model.endswith(INSTRUCT_SUFFIX):
+        return budget_of(model[:-len(INSTRUCT_SUFFIX)])
+    if model == BASE or model.startswith((API_PREFIX, EXTERNAL_PREFIX)) or "-" not in model:
+        return None
+    return model.rpartition("-")[2]
 
 
 def model_location(spec: dict[str, Any]) -> str:
@@ -92,9 +109,12 @@ def model_location(spec: dict[str, Any]) -> str:
 
 
 def model_dir(model: str, cfg: dict) -> str:
-    """Folder (or hub id) of a model id: `base` is models.base, a CPT id its results/models/METHOD/BUDGET."""
+    """Folder (or hub id) of a model id: `base` is models.base, `ext-NAME` its evaluation.external_models entry's
+    path_or_id, a CPT id its results/models/METHOD/BUDGET."""
     if model == BASE:
         return model_location(cfg["models"]["base"])
+    if model.startswith(EXTERNAL_PREFIX):
+        return external_model(cfg, model)["path_or_id"]
     method, _, budget = model.rpartition("-")
     return f"{MODELS}/{method}/{budget}"
 
@@ -106,7 +126,26 @@ def train_summary_path(model: str) -> str:
 
 
 def is_cpt_model(model: str) -> bool:
-    return model != BASE and not model.startswith(API_PREFIX)
+    return model != BASE and not model.startswith((API_PREFIX, EXTERNAL_PREFIX))
+
+
+def is_external_model(model: str) -> bool:
+    """An evaluation-only model (evaluation.external_models): scored like the base model, trained by no rule."""
+    return model.startswith(EXTERNAL_PREFIX)
+
+
+def external_model(cfg: dict, model: str) -> dict:
+    """The evaluation.external_models entry of an `ext-NAME` model id."""
+    name = model[len(EXTERNAL_PREFIX):]
+    for spec in cfg["evaluation"].get("external_models") or []:
+        if spec["name"] == name:
+            return spec
+    raise InputError(f"model id {model!r}: no evaluation.external_models entry named {name!r}")
+
+
+def external_models(cfg: dict) -> list[str]:
+    """Model ids of the evaluation-only models: ext-NAME for each evaluation.external_models entry."""
+    return [f"{EXTERNAL_PREFIX}{e['name']}" for e in cfg["evaluation"].get("external_models") or []]
 
 
 def instruct_id(model: str) -> str:
@@ -126,22 +165,29 @@ def synth_methods(cfg: dict) -> list[str]:
     return list(cfg["synthesis"].get("methods", []))
 
 
-def budgets(cfg: dict, method: str | None = None) -> list[int]:
-    """Synthetic-token budgets of the scaling curve: a method's (cpt.method_budgets, else cpt.budgets), or the
-    shared list. Each is a prefix of the method's shuffled corpus."""
-    return method_budgets(cfg, method) if method else [int(b) for b in cfg["cpt"].get("budgets", [])]
+def budgets(cfg: dict, method: str | None = None) -> list[int | float]:
+    """Budgets of the scaling curve in cpt.budget_unit (token counts, or fractions): a method's
+    (cpt.method_budgets, else cpt.budgets), or the shared list. Each is a prefix of the method's shuffled corpus."""
+    return method_budgets(cfg, method) if method else method_budgets(cfg, "")
+
+
+def budget_labels(cfg: dict, method: str) -> list[str]:
+    """A method's budgets as they appear in model ids and paths: N (tokens) or rRATIO (fraction)."""
+    unit = cfg["cpt"].get("budget_unit", "tokens")
+    return [budget_label(b, unit) for b in budgets(cfg, method)]
 
 
 def cpt_models(cfg: dict) -> list[tuple[str, str]]:
-    """(method, budget) of every CPT model: the Raw baseline on all raw tokens, then each trained method x budget
-    (synthesis methods, filtered variants, imported corpora, mixtures: workflow_scripts/derived.py)."""
-    return [(RAW, "all")] + [(m, str(b)) for m in trained_methods(cfg) for b in budgets(cfg, m)]
+    """(method, budget label) of every CPT model: the Raw baseline on all raw tokens, then each trained method x
+    budget (synthesis methods, filtered variants, imported corpora, mixtures: workflow_scripts/derived.py)."""
+    return [(RAW, "all")] + [(m, b) for m in trained_methods(cfg) for b in budget_labels(cfg, m)]
 
 
 def eval_models(cfg: dict) -> list[str]:
-    """Model ids of closed-book QA: the base model, Raw CPT, every method x budget, then the API references."""
+    """Model ids of closed-book QA: the base model, Raw CPT, every method x budget, the API references, then the
+    evaluation-only (external) models."""
     return ([BASE] + [model_id(m, b) for m, b in cpt_models(cfg)]
-            + [f"{API_PREFIX}{a['name']}" for a in cfg["evaluation"]["api_models"]])
+            + [f"{API_PREFIX}{a['name']}" for a in cfg["evaluation"]["api_models"]] + external_models(cfg))
 
 
 def rag_models(cfg: dict) -> list[str]:
@@ -152,7 +198,9 @@ def rag_models(cfg: dict) -> list[str]:
         return list(rag["models"])
     methods = synth_methods(cfg)
     bs = budgets(cfg, methods[0]) if methods else []
-    return [BASE, model_id(methods[0], max(bs)) if methods and bs else model_id(RAW, "all")]
+    if not (methods and bs):
+        return [BASE, model_id(RAW, "all")]
+    return [BASE, model_id(methods[0], budget_label(max(bs), cfg["cpt"].get("budget_unit", "tokens")))]
 
 
 def instruct_models(cfg: dict) -> list[str]:

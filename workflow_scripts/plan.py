@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from . import stage
+from .budgets import nominal_tokens
 from .config import DEFAULT_CONFIG, ROOT, load_config
 from .estimates import article_requests, n_tuples  # noqa: F401  (n_tuples: the tests pin it here)
 from .io_utils import InputError
@@ -344,8 +345,9 @@ def plan_cpt(cfg: dict, raw_tokens: float, produced: dict[str, float], plan: Pla
     plan.sources["base model"] = f"{base}: {params / 1e9:.3g}B parameters ({src})"
     epochs, raw_epochs = float(cpt["epochs"]), float(cpt["raw_epochs"])
     gpus = int(cpt["resources"]["gpu"])
-    runs = [(m, b, raw_tokens if b == "all" else float(b), raw_epochs if b == "all" else epochs)
-            for m, b in cpt_models(cfg)]
+    # a fraction budget (rRATIO, cpt.budget_unit: fraction) is that share of the method's estimated corpus
+    runs = [(m, b, raw_tokens if b == "all" else (nominal_tokens(b, produced.get(m)) or 0.0),
+             raw_epochs if b == "all" else epochs) for m, b in cpt_models(cfg)]
     models = []
     capped: dict[str, list[str]] = {}
     for method, budget, tokens, ep in runs:

@@ -150,29 +150,46 @@ def extract_answer(completion: str | None) -> int | None:
 # completion at the first one, and the answer is the letter before the final period (the last letter of P).
 REFERENCE_STOPS: tuple[str, ...] = tuple(f"Answer: {''.join(p)}.\n" for r in range(1, 5)
                                          for p in itertools.permutations(LETTERS, r))
-# A stop at the end of the text counts too: an engine that drops a matched stop (a hosted API, where the next
-# stop `\n## Example` swallows the newline) returns the text up to the period.
-_REFERENCE_STOP_RE = re.compile(r"Answer: ([ABCD]{1,4})\.(?:\n|\Z)")
+# The authors' rule: only a stop string with its newline counts (vLLM's stop_reason is None, and the completion
+# dropped, when generation ends any other way). `reference_eot` also reads a final `Answer: P.` at the very end of
+# the text, where an engine that drops a matched stop (a hosted API whose `\n## Example` stop swallowed the newline)
+# ends it.
+_REFERENCE_STOP_RE = re.compile(r"Answer: ([ABCD]{1,4})\.\n")
+_REFERENCE_EOT_RE = re.compile(r"Answer: ([ABCD]{1,4})\.(?:\n|\Z)")
 
 
-def extract_answer_reference(completion: str | None) -> int | None:
-    """Index (0-3) read as the reference does (the `reference` rule): from the first `Answer: X.` stop string.
-
-    The engine stops at the first such string, so the completion ends there; reading the first occurrence gives the
-    same letter for engines that do not stop (a hosted API). A completion cut at max tokens before any stop, or one
-    that only names a letter in other words (`The correct answer: A, since ...`), is not attempted (None). As in
-    the reference, `Answer: AB.` is read as B (the letter before the period)."""
+def _first_stop(completion: str | None, pattern: re.Pattern) -> int | None:
     if not completion:
         return None
-    for m in _REFERENCE_STOP_RE.finditer(completion):
+    for m in pattern.finditer(completion):
         letters = m.group(1)
         if len(set(letters)) == len(letters):  # a stop string: distinct letters only
             return LETTERS.index(letters[-1])
     return None
 
 
+def extract_answer_reference(completion: str | None) -> int | None:
+    """Index (0-3) read exactly as the authors' code does (the `reference` rule; inference/llama.py llama_forward
+    and utils/prompt_utils.py second_last_character): from the first stop string `Answer: P.\n` in the text.
+
+    vLLM ends the completion at the first such string, so it is the end of the text; reading the first occurrence
+    gives the same letter for engines that do not stop (a hosted API). A completion cut at max tokens, one ending
+    `Answer: C.` without the newline, or one that names a letter only in other words (`The correct answer: A, since
+    ...`) is not attempted (None). As in the reference, `Answer: AB.\n` is read as B (the letter before the
+    period)."""
+    return _first_stop(completion, _REFERENCE_STOP_RE)
+
+
+def extract_answer_reference_eot(completion: str | None) -> int | None:
+    """The `reference_eot` rule: `reference`, and also a final `Answer: P.` at the end of the text without its
+    newline (this workflow's earlier reference rule: an engine that drops the matched stop returns the text up to
+    the period)."""
+    return _first_stop(completion, _REFERENCE_EOT_RE)
+
+
 ANSWER_RULES: dict[str, Callable[[str | None], int | None]] = {
     "reference": extract_answer_reference,
+    "reference_eot": extract_answer_reference_eot,
     "first_match": extract_answer,
 }
 
@@ -530,7 +547,7 @@ def cot_stops(ccfg: dict, engine: str) -> list[str]:
     evaluation.cot.stop. Hosted OpenAI-style APIs drop the matched stop string, so
     the answer stops are never sent there; the default `\n## Example` stop (what the few-shot format writes after
     an answer) still ends the completion, and the first answer line is read either way."""
-    answer_stops = (list(REFERENCE_STOPS) if ccfg.get("answer_rule", "reference") == "reference"
+    answer_stops = (list(REFERENCE_STOPS) if ccfg.get("answer_rule", "reference").startswith("reference")
                     else [f"Answer: {x}." for x in LETTERS])
     stops = answer_stops if ccfg["stop_at_answer"] and engine != "openai" else []
     return stops + [s for s in ccfg["stop"] if s not in stops]
@@ -652,6 +669,17 @@ def api_model_spec(ecfg: dict, model_id: str) -> dict | None:
     raise InputError(f"model id {model_id!r}: no evaluation.api_models entry named {name!r}")
 
 
+def external_spec(ecfg: dict, model_id: str) -> dict | None:
+    """The evaluation.external_models entry of an `ext-{name}` model id (None for other models)."""
+    if not model_id.startswith("ext-"):
+        return None
+    name = model_id[len("ext-"):]
+    for spec in ecfg.get("external_models") or []:
+        if spec["name"] == name:
+            return spec
+    raise InputError(f"model id {model_id!r}: no evaluation.external_models entry named {name!r}")
+
+
 def make_backend(cfg: dict, engine: str, model: str) -> Any:
     """Engine `engine` serving `model` (backends.engine_for; imported lazily, as every engine is)."""
     from .backends import engine_for
@@ -742,6 +770,10 @@ def evaluate_and_write(cfg: dict, model_id: str, model_path: str | None, questio
         # the evaluation keys that shape the numbers (threads, devices and batch sizes leave them as they are)
         "config_hash": config_hash(shaping_part(cfg, "evaluation")), "seed": seed, "run": info,
     }
+    ext = external_spec(ecfg, model_id)
+    if ext is not None:  # an evaluation-only model (evaluation.external_models): the table and figure label it
+        summary["external"] = {"label": ext.get("label") or ext["name"], "source": ext["source"],
+                               "path_or_id": ext["path_or_id"]}
     summary["seconds"] = round(time.time() - t0, 2)
     write_jsonl_atomic(output_jsonl, records)
     write_json_atomic(output_json, json_safe(summary))

