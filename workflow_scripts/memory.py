@@ -515,7 +515,8 @@ def plan_memory(cfg: dict, root: Path | None = None) -> list[JobMemory]:
     """Every GPU job kind of a validated config (jobs with resources.gpu > 0 and a local engine), one line per kind:
     the CPT runs (one shape for every budget), instruction tuning, synthesis, closed-book QA, RAG, summaries and
     the judge when local."""
-    from .instruct import train_config
+    from .config import deep_merge
+    from .instruct import NOT_INHERITED, TRAIN_DEFAULTS
     from .layout import cpt_models, instruct_models, model_location, rag_models, synth_methods
 
     ctx = _Ctx(cfg, root)
@@ -533,7 +534,10 @@ def plan_memory(cfg: dict, root: Path | None = None) -> list[JobMemory]:
                                ("cpt", "cpt.resources.gpu")))
     ins = cfg["instruct"]
     if ins["enabled"] and int(ins["resources"]["gpu"]) > 0:
-        jobs.append(_train_job(ctx, "instruct tuning", train_config(cfg)["cpt"], int(ins["resources"]["gpu"]),
+        # instruct.train_config's merge, unvalidated (the cpt section is already complete)
+        tcfg = deep_merge(deep_merge({k: v for k, v in cfg["cpt"].items() if k not in NOT_INHERITED}, TRAIN_DEFAULTS),
+                          ins["train"])
+        jobs.append(_train_job(ctx, "instruct tuning", tcfg, int(ins["resources"]["gpu"]),
                                base, ("instruct.train", "instruct.resources.gpu")))
     ev = cfg["evaluation"]
     if int(ev["resources"]["gpu"]) > 0:
