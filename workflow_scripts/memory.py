@@ -178,6 +178,7 @@ class TrainShape:
     activation_checkpointing: bool = False
     no_sync_accumulation: bool = False
     adapter: dict | None = None
+    force_fsdp: bool = False  # FSDP2 even at world size 1 (train.py wraps only when world_size > 1; the GPU check forces it)
 
 
 @dataclass
@@ -228,7 +229,7 @@ def _weights(model: ModelShape, t: TrainShape) -> dict[str, float]:
     if t.cpu_offload and t.fsdp:
         stored = 0.0
     layer = model.layer_params * t.param_bytes
-    if t.fsdp and t.world_size > 1:
+    if t.fsdp:  # (estimate_train_memory passes fsdp=False when the layout does not shard)
         root = model.root_params * t.param_bytes  # the root unit is not resharded after forward
         gathered = model.n_layers * layer if not t.reshard_after_forward else 2 * layer  # current + prefetched
         return {"stored": stored, "compute": root + gathered, "trainable": n, "layer_gather": layer,
@@ -242,7 +243,7 @@ def _weights(model: ModelShape, t: TrainShape) -> dict[str, float]:
 def estimate_train_memory(model: ModelShape, train: TrainShape) -> MemoryEstimate:
     """Peak per GPU/process of one training step of workflow_scripts/train.py (see the module docstring)."""
     t = train
-    fsdp = t.fsdp and t.world_size > 1
+    fsdp = t.fsdp and (t.world_size > 1 or t.force_fsdp)
     w = t.world_size if fsdp else 1
     wt = _weights(model, replace(t, fsdp=fsdp))
     trainable = wt["trainable"]
@@ -348,7 +349,7 @@ def train_fix(model: ModelShape, train: TrainShape, check, section: str = "cpt",
     if t.micro_batch > 1:
         t = replace(t, micro_batch=1)
         tried.append(f"{section}.micro_batch: 1")
-    if t.fsdp and t.world_size > 1 and not t.cpu_offload:
+    if t.fsdp and (t.world_size > 1 or t.force_fsdp) and not t.cpu_offload:
         t = replace(t, cpu_offload=True)
         tried.append(f"{section}.fsdp.cpu_offload: true")
         if check(est := estimate_train_memory(model, t)):
