@@ -2,7 +2,7 @@
 fresh process, for tests/test_memory_validation.py.
 
     python tests/memory_probe.py MODEL_DIR SEQ MICRO_BATCH GLOBAL_BATCH STEPS [CHECKPOINTING]
-    python tests/memory_probe.py fake WORLD LAYERS MICRO_BATCH CHECKPOINTING     # torch's FSDPMemTracker
+    python tests/memory_probe.py fake WORLD LAYERS MICRO_BATCH CHECKPOINTING [NO_SYNC]    # torch's FSDPMemTracker
 
 Prints one JSON line: the process's resident set (VmRSS) before the model loads, and its high-water mark (VmHWM)
 over the training steps. The weights are copied into resident memory after loading (transformers may map the
@@ -64,7 +64,8 @@ def fake_main() -> None:
     """torch's own FSDP2 memory tracking (torch.distributed._tools.fsdp2_mem_tracker.FSDPMemTracker) of this
     project's FSDP2 wrapping (train.Runtime.wrap, bf16 MixedPrecisionPolicy) and optimizer, on fake tensors: a Llama
     3 8B shape (full vocabulary and width, LAYERS decoder layers) over WORLD ranks of a fake process group, 2048
-    tokens per sequence. Two steps; prints the peak of the second step's forward and backward (states exist)."""
+    tokens per sequence. Two steps; prints the peak of the second step's forward and backward (states exist); with
+NO_SYNC the second step has two micro-batches and the first skips the gradient reduce-scatter."""
     import os
 
     import torch
@@ -80,6 +81,7 @@ def fake_main() -> None:
     from workflow_scripts.train import Runtime, configure_optimizer
 
     world, layers, mb, ckpt = (int(x) for x in sys.argv[2:6])
+    no_sync = len(sys.argv) > 6 and sys.argv[6] == "1"  # second step: two micro-batches, the first without sync
     os.environ.update(WORLD_SIZE=str(world), RANK="0", LOCAL_RANK="0")
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     mesh = init_device_mesh("cpu", (world,))  # made outside fake mode (its rank list is data)
@@ -104,6 +106,11 @@ def fake_main() -> None:
             optimizer.zero_grad(set_to_none=True)
             tracker.reset_mod_stats()
             tracker._peak_mem, tracker._peak_mem_snap = {}, {}  # the second step's peak only
+            if no_sync:  # as train.Runtime.no_sync with cpt.fsdp.no_sync_accumulation: true
+                model.set_requires_gradient_sync(False)
+                model(input_ids=x, labels=x).loss.backward()
+                model.set_requires_gradient_sync(True)
+                tracker.reset_mod_stats()  # per-module stats only; the peak spans both micro-batches
             model(input_ids=x, labels=x).loss.backward()
             peak = list(tracker.get_tracker_snapshot("peak").values())[0]
     print(json.dumps({str(getattr(k, "value", k)): int(v) for k, v in peak.items()}))

@@ -60,23 +60,30 @@ def test_cpu_training_step_peak_matches_the_estimate(which, seq, mb, gb, tiny_mo
     assert abs(expected / added - 1) <= TOLERANCE
 
 
-@pytest.mark.parametrize("checkpointing", [0, 1])
-def test_fsdp2_estimate_matches_torch_fsdp_mem_tracker_at_an_8b_shape(checkpointing):
+@pytest.mark.parametrize("checkpointing,no_sync", [(0, 0), (1, 0), (0, 1)])
+def test_fsdp2_estimate_matches_torch_fsdp_mem_tracker_at_an_8b_shape(checkpointing, no_sync):
     """Four Llama 3 8B decoder layers with the full 128K vocabulary (the embeddings, head and logits of the real
-    model: the root unit and the loss are the same as at 32 layers), 8 ranks, micro-batch 2 x 2048 tokens."""
+    model: the root unit and the loss are the same as at 32 layers), 8 ranks, micro-batch 2 x 2048 tokens. With
+    no_sync the measured step has two micro-batches, the first without the gradient reduce-scatter (train.py's
+    cpt.fsdp.no_sync_accumulation: true): every rank then holds the unsharded fp32 gradient, 4 bytes per parameter."""
     try:
-        got = probe("fake", "8", "4", "2", str(checkpointing))
+        got = probe("fake", "8", "4", "2", str(checkpointing), str(no_sync))
     except AssertionError as e:  # pragma: no cover - a torch without the tracker or fake process groups
         pytest.skip(f"FSDPMemTracker on fake tensors did not run here: {str(e)[-300:]}")
     shape = replace(M.KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"], n_layers=4)
-    t = M.TrainShape(2048, 2, 8, 1, activation_checkpointing=bool(checkpointing))
+    t = M.TrainShape(2048, 2, 8, 2 if no_sync else 1, activation_checkpointing=bool(checkpointing),
+                     no_sync_accumulation=bool(no_sync))
     est = M.estimate_train_memory(shape, t)
-    # the tracker's second-step forward/backward peak: the optimizer states exist, the gradients do not yet
+    # the tracker's second-step forward/backward peak: the optimizer states exist
     print(f"tracker {got['Total'] / 2**30:.2f} GiB {got}; estimate {est.gib():.2f} GiB {est.parts}")
     assert abs(est.total_bytes / got["Total"] - 1) <= TOLERANCE
     assert est.parts["optimizer"] == pytest.approx(got["OptState"], rel=0.01)
-    assert est.parts["logits"] + est.parts["activations"] == pytest.approx(got["Activation"] + got["Temp"],
-                                                                           rel=TOLERANCE)
+    if no_sync:  # Temp: the loss's two fp32 gradients of the logits (8 bytes per token and vocabulary entry) and
+        # the accumulated unsharded fp32 gradients of every parameter
+        assert got["Temp"] - 8 * 2 * 2048 * shape.vocab == pytest.approx(4 * shape.n_params, rel=0.01)
+    else:
+        assert est.parts["logits"] + est.parts["activations"] == pytest.approx(got["Activation"] + got["Temp"],
+                                                                               rel=TOLERANCE)
 
 
 def test_snakemake_refuses_a_run_whose_jobs_cannot_fit(tmp_path):
