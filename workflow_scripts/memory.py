@@ -178,7 +178,8 @@ class TrainShape:
     activation_checkpointing: bool = False
     no_sync_accumulation: bool = False
     adapter: dict | None = None
-    force_fsdp: bool = False  # FSDP2 even at world size 1 (train.py wraps only when world_size > 1; the GPU check forces it)
+    # FSDP2 even at world size 1 (train.py wraps only when world_size > 1; the GPU check forces it)
+    force_fsdp: bool = False
 
 
 @dataclass
@@ -265,7 +266,8 @@ def estimate_train_memory(model: ModelShape, train: TrainShape) -> MemoryEstimat
     layer_grad = 0.0 if lora else wt["layer_gather"] / t.param_bytes * (t.param_bytes + 4)  # bf16 grad + fp32 copy
     # the first micro-batch of a step starts without gradients (zero_grad(set_to_none=True) after each step)
     phases = {
-        "loss backward": {**static, "grads": grads if t.grad_accum > 1 else 0.0, "activations": acts, "logits": logits_bytes(model, tokens),
+        "loss backward": {**static, "grads": grads if t.grad_accum > 1 else 0.0, "activations": acts,
+                          "logits": logits_bytes(model, tokens),
                           "other": tokens * model.hidden * 4 * 2},
         "layer backward": {**static, "activations": acts + layer_act, "logits": 0,
                            "other": layer_grad + tokens * model.hidden * 4 * 2},
@@ -302,7 +304,8 @@ def estimate_vllm_memory(model: ModelShape, gpu_bytes: float, s: VllmSettings) -
     tp = max(1, s.tensor_parallel_size)
     weights = model.n_params * s.dtype_bytes / tp
     tok = s.max_num_batched_tokens
-    acts = tok * (4 * model.hidden + 3 * model.intermediate // tp) * s.dtype_bytes + s.max_num_seqs * model.vocab * 4 * 2
+    acts = (tok * (4 * model.hidden + 3 * model.intermediate // tp) * s.dtype_bytes
+            + s.max_num_seqs * model.vocab * 4 * 2)
     other = (0 if s.enforce_eager else GIB) + GIB // 2  # CUDA graphs; NCCL and non-torch allocations
     budget = s.gpu_memory_utilization * gpu_bytes
     kv = max(0.0, budget - weights - acts - other)
