@@ -8,6 +8,7 @@ from snakemake.settings.types import DeploymentMethod
 from workflow_scripts import job_keys, layout
 from workflow_scripts.config import ConfigError, check_budgets, missing_engine_message, validate_config
 from workflow_scripts.derived import check_methods, filter_variants, imported, method_kind, mixtures
+from workflow_scripts.memory import memory_problems
 from workflow_scripts.preflight import tensor_parallel_problem, vllm_rule_names
 
 # The schema check of the stage command lines (defaults filled in); a config that fails it (a file, or a
@@ -33,11 +34,16 @@ shell.prefix(_PREFIX)
 # A run whose config needs vLLM stops before its first job, in one line, when the interpreter lacks it (--use-conda
 # jobs get it from envs/synthesis-vllm.yaml instead). onstart runs for real runs only: a dry run (planning a
 # GPU config on a laptop) and the tests' parsing of every overlay stay possible without vLLM.
+# The memory check (workflow_scripts/memory.py; planner.memory_check: false overrides) refuses a run whose GPU jobs
+# cannot fit planner.gpu_type, one line per job naming the cheapest fix.
 onstart:
     if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
         _missing_engine = missing_engine_message(config)
         if _missing_engine:
             sys.exit(f"error: {_missing_engine}")
+    _memory = memory_problems(config)
+    if _memory:
+        sys.exit("\n".join(f"error: {line}" for line in _memory))
 
 # A GPU job's program runs through the pre-flight check (workflow_scripts/preflight.py): on a workstation it takes
 # GPUs of its own (CUDA_VISIBLE_DEVICES), and it stops in one line, exit 2, when torch, the driver or the vLLM build

@@ -576,6 +576,53 @@ def render(plan: Plan, cfg: dict) -> str:
     return "\n".join(out)
 
 
+# ---------------------------------------------------------------------------------------------- memory
+def render_memory(jobs: list, cfg: dict) -> str:
+    """The memory table (workflow_scripts/memory.py): each GPU job kind's estimated peak per GPU, its parts, and
+    for a job that does not fit, the cheapest fix."""
+    from .memory import GIB, gpu_memory_gib
+
+    p = cfg["planner"]
+    if not jobs:
+        return "Memory: no GPU jobs in this config (every resources.gpu is 0 or the engines are APIs)."
+    gib, src = gpu_memory_gib(p["gpu_type"], p.get("gpu_memory_gib"))
+    out = [f"Memory per GPU (planner.gpu_type {p['gpu_type']!r}: {gib:g} GiB from {src}; a job fits when its peak "
+           f"x {1 + p['memory_fragmentation']:g} + {p['memory_reserve_gib']:g} GiB is within it):"]
+    head = ("job", "engine", "GPUs", "peak GiB", "weights", "grads", "optim", "activ", "logits", "KV", "other", "fits")
+    rows = [head]
+    for j in jobs:
+        e = j.estimate
+        if e is None:
+            rows.append((j.job, j.engine, str(j.gpus), "?", "", "", "", "", "", "", "", "unknown"))
+            continue
+        cells = [f"{e.parts.get(k, 0) / GIB:.1f}" if k in e.parts else "-"
+                 for k in ("weights", "grads", "optimizer", "activations", "logits", "kv_cache", "other")]
+        rows.append((j.job, j.engine, str(j.gpus), f"{e.gib():.1f}", *cells, "yes" if j.fits else "NO"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    out += ["  " + "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            for r in rows]
+    for j in jobs:
+        detail = f"  {j.job}: {j.model}; {j.note}"
+        if j.estimate is not None and j.engine == "train":
+            detail += f"; peak at the {j.estimate.phase}"
+        out.append(detail)
+        if j.fits is False:
+            fixed = f" (then about {j.fixed_estimate.gib():.1f} GiB)" if j.fixed_estimate is not None else ""
+            out.append(f"    DOES NOT FIT. Cheapest fix: {j.fix or 'none found'}{fixed}")
+    if p.get("memory_check", True) and any(j.fits is False for j in jobs):
+        out.append("snakemake will refuse this run (planner.memory_check: false overrides).")
+    return "\n".join(out)
+
+
+def memory_dict(jobs: list) -> list[dict]:
+    """The memory table as JSON records (bytes)."""
+    return [{"job": j.job, "engine": j.engine, "model": j.model, "gpus": j.gpus, "gpu_bytes": j.gpu_bytes,
+             "peak_bytes": None if j.estimate is None else j.estimate.total_bytes,
+             "parts": None if j.estimate is None else j.estimate.parts,
+             "phase": None if j.estimate is None else j.estimate.phase, "fits": j.fits, "fix": j.fix,
+             "note": j.note} for j in jobs]
+
+
 def config_files(given: Iterable[str] | None) -> list[Path]:
     """Snakemake's order: the Snakefile's config.yaml first, then every --configfile."""
     files = [Path(f) for f in (given or [])]
@@ -597,7 +644,13 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         cfg = load_config(config_files(args.configfile))
         plan = make_plan(cfg, ROOT, args.articles)
-        print(json.dumps(plan.to_dict(), indent=2) if args.json else render(plan, cfg))
+        from .memory import plan_memory
+
+        jobs = plan_memory(cfg, ROOT)
+        if args.json:
+            print(json.dumps({**plan.to_dict(), "memory": memory_dict(jobs)}, indent=2))
+        else:
+            print(render(plan, cfg) + "\n\n" + render_memory(jobs, cfg))
 
     return stage.run(body, errors=(InputError, ValueError, OSError))
 
