@@ -341,19 +341,17 @@ def fsdp_train(cpt: dict, run, spec: dict, seed: int, workdir: Path, state: dict
 
 
 def memory_estimate(config: dict, spec: dict, cpt: dict, bf16: bool) -> dict:
-    """workflow_scripts.memory.estimate_train_memory for this run (the agreed interface; /work/notes/api.md)."""
-    try:
-        from .memory import ModelShape, TrainShape, estimate_train_memory
-    except ImportError as e:
-        return {"available": False, "reason": f"workflow_scripts.memory: {e}"}
+    """The planner's estimate (workflow_scripts/memory.py) of this run's peak per GPU: FSDP2 forced on at world size 1."""
+    from .memory import ModelShape, TrainShape, estimate_train_memory
+
     shape = ModelShape.from_hf_config(config)
     train = TrainShape(seq_len=spec["block_size"], micro_batch=spec["micro_batch"], world_size=1,
                        grad_accum=spec["global_batch"] // spec["micro_batch"], param_bytes=2 if bf16 else 4,
                        master_fp32=bf16, fsdp=True, reshard_after_forward=bool(cpt["fsdp"]["reshard_after_forward"]),
                        cpu_offload=False, activation_checkpointing=bool(cpt["gradient_checkpointing"]),
-                       no_sync_accumulation=bool(cpt["fsdp"].get("no_sync_accumulation", False)))
+                       no_sync_accumulation=bool(cpt["fsdp"].get("no_sync_accumulation", False)), force_fsdp=True)
     est = estimate_train_memory(shape, train)
-    return {"available": True, "estimate_bytes": int(est.total_bytes), "parts": dict(est.parts)}
+    return {"estimate_bytes": int(est.total_bytes), "parts": dict(est.parts)}
 
 
 def fsdp_worker(dry_run: bool, steps: int, workdir: Path) -> dict:
@@ -389,9 +387,8 @@ def fsdp_worker(dry_run: bool, steps: int, workdir: Path) -> dict:
     mem = memory_estimate(build_config(spec["shape"]), spec, cpt, rt.precision == "bf16")
     mem.update(measured_bytes=int(measured), measured_by="cuda max_memory_allocated" if on_gpu else
                "process max RSS (Python and torch included: not comparable)", tolerance=MEMORY_TOLERANCE)
-    if mem["available"]:
-        mem["ratio"] = mem["measured_bytes"] / mem["estimate_bytes"]
-        mem["within_tolerance"] = abs(mem["ratio"] - 1) <= MEMORY_TOLERANCE if on_gpu else None
+    mem["ratio"] = mem["measured_bytes"] / mem["estimate_bytes"]
+    mem["within_tolerance"] = abs(mem["ratio"] - 1) <= MEMORY_TOLERANCE if on_gpu else None
     res["memory"] = mem
     del model, opt
     if on_gpu:
@@ -452,7 +449,7 @@ def fsdp_report(f: dict) -> list[str]:
         return ["  FSDP2 phase FAILED:", *("    " + x for x in f.get("error", "").splitlines())]
     rs, m = f["resume"], f["memory"]
     mem = (f"estimate {m['estimate_bytes'] / 2**30:.2f} GiB, measured {m['measured_bytes'] / 2**30:.2f} GiB "
-           f"({m['measured_by']}), ratio {m['ratio']:.2f}" if m["available"] else f"no estimate ({m['reason']})")
+           f"({m['measured_by']}), ratio {m['ratio']:.2f}")
     return [f"  FSDP2 ({f['wrapper']}, {f['backend']}, world size {f['world_size']}, params {f['param_type']} "
             f"{f['param_dtype']}, compute {f['compute_dtype']}): loss {f['losses'][0]:.4f} -> {f['losses'][-1]:.4f} "
             f"over {f['steps']} steps",
