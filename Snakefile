@@ -3,10 +3,14 @@
 # Logic lives in workflow_scripts/; the rules are thin. See README.md and docs/architecture.md.
 from snakemake.utils import min_version
 
+from workflow_scripts.config import DEFAULT_CONFIG
+
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# The embedded demo config, found beside this Snakefile (not in the working folder), so that
+# `snakemake -s <clone>/Snakefile --directory <project>` runs; a module with `config:` skips it.
+configfile: str(DEFAULT_CONFIG)
 
 
 report: "report/workflow.rst"

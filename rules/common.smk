@@ -6,7 +6,7 @@ import sys
 
 from snakemake.settings.types import DeploymentMethod
 from workflow_scripts import job_keys, layout
-from workflow_scripts.config import ConfigError, check_budgets, missing_engine_message, validate_config
+from workflow_scripts.config import ROOT, ConfigError, check_budgets, missing_engine_message, validate_config
 from workflow_scripts.derived import check_methods, filter_variants, imported, method_kind, mixtures
 from workflow_scripts.memory import memory_problems
 from workflow_scripts.preflight import tensor_parallel_problem, vllm_rule_names
@@ -22,10 +22,16 @@ try:
 except ConfigError as e:
     sys.exit(f"error: {e}")
 
-# Rules run `python -m workflow_scripts.<stage>`. Without --use-conda that must be the interpreter running
-# Snakemake (the README's .venv), also when .venv/bin/snakemake is called without activating the venv; with
-# --use-conda the env's activation puts its own python first, so PATH is left alone.
-_PREFIX = "set -euo pipefail; export TOKENIZERS_PARALLELISM=false; "
+# Rules run `python -m workflow_scripts.<stage>`. The package is found through PYTHONPATH at the workflow's own
+# folder (WORKFLOW_ROOT, where this Snakefile's workflow_scripts/ lives), never the working folder, so the workflow
+# runs from a user's project folder (--directory) and as a module. Without --use-conda the interpreter must be the
+# one running Snakemake (the README's .venv), also when .venv/bin/snakemake is called without activating the venv;
+# with --use-conda the env's activation puts its own python first, so PATH is left alone.
+WORKFLOW_ROOT = str(ROOT)
+_PREFIX = (
+    "set -euo pipefail; export TOKENIZERS_PARALLELISM=false; "
+    f'export PYTHONPATH={shlex.quote(WORKFLOW_ROOT)}"${{{{PYTHONPATH:+:$PYTHONPATH}}}}"; '  # braces doubled: the prefix is formatted
+)
 if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
     _PREFIX += f'export PATH={shlex.quote(os.path.dirname(sys.executable))}:"$PATH"; '
 shell.prefix(_PREFIX)
@@ -260,7 +266,7 @@ JUDGE_GPU = 0 if INSTRUCT["judge"]["engine"] == "openai" else INSTRUCT_RES["gpu"
 SUMMARY_ENV = "../envs/synthesis-vllm.yaml" if INSTRUCT["summaries"]["engine"] == "vllm" else "../envs/eval.yaml"
 JUDGE_ENV = "../envs/synthesis-vllm.yaml" if INSTRUCT["judge"]["engine"] == "vllm" else "../envs/eval.yaml"
 # The judge's prompt files are inputs: editing one reruns the judging (records carry their version hash too).
-JUDGE_PROMPTS = [f"workflow_scripts/prompts/claims_{s}.txt" for s in ("split", "truth", "salience")]
+JUDGE_PROMPTS = [f"{WORKFLOW_ROOT}/workflow_scripts/prompts/claims_{s}.txt" for s in ("split", "truth", "salience")]
 
 
 # ---- synthesis stage (rules/synthesis.smk): jobs per shard of articles ----

@@ -65,7 +65,7 @@ rule instruct_tune:
 rule summarize:
     input:
         articles=ARTICLES,
-        prompts=expand("workflow_scripts/prompts/summary_{kind}.txt", kind=INSTRUCT["summaries"]["prompts"]),
+        prompts=expand(f"{WORKFLOW_ROOT}/workflow_scripts/prompts/summary_{{kind}}.txt", kind=INSTRUCT["summaries"]["prompts"]),
         model=lambda wc: model_dir(wc.model),
     output:
         f"{layout.SUMMARIES_DIR}/{{model}}.jsonl",

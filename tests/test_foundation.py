@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from workflow_scripts.config import config_hash, load_config, validate_config
+from workflow_scripts.config import config_hash, load_config, resolve_shipped_files, validate_config
 from workflow_scripts.io_utils import AppendOnlyJsonl, InputError, iter_jsonl, write_json_atomic
 from workflow_scripts.models import model_location
 
@@ -21,6 +21,24 @@ def test_schema_fills_defaults_and_demo_config_validates():
     assert cfg["models"]["base"] == {"source": "package", "name": "smollm2-135m-instruct", "revision": None, "dtype": "auto"}
     demo = load_config([ROOT / "config.yaml"])
     assert demo["data"]["quality"]["url"] == "resources/quality/QuALITY.v1.0.1.zip"
+
+
+def test_shipped_files_resolve_to_the_workflow_only_when_the_working_folder_lacks_them(tmp_path):
+    def cfg():
+        return {"data": {"quality": {"url": "resources/quality/QuALITY.v1.0.1.zip"}},
+                "cpt": {"replay": {"source": "resources/replay/jaywalker.txt"}, "probe": {"source": "mine.txt"}},
+                "instruct": {"data": {"source": "gutenberg"}}}
+
+    # From another folder: the workflow's own copy; a path the workflow does not ship and a name stay as given.
+    other = resolve_shipped_files(cfg(), tmp_path)
+    assert other["data"]["quality"]["url"] == str(ROOT / "resources/quality/QuALITY.v1.0.1.zip")
+    assert other["cpt"]["replay"]["source"] == str(ROOT / "resources/replay/jaywalker.txt")
+    assert other["cpt"]["probe"]["source"] == "mine.txt" and other["instruct"]["data"]["source"] == "gutenberg"
+    # The user's own file of that name wins, as a relative path in Snakemake does.
+    (tmp_path / "resources/replay").mkdir(parents=True)
+    (tmp_path / "resources/replay/jaywalker.txt").write_text("my replay text")
+    assert resolve_shipped_files(cfg(), tmp_path)["cpt"]["replay"]["source"] == "resources/replay/jaywalker.txt"
+    assert resolve_shipped_files(cfg(), ROOT) == cfg()
 
 
 def test_invalid_config_names_the_key():

@@ -18,6 +18,9 @@ from .io_utils import InputError, stable_hash
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = ROOT / "schemas" / "config.schema.yaml"
 DEFAULT_CONFIG = ROOT / "config.yaml"
+# Config keys whose default names a file the workflow ships (resources/): see `resolve_shipped_files`.
+SHIPPED_FILE_KEYS = (("data", "quality", "url"), ("cpt", "replay", "source"), ("cpt", "probe", "source"),
+                     ("instruct", "data", "source"))
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -64,6 +67,23 @@ def validate_config(cfg: dict) -> dict:
         more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
         raise ConfigError("invalid configuration: " + "; ".join(parts) + more +
                           " (schemas/config.schema.yaml documents every key)")
+    return resolve_shipped_files(cfg)
+
+
+def resolve_shipped_files(cfg: dict, workdir: str | Path = ".") -> dict:
+    """Point the file keys of SHIPPED_FILE_KEYS at the workflow's own copy when they name a relative path that the
+    working folder lacks but the workflow ships (the demo's `resources/...`), in place. A relative path is the
+    user's file first, as in Snakemake; the fallback lets the defaults work when the workflow runs from another
+    folder (`snakemake -s <clone>/Snakefile --directory <project>`) or as a module."""
+    for keys in SHIPPED_FILE_KEYS:
+        parent = cfg
+        for k in keys[:-1]:
+            parent = parent.get(k) if isinstance(parent, dict) else None
+        value = parent.get(keys[-1]) if isinstance(parent, dict) else None
+        if not isinstance(value, str) or not value or "://" in value or Path(value).is_absolute():
+            continue
+        if not (Path(workdir) / value).exists() and (ROOT / value).exists():
+            parent[keys[-1]] = str(ROOT / value)
     return cfg
 
 
