@@ -51,6 +51,7 @@ onstart:
     if _memory:
         sys.exit("\n".join(f"error: {line}" for line in _memory))
 
+
 # A GPU job's program runs through the pre-flight check (workflow_scripts/preflight.py): on a workstation it takes
 # GPUs of its own (CUDA_VISIBLE_DEVICES), and it stops in one line, exit 2, when torch, the driver or the vLLM build
 # does not fit the device. A CPU job (gpu=0) runs its program directly.
@@ -62,7 +63,8 @@ def gpu_guard(rule):
     runs vLLM under this config), nothing for a CPU job."""
     flag = " --vllm" if rule in VLLM_RULES else ""
     return lambda wc, resources: (
-        f"python -m workflow_scripts.preflight --gpus {resources.gpu}{flag} -- " if int(resources.gpu) > 0 else "")
+        f"python -m workflow_scripts.preflight --gpus {resources.gpu}{flag} -- " if int(resources.gpu) > 0 else ""
+    )
 
 
 # The shared names (paths, model ids, model lists, final targets) live in workflow_scripts/layout.py; the
@@ -182,8 +184,9 @@ EVAL_RES = EVAL["resources"]
 QA_DIR = layout.QA_DIR
 RAG_DIR = layout.RAG_DIR
 # vLLM cannot share an environment with the CPU pins (envs/eval.yaml explains): CoT on vllm uses its env.
-EVAL_ENV = ("../envs/synthesis-vllm.yaml" if "cot" in EVAL["modes"] and EVAL["cot"]["engine"] == "vllm"
-            else "../envs/eval.yaml")
+EVAL_ENV = (
+    "../envs/synthesis-vllm.yaml" if "cot" in EVAL["modes"] and EVAL["cot"]["engine"] == "vllm" else "../envs/eval.yaml"
+)
 
 
 def eval_models():

@@ -16,14 +16,14 @@ rule build_corpus:
         manifest=f"{CORPUS}/{{method}}/manifest.json",
     log:
         f"{LOGS}/corpus/{{method}}.log",
+    conda:
+        "../envs/train.yaml"
+    threads: 1
     params:
         cfg=job_config("build_corpus", "method"),
         ops=job_ops("build_corpus", "method"),
         model=lambda wc: model_location("base"),  # a folder, or a hub id (no input file)
         outdir=lambda wc, output: os.path.dirname(output.tokens),
-    threads: 1
-    conda:
-        "../envs/train.yaml"
     shell:
         "python -m workflow_scripts.corpus build --method {wildcards.method} "
         "--model {params.model:q} --inputs {input.records} --articles {input.articles} --outdir {params.outdir} "

@@ -3,8 +3,13 @@
 # Logic: workflow_scripts/train.py; docs/cpt.md.
 CPT = config["cpt"]
 # Local general-text files (replay source, forgetting probe) are inputs; Hugging Face dataset ids are not files.
-CPT_GENERAL = [p for p in ([CPT["probe"]["source"]] + ([CPT["replay"]["source"]] if CPT["replay"]["rate"] > 0 else []))
-               if p and os.path.exists(p)]
+CPT_GENERAL = [
+    p
+    for p in ([CPT["probe"]["source"]] + ([CPT["replay"]["source"]] if CPT["replay"]["rate"] > 0 else []))
+    if p and os.path.exists(p)
+]
+
+
 rule cpt:
     input:
         corpus=f"{CORPUS}/{{method}}/tokens.npy",
@@ -13,14 +18,24 @@ rule cpt:
         general=CPT_GENERAL,
         articles=ARTICLES,  # the forgetting probe is checked against them (workflow_scripts/replay.py)
         # a mixture trained easy to hard reads the per-block losses of its corpus (rules/mixture.smk)
-        difficulty=lambda wc: [f"{CORPUS}/{wc.method}/block_loss.npy"]
-        if MIXTURES.get(wc.method, {}).get("order") == "perplexity" else [],
+        difficulty=lambda wc: (
+            [f"{CORPUS}/{wc.method}/block_loss.npy"]
+            if MIXTURES.get(wc.method, {}).get("order") == "perplexity"
+            else []
+        ),
     output:
         directory(f"{layout.MODELS}/{{method}}/{{budget}}"),
     log:
         f"{LOGS}/cpt/{{method}}/{{budget}}.log",
     benchmark:
         "results/benchmarks/cpt/{method}/{budget}.tsv"
+    conda:
+        "../envs/train.yaml"
+    threads: CPT["threads"]
+    resources:
+        gpu=CPT["resources"]["gpu"],
+        mem_mb=CPT["resources"]["mem_mb"],
+        runtime=CPT["resources"]["runtime"],
     params:
         guard=gpu_guard("cpt"),
         cfg=job_config("cpt"),
@@ -29,15 +44,11 @@ rule cpt:
         corpus=lambda wc, input: os.path.dirname(input.corpus),
         workdir=lambda wc: f"{layout.CHECKPOINTS}/{wc.method}/{wc.budget}",
         # one process, or torchrun with one worker per GPU the job declares
-        launch=lambda wc, resources: (f"python -m torch.distributed.run --standalone --nproc_per_node {resources.gpu}"
-                                      if int(resources.gpu) > 1 else "python"),
-    threads: CPT["threads"]
-    resources:
-        gpu=CPT["resources"]["gpu"],
-        mem_mb=CPT["resources"]["mem_mb"],
-        runtime=CPT["resources"]["runtime"],
-    conda:
-        "../envs/train.yaml"
+        launch=lambda wc, resources: (
+            f"python -m torch.distributed.run --standalone --nproc_per_node {resources.gpu}"
+            if int(resources.gpu) > 1
+            else "python"
+        ),
     shell:
         "OMP_NUM_THREADS={threads} TOKENIZERS_PARALLELISM=false {params.guard}{params.launch} -m workflow_scripts.train "
         "--corpus {params.corpus} --method {wildcards.method} --budget {wildcards.budget} --model {params.model:q} "

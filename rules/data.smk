@@ -7,14 +7,13 @@ rule download_quality:
         layout.QUALITY_ZIP,
     log:
         f"{LOGS}/download_quality.log",
+    conda:
+        "../envs/base.yaml"
     params:
         url=config["data"]["quality"]["url"],
         sha256=f"--sha256 {config['data']['quality']['sha256']}" if config["data"]["quality"]["sha256"] else "",
-    conda:
-        "../envs/base.yaml"
     shell:
-        "python -m workflow_scripts.quality download --url {params.url:q} {params.sha256} "
-        "--output {output} 2> {log}"
+        "python -m workflow_scripts.quality download --url {params.url:q} {params.sha256} " "--output {output} 2> {log}"
 
 
 checkpoint prepare_articles:
@@ -26,11 +25,11 @@ checkpoint prepare_articles:
         stats=layout.PREPARE_STATS,
     log:
         f"{LOGS}/prepare_articles.log",
+    conda:
+        "../envs/base.yaml"
     params:
         cfg=job_config("prepare_articles"),
         zip=lambda wc, input: f"--zip {input.zip}" if "zip" in input.keys() else "",
-    conda:
-        "../envs/base.yaml"
     shell:
         "python -m workflow_scripts.quality prepare --config-json {params.cfg:q} {params.zip} "
         "--outdir results/data 2> {log}"

@@ -17,18 +17,18 @@ rule eval_qa:
         f"{LOGS}/evaluation/eval_qa/{{model}}.log",
     benchmark:
         "results/benchmarks/evaluation/eval_qa/{model}.tsv"
-    params:
-        guard=gpu_guard("eval_qa"),
-        cfg=job_config("eval_qa", "model"),
-        ops=job_ops("eval_qa", "model"),
-        model_path=eval_model_path,
+    conda:
+        EVAL_ENV
     threads: EVAL["threads"]
     resources:
         gpu=EVAL_RES["gpu"],
         mem_mb=EVAL_RES["mem_mb"],
         runtime=EVAL_RES["runtime"],
-    conda:
-        EVAL_ENV
+    params:
+        guard=gpu_guard("eval_qa"),
+        cfg=job_config("eval_qa", "model"),
+        ops=job_ops("eval_qa", "model"),
+        model_path=eval_model_path,
     shell:
         "{params.guard}python -m workflow_scripts.qa_eval --model-id {wildcards.model} --model-path {params.model_path:q} "
         "--questions {input.questions} --articles {input.articles} --output-jsonl {output.jsonl} "
@@ -48,18 +48,18 @@ rule eval_rag:
         f"{LOGS}/evaluation/eval_rag/{{model}}.log",
     benchmark:
         "results/benchmarks/evaluation/eval_rag/{model}.tsv"
-    params:
-        guard=gpu_guard("eval_rag"),
-        cfg=job_config("eval_rag", "model"),
-        ops=job_ops("eval_rag", "model"),
-        model_path=eval_model_path,
+    conda:
+        EVAL_ENV
     threads: EVAL["threads"]
     resources:
         gpu=EVAL_RES["gpu"],
         mem_mb=EVAL_RES["mem_mb"],
         runtime=EVAL_RES["runtime"],
-    conda:
-        EVAL_ENV
+    params:
+        guard=gpu_guard("eval_rag"),
+        cfg=job_config("eval_rag", "model"),
+        ops=job_ops("eval_rag", "model"),
+        model_path=eval_model_path,
     shell:
         "{params.guard}python -m workflow_scripts.rag --model-id {wildcards.model} --model-path {params.model_path:q} "
         "--questions {input.questions} --articles {input.articles} --output-jsonl {output.jsonl} "
@@ -75,12 +75,12 @@ rule aggregate:
         report(layout.QA_TABLE, caption="../report/qa_accuracy.rst", category="QA accuracy"),
     log:
         f"{LOGS}/evaluation/aggregate.log",
+    conda:
+        "../envs/eval.yaml"
     params:
         split=EVAL["report"]["split"],  # which accuracy the table's accuracy column holds (evaluation.report)
         convention=EVAL["report"]["convention"],
         models_dir=lambda wc, input: layout.MODELS,  # where the train summaries (input.models) live
-    conda:
-        "../envs/eval.yaml"
     shell:
         "python -m workflow_scripts.aggregate qa --summaries {input.summaries} --models-dir {params.models_dir} "
         "--output {output} --report-split {params.split} --report-convention {params.convention} 2> {log}"
@@ -94,12 +94,12 @@ rule aggregate_rag:
         report(layout.RAG_TABLE, caption="../report/rag_accuracy.rst", category="QA accuracy"),
     log:
         f"{LOGS}/evaluation/aggregate_rag.log",
+    conda:
+        "../envs/eval.yaml"
     params:
         split=EVAL["report"]["split"],  # which accuracy the table's accuracy column holds (evaluation.report)
         convention=EVAL["report"]["convention"],
         models_dir=lambda wc, input: layout.MODELS,  # where the train summaries (input.models) live
-    conda:
-        "../envs/eval.yaml"
     shell:
         "python -m workflow_scripts.aggregate rag --summaries {input.summaries} --models-dir {params.models_dir} "
         "--output {output} --report-split {params.split} --report-convention {params.convention} 2> {log}"

@@ -11,10 +11,10 @@ rule fit_scaling:
         report(layout.SCALING_FIT, caption="../report/scaling_fit.rst", category="Scaling curve"),
     log:
         f"{LOGS}/figures/fit_scaling.log",
-    params:
-        cfg=job_config("fit_scaling"),
     conda:
         "../envs/base.yaml"
+    params:
+        cfg=job_config("fit_scaling"),
     shell:
         "python -m workflow_scripts.fit_scaling --table {input.table} --config-json {params.cfg:q} "
         "--output {output} 2> {log}"
@@ -29,10 +29,10 @@ rule plot_scaling:
         figure_extras("scaling_curve"),
     log:
         f"{LOGS}/figures/plot_scaling.log",
-    params:
-        cfg=job_config("plot_scaling"),
     conda:
         "../envs/base.yaml"
+    params:
+        cfg=job_config("plot_scaling"),
     shell:
         "python -m workflow_scripts.figures scaling --table {input.table} --fit {input.fit} "
         "--config-json {params.cfg:q} --output {output} 2> {log}"
@@ -47,10 +47,10 @@ rule plot_diversity:
         figure_extras("diversity"),
     log:
         f"{LOGS}/figures/plot_diversity.log",
-    params:
-        cfg=job_config("plot_diversity"),
     conda:
         "../envs/base.yaml"
+    params:
+        cfg=job_config("plot_diversity"),
     shell:
         "python -m workflow_scripts.figures diversity --reports {input.reports} "
         "--config-json {params.cfg:q} --output {output} 2> {log}"
@@ -62,8 +62,9 @@ rule synthesis_summary:
         reports=synth_files("report"),
     output:
         csv=f"{layout.SYNTH_SUMMARY}.csv",
-        html=report(f"{layout.SYNTH_SUMMARY}.html", caption="../report/synthesis_summary.rst",
-                    category="Synthetic data"),
+        html=report(
+            f"{layout.SYNTH_SUMMARY}.html", caption="../report/synthesis_summary.rst", category="Synthetic data"
+        ),
     log:
         f"{LOGS}/figures/synthesis_summary.log",
     conda:

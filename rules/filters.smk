@@ -27,18 +27,18 @@ rule filter_variant:
         f"{LOGS}/filters/{{method}}.log",
     benchmark:
         "results/benchmarks/filters/{method}.tsv"
-    params:
-        guard=gpu_guard("filter_variant"),
-        cfg=job_config("filter_variant", "method"),
-        ops=job_ops("filter_variant", "method"),
-        outdir=lambda wc: f"{FILTERED}/{wc.method}",
+    conda:
+        "../envs/synthesis-vllm.yaml"
     threads: FILTER_RES["threads"]
     resources:
         gpu=FILTER_RES["gpu"],
         mem_mb=FILTER_RES["mem_mb"],
         runtime=FILTER_RES["runtime"],
-    conda:
-        "../envs/synthesis-vllm.yaml"
+    params:
+        guard=gpu_guard("filter_variant"),
+        cfg=job_config("filter_variant", "method"),
+        ops=job_ops("filter_variant", "method"),
+        outdir=lambda wc: f"{FILTERED}/{wc.method}",
     shell:
         "OMP_NUM_THREADS={threads} {params.guard}python -m workflow_scripts.filters run --variant {wildcards.method} "
         "--articles {input.articles} --inputs {input.records} --outdir {params.outdir} "
@@ -51,14 +51,18 @@ rule import_corpus:
         source=lambda wc: imported(config)[wc.method]["path"],
     output:
         records=f"{IMPORTED}/{{method}}/records.jsonl",
-        report=report(f"{IMPORTED}/{{method}}/report.json", caption="../report/import.rst",
-                      category="Synthetic data", subcategory="{method}"),
+        report=report(
+            f"{IMPORTED}/{{method}}/report.json",
+            caption="../report/import.rst",
+            category="Synthetic data",
+            subcategory="{method}",
+        ),
     log:
         f"{LOGS}/imports/{{method}}.log",
-    params:
-        cfg=job_config("import_corpus", "method"),
     conda:
         "../envs/base.yaml"
+    params:
+        cfg=job_config("import_corpus", "method"),
     shell:
         "python -m workflow_scripts.import_corpus --name {wildcards.method} --articles {input.articles} "
         "--output {output.records} --report {output.report} --config-json {params.cfg:q} 2> {log}"

@@ -16,14 +16,14 @@ rule instruct_corpus:
         chat=f"{layout.INSTRUCT_CORPUS}/chat.jsonl",
     log:
         f"{LOGS}/instruct/corpus.log",
+    conda:
+        "../envs/train.yaml"
+    threads: 1
     params:
         cfg=job_config("instruct_corpus"),
         ops=job_ops("instruct_corpus"),
         model=lambda wc: model_location("base"),
         outdir=lambda wc, output: os.path.dirname(output.tokens),
-    threads: 1
-    conda:
-        "../envs/train.yaml"
     shell:
         "python -m workflow_scripts.instruct corpus --model {params.model:q} --outdir {params.outdir} "
         "--config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"
@@ -40,6 +40,13 @@ rule instruct_tune:
         f"{LOGS}/instruct/tune/{{model}}.log",
     benchmark:
         "results/benchmarks/instruct/tune/{model}.tsv"
+    conda:
+        "../envs/train.yaml"
+    threads: config["cpt"]["threads"]
+    resources:
+        gpu=INSTRUCT["resources"]["gpu"],
+        mem_mb=INSTRUCT["resources"]["mem_mb"],
+        runtime=INSTRUCT["resources"]["runtime"],
     params:
         guard=gpu_guard("instruct_tune"),
         cfg=job_config("instruct_tune"),
@@ -47,15 +54,11 @@ rule instruct_tune:
         corpus=lambda wc, input: os.path.dirname(input.tokens),
         start=lambda wc: model_location("base") if wc.model == "base" else model_dir(wc.model),
         workdir=lambda wc: f"results/checkpoints/instruct/{wc.model}",
-        launch=lambda wc, resources: (f"python -m torch.distributed.run --standalone --nproc_per_node {resources.gpu}"
-                                      if int(resources.gpu) > 1 else "python"),
-    threads: config["cpt"]["threads"]
-    resources:
-        gpu=INSTRUCT["resources"]["gpu"],
-        mem_mb=INSTRUCT["resources"]["mem_mb"],
-        runtime=INSTRUCT["resources"]["runtime"],
-    conda:
-        "../envs/train.yaml"
+        launch=lambda wc, resources: (
+            f"python -m torch.distributed.run --standalone --nproc_per_node {resources.gpu}"
+            if int(resources.gpu) > 1
+            else "python"
+        ),
     shell:
         "OMP_NUM_THREADS={threads} {params.guard}{params.launch} -m workflow_scripts.instruct tune --corpus {params.corpus} "
         "--start {params.start:q} --output {output} --workdir {params.workdir} --config-json {params.cfg:q} "
@@ -65,23 +68,25 @@ rule instruct_tune:
 rule summarize:
     input:
         articles=ARTICLES,
-        prompts=expand(f"{WORKFLOW_ROOT}/workflow_scripts/prompts/summary_{{kind}}.txt", kind=INSTRUCT["summaries"]["prompts"]),
+        prompts=expand(
+            f"{WORKFLOW_ROOT}/workflow_scripts/prompts/summary_{{kind}}.txt", kind=INSTRUCT["summaries"]["prompts"]
+        ),
         model=lambda wc: model_dir(wc.model),
     output:
         f"{layout.SUMMARIES_DIR}/{{model}}.jsonl",
     log:
         f"{LOGS}/instruct/summarize/{{model}}.log",
-    params:
-        guard=gpu_guard("summarize"),
-        cfg=job_config("summarize"),
-        ops=job_ops("summarize"),
+    conda:
+        SUMMARY_ENV
     threads: INSTRUCT["summaries"]["threads"]
     resources:
         gpu=INSTRUCT_RES["gpu"],
         mem_mb=INSTRUCT_RES["mem_mb"],
         runtime=INSTRUCT_RES["runtime"],
-    conda:
-        SUMMARY_ENV
+    params:
+        guard=gpu_guard("summarize"),
+        cfg=job_config("summarize"),
+        ops=job_ops("summarize"),
     shell:
         "OMP_NUM_THREADS={threads} {params.guard}python -m workflow_scripts.summaries summarize --model-id {wildcards.model} "
         "--model-path {input.model:q} --articles {input.articles} --output {output} "
@@ -99,17 +104,17 @@ rule judge_summaries:
         json=f"{layout.CLAIMS_DIR}/{{model}}.json",
     log:
         f"{LOGS}/instruct/judge/{{model}}.log",
-    params:
-        guard=gpu_guard("judge_summaries"),
-        cfg=job_config("judge_summaries"),
-        ops=job_ops("judge_summaries"),
+    conda:
+        JUDGE_ENV
     threads: INSTRUCT["summaries"]["threads"]
     resources:
         gpu=JUDGE_GPU,
         mem_mb=INSTRUCT_RES["mem_mb"],
         runtime=INSTRUCT_RES["runtime"],
-    conda:
-        JUDGE_ENV
+    params:
+        guard=gpu_guard("judge_summaries"),
+        cfg=job_config("judge_summaries"),
+        ops=job_ops("judge_summaries"),
     shell:
         "OMP_NUM_THREADS={threads} {params.guard}python -m workflow_scripts.claims judge --summaries {input.summaries} "
         "--articles {input.articles} --output-jsonl {output.jsonl} --output-json {output.json} "
@@ -127,17 +132,17 @@ rule judge_human_summaries:
         json=f"{layout.HUMAN_DIR}/claims.json",
     log:
         f"{LOGS}/instruct/judge/human.log",
-    params:
-        guard=gpu_guard("judge_human_summaries"),
-        cfg=job_config("judge_human_summaries"),
-        ops=job_ops("judge_human_summaries"),
+    conda:
+        JUDGE_ENV
     threads: INSTRUCT["summaries"]["threads"]
     resources:
         gpu=JUDGE_GPU,
         mem_mb=INSTRUCT_RES["mem_mb"],
         runtime=INSTRUCT_RES["runtime"],
-    conda:
-        JUDGE_ENV
+    params:
+        guard=gpu_guard("judge_human_summaries"),
+        cfg=job_config("judge_human_summaries"),
+        ops=job_ops("judge_human_summaries"),
     shell:
         "OMP_NUM_THREADS={threads} {params.guard}python -m workflow_scripts.claims judge --human {input.human} "
         "--articles {input.articles} --output-jsonl {output.jsonl} --output-json {output.json} "
@@ -154,11 +159,11 @@ rule claims_table:
         figure=report(layout.CLAIMS_FIGURE, caption="../report/summary_claims.rst", category="Summaries"),
     log:
         f"{LOGS}/instruct/claims_table.log",
+    conda:
+        "../envs/base.yaml"
     params:
         human=f"--human {HUMAN_CLAIMS}" if HUMAN_CLAIMS else "",
         title=f"{config['run_name']}: claims of the instruct models' summaries",
-    conda:
-        "../envs/base.yaml"
     shell:
         "python -m workflow_scripts.claims_report --claims {input.claims} {params.human} --table {output.table} "
         "--figure {output.figure} --title {params.title:q} 2> {log}"
@@ -171,21 +176,25 @@ rule instruct_examples:
         model=lambda wc: model_dir(wc.model),
     output:
         jsonl=f"{layout.EXAMPLES_DIR}/{{model}}.jsonl",
-        html=report(f"{layout.EXAMPLES_DIR}/{{model}}.html", caption="../report/instruct_examples.rst",
-                    category="Instruction following", subcategory="{model}"),
+        html=report(
+            f"{layout.EXAMPLES_DIR}/{{model}}.html",
+            caption="../report/instruct_examples.rst",
+            category="Instruction following",
+            subcategory="{model}",
+        ),
     log:
         f"{LOGS}/instruct/examples/{{model}}.log",
-    params:
-        guard=gpu_guard("instruct_examples"),
-        cfg=job_config("instruct_examples"),
-        ops=job_ops("instruct_examples"),
+    conda:
+        SUMMARY_ENV
     threads: INSTRUCT["summaries"]["threads"]
     resources:
         gpu=INSTRUCT_RES["gpu"],
         mem_mb=INSTRUCT_RES["mem_mb"],
         runtime=INSTRUCT_RES["runtime"],
-    conda:
-        SUMMARY_ENV
+    params:
+        guard=gpu_guard("instruct_examples"),
+        cfg=job_config("instruct_examples"),
+        ops=job_ops("instruct_examples"),
     shell:
         "OMP_NUM_THREADS={threads} {params.guard}python -m workflow_scripts.summaries examples --model-id {wildcards.model} "
         "--model-path {input.model:q} --articles {input.articles} --questions {input.questions} "

@@ -31,18 +31,18 @@ rule extract_entities:
         f"{LOGS}/synthesis/extract_entities/shard-{{shard}}.log",
     benchmark:
         "results/benchmarks/synthesis/extract_entities/shard-{shard}.tsv"
-    params:
-        guard=gpu_guard("extract_entities"),
-        cfg=job_config("extract_entities"),
-        ops=job_ops("extract_entities"),
-        uids=lambda wc: " ".join(shard_uids(wc.shard)),
+    conda:
+        "../envs/synthesis-vllm.yaml"
     threads: SYNTH_RES["threads"]
     resources:
         gpu=SYNTH_RES["gpu"],
         mem_mb=SYNTH_RES["mem_mb"],
         runtime=SYNTH_RES["runtime"],
-    conda:
-        "../envs/synthesis-vllm.yaml"
+    params:
+        guard=gpu_guard("extract_entities"),
+        cfg=job_config("extract_entities"),
+        ops=job_ops("extract_entities"),
+        uids=lambda wc: " ".join(shard_uids(wc.shard)),
     shell:
         "OMP_NUM_THREADS={threads} {params.guard}python -m workflow_scripts.synthesis extract-shard --articles {input.articles} "
         "--shard {wildcards.shard} --shard-articles {params.uids} --outdir {output} "
@@ -69,8 +69,7 @@ rule synthesize:
         model=model_input("generator"),
         # methods that read entity lists (entigraph, families with needs_entities) wait for the extraction
         entities=lambda wc: (
-            [f"{ENTITIES}/{u}.json" for u in shard_uids(wc.shard)] if method_needs_entities(wc.method, config)
-            else []
+            [f"{ENTITIES}/{u}.json" for u in shard_uids(wc.shard)] if method_needs_entities(wc.method, config) else []
         ),
     output:
         directory(f"{SYNTH}/{{method}}/shards/{{shard}}"),
@@ -78,19 +77,19 @@ rule synthesize:
         f"{LOGS}/synthesis/synthesize/{{method}}/shard-{{shard}}.log",
     benchmark:
         "results/benchmarks/synthesis/synthesize/{method}/shard-{shard}.tsv"
+    conda:
+        "../envs/synthesis-vllm.yaml"
+    threads: SYNTH_RES["threads"]
+    resources:
+        gpu=SYNTH_RES["gpu"],
+        mem_mb=SYNTH_RES["mem_mb"],
+        runtime=SYNTH_RES["runtime"],
     params:
         guard=gpu_guard("synthesize"),
         cfg=job_config("synthesize", "method"),
         ops=job_ops("synthesize", "method"),
         uids=lambda wc: " ".join(shard_uids(wc.shard)),
         entities=lambda wc, input: f"--entities-dir {ENTITIES}" if input.entities else "",
-    threads: SYNTH_RES["threads"]
-    resources:
-        gpu=SYNTH_RES["gpu"],
-        mem_mb=SYNTH_RES["mem_mb"],
-        runtime=SYNTH_RES["runtime"],
-    conda:
-        "../envs/synthesis-vllm.yaml"
     shell:
         "OMP_NUM_THREADS={threads} {params.guard}python -m workflow_scripts.synthesis synthesize-shard --method {wildcards.method} "
         "--articles {input.articles} --shard {wildcards.shard} --shard-articles {params.uids} {params.entities} "
@@ -135,12 +134,12 @@ rule synthesis_report:
         ),
     log:
         f"{LOGS}/synthesis/synthesis_report/{{method}}.log",
+    conda:
+        "../envs/base.yaml"
     params:
         cfg=job_config("synthesis_report"),
         entities=lambda wc, input: f"--entities-dir {ENTITIES}" if input.entities else "",
         synth_dir=lambda wc: f"{SYNTH}/{wc.method}",
-    conda:
-        "../envs/base.yaml"
     shell:
         "python -m workflow_scripts.synthesis report --method {wildcards.method} --articles {input.articles} "
         "--synth-dir {params.synth_dir} {params.entities} --ledger {output.ledger} "
