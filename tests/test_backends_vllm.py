@@ -66,6 +66,20 @@ def test_sampling_kwargs_carry_seed_n_stop_and_keep_stop_string():
     assert sampling_kwargs(r) == {"n": 4, "temperature": 0.1, "top_p": 0.95, "max_tokens": 300, "seed": 11,
                                   "stop": ["\nAnswer: A.", "\nAnswer: B."], "include_stop_str_in_output": True}
     assert sampling_kwargs(GenerationRequest(id="x", prompt="p"))["stop"] is None
+    assert "structured_outputs" not in sampling_kwargs(r)
+
+
+def test_a_json_request_is_decoded_under_structured_outputs():
+    """The entity extraction asks for JSON (response_format json_object, the openai engine's JSON mode) and gives
+    the shape its prompt asks for (json_schema): vLLM decodes to that schema, or to any JSON object without one."""
+    from workflow_scripts.entigraph import EXTRACTION_SCHEMA
+
+    schema = GenerationRequest(id="e", prompt="p", metadata={"response_format": "json_object",
+                                                             "json_schema": EXTRACTION_SCHEMA})
+    assert sampling_kwargs(schema)["structured_outputs"] == {"json": EXTRACTION_SCHEMA}
+    assert EXTRACTION_SCHEMA["required"] == ["summary", "entities"]
+    plain = GenerationRequest(id="o", prompt="p", metadata={"response_format": "json_object"})
+    assert sampling_kwargs(plain)["structured_outputs"] == {"json_object": True}
 
 
 def test_plan_orders_by_group_and_splits_chat_from_plain():

@@ -110,6 +110,9 @@ def test_extraction_and_synthesis_on_vllm_with_prefix_caching(driver_run):
     assert doc["status"] in ("ok", "fallback") and len(doc["entities"]) >= 3
     ((_, work_rec),) = list(iter_jsonl(out / "work" / "extraction" / "v1.jsonl"))
     assert work_rec["prompt_tokens"] > 200 and 1 <= work_rec["completion_tokens"] <= 24
+    # decoded under the extraction's JSON schema (structured outputs): the answer is a JSON object from its first
+    # character, with the schema's first key (cut off by the 24-token limit)
+    assert work_rec["text"].lstrip().startswith('{') and '"summary"' in work_rec["text"], work_rec["text"]
     for method, kinds in (("entigraph", {"pair": 3, "triple": 1}),
                           ("rephrase", {"rephrase-easy": 2, "rephrase-hard": 2})):
         folder = out / method / "shards" / shard

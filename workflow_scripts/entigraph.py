@@ -35,6 +35,11 @@ from .synth_framework import (Method, Task, generation_hash, generator_name, loa
 ENTITIES_TEMPLATE = "entigraph_entities"
 PAIR_TEMPLATE = "entigraph_pair"
 TRIPLE_TEMPLATE = "entigraph_triple"
+# The answer's shape as the extraction prompt asks for it: engines that can constrain decoding to a JSON schema (vLLM's
+# structured outputs) decode to it; the openai engine asks for JSON mode (response_format json_object).
+EXTRACTION_SCHEMA = {"type": "object", "properties": {"summary": {"type": "string"},
+                                                     "entities": {"type": "array", "items": {"type": "string"}}},
+                     "required": ["summary", "entities"]}
 MIN_ENTITIES = 2  # an extraction with fewer entities yields no relation text: it counts as failed and is retried
 
 
@@ -362,7 +367,7 @@ def extract_entities(cfg: dict, article: dict, work_path: str | Path, make_backe
                         group=uid, max_new_tokens=max_new, temperature=float(sampling["temperature"]),
                         top_p=float(sampling["top_p"]), seed=seed,
                         metadata={"method": "entigraph", "kind": "extraction", "article_uid": uid,
-                                  "response_format": "json_object"})
+                                  "response_format": "json_object", "json_schema": EXTRACTION_SCHEMA})
                     c = next(iter(backend.generate([req])), None)
                     rec = {"id": rid, "attempt": attempt, "seed": seed, "text": c.text if c else "",
                            "error": c.error if c else "no completion returned by the engine",

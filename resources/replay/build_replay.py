@@ -5,8 +5,11 @@ Two Project Gutenberg stories of the 15-article sample (resources/quality/) that
 - jaywalker.txt: "Jaywalker", Ross Rocklynne (1950), Project Gutenberg ebook #51027: the replay source.
 - reluctant_heroes.txt: "The Reluctant Heroes", Frank M. Robinson (1970), Project Gutenberg ebook #51483: the
   held-out text of the forgetting probe.
+- paragraphs.jsonl: both stories cut at blank lines, one {"text": paragraph} record per paragraph (295): a
+  many-document replay source, so that the paper's `cpt.probe.source: replay:heldout` with its 1% held out has
+  documents to hold out (experiments/paper-rehearsal.yaml).
 
-    python resources/replay/build_replay.py          # write the two files
+    python resources/replay/build_replay.py          # write the three files
     python resources/replay/build_replay.py --check  # byte-compare with the files here
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -22,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 ZIP = HERE.parent / "quality" / "QuALITY.v1.0.1.zip"
 MEMBER = "QuALITY.v1.0.1/QuALITY.v1.0.1.htmlstripped.dev"
 FILES = {"51027": "jaywalker.txt", "51483": "reluctant_heroes.txt"}
+PARAGRAPHS = "paragraphs.jsonl"
 
 
 def build() -> dict[str, str]:
@@ -36,6 +41,8 @@ def build() -> dict[str, str]:
             assert rec["source"] == "Gutenberg", rec["article_id"]
             out[FILES[rec["article_id"]]] = rec["article"].strip() + "\n"
     assert set(out) == set(FILES.values()), sorted(out)
+    paragraphs = [p.strip() for name in FILES.values() for p in re.split(r"\n[ \t]*\n", out[name]) if p.strip()]
+    out[PARAGRAPHS] = "".join(json.dumps({"text": p}, ensure_ascii=False) + "\n" for p in paragraphs)
     return out
 
 

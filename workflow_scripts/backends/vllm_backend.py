@@ -32,9 +32,13 @@ def sampling_kwargs(req: GenerationRequest) -> dict[str, Any]:
 
     `include_stop_str_in_output` keeps the matched stop string in the text, as the other engines do (the CoT
     evaluator reads the answer letter from it). `seed` makes the request's samples reproducible on its own,
-    whatever it is batched with.
+    whatever it is batched with. A request that asks for a JSON answer (metadata `response_format: json_object`, as
+    the entity extraction does; the openai engine sends it as the API's JSON mode) is decoded under vLLM's
+    structured outputs: to the JSON schema of metadata `json_schema` when the request gives one (the shape its
+    prompt asks for), else to any JSON object. `structured_outputs` is the keyword arguments of
+    `vllm.sampling_params.StructuredOutputsParams`.
     """
-    return {
+    kw: dict[str, Any] = {
         "n": req.n,
         "temperature": float(req.temperature),
         "top_p": float(req.top_p),
@@ -43,6 +47,22 @@ def sampling_kwargs(req: GenerationRequest) -> dict[str, Any]:
         "stop": list(req.stop) or None,
         "include_stop_str_in_output": True,
     }
+    meta = req.metadata or {}
+    if meta.get("json_schema") is not None:
+        kw["structured_outputs"] = {"json": meta["json_schema"]}
+    elif meta.get("response_format") == "json_object":
+        kw["structured_outputs"] = {"json_object": True}
+    return kw
+
+
+def make_sampling_params(**kw: Any) -> Any:
+    """`vllm.SamplingParams(**kw)`, with `structured_outputs` given as StructuredOutputsParams keyword arguments."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if kw.get("structured_outputs") is not None:
+        kw["structured_outputs"] = StructuredOutputsParams(**kw["structured_outputs"])
+    return SamplingParams(**kw)
 
 
 def plan_calls(requests: Iterable[GenerationRequest], chunk_size: int) -> list[tuple[str, list[GenerationRequest]]]:
@@ -169,12 +189,12 @@ class VLLMBackend:
                 f"the vllm backend needs the vLLM engine ({type(e).__name__}: {e}); build it with "
                 "`bash scripts/bootstrap.sh --vllm` (CPU build without CUDA, vllm on a GPU machine), or run with "
                 "--use-conda (envs/synthesis-vllm.yaml), or choose the transformers or openai backend") from None
-        from vllm import LLM, SamplingParams
+        from vllm import LLM
 
         self.model = str(model)
         self.chunk_size = int(chunk_size)
         self.progress = bool(progress)
-        self._sampling_params = SamplingParams
+        self._sampling_params = make_sampling_params
         self.llm = LLM(**llm_kwargs(self.model, tensor_parallel_size, gpu_memory_utilization, max_model_len, dtype,
                                     enable_prefix_caching, enforce_eager, seed))
 
