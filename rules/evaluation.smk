@@ -72,18 +72,20 @@ rule aggregate:
         # the train summaries (tokens trained on) that --models-dir points to
         models=cpt_dirs(eval_models()),
     output:
-        report(layout.QA_TABLE, caption="../report/qa_accuracy.rst", category="QA accuracy"),
+        table=report(layout.QA_TABLE, caption="../report/qa_accuracy.rst", category="QA accuracy"),
+        headline=report(layout.QA_HEADLINE, caption="../report/qa_headline.rst", category="QA accuracy"),
     log:
         f"{LOGS}/evaluation/aggregate.log",
     conda:
         "../envs/eval.yaml"
     params:
-        split=EVAL["report"]["split"],  # which accuracy the table's accuracy column holds (evaluation.report)
+        split=EVAL["report"]["split"],  # which accuracy the headline rows hold (evaluation.report)
         convention=EVAL["report"]["convention"],
         models_dir=lambda wc, input: layout.MODELS,  # where the train summaries (input.models) live
     shell:
         "python -m workflow_scripts.aggregate qa --summaries {input.summaries} --models-dir {params.models_dir} "
-        "--output {output} --report-split {params.split} --report-convention {params.convention} 2> {log}"
+        "--output {output.table} --headline {output.headline} --report-split {params.split} "
+        "--report-convention {params.convention} 2> {log}"
 
 
 rule aggregate_rag:
@@ -97,7 +99,7 @@ rule aggregate_rag:
     conda:
         "../envs/eval.yaml"
     params:
-        split=EVAL["report"]["split"],  # which accuracy the table's accuracy column holds (evaluation.report)
+        split=EVAL["report"]["split"],  # which accuracy the headline rows hold (evaluation.report)
         convention=EVAL["report"]["convention"],
         models_dir=lambda wc, input: layout.MODELS,  # where the train summaries (input.models) live
     shell:

@@ -115,6 +115,7 @@ def test_table_and_axis_of_a_fraction_model(tmp_path):
     block = {"accuracy": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n": 100}
     rows = summary_rows({"model": "entigraph-r0.25", "modes": {"loglik": block}}, models)
     assert rows[0]["budget_tokens"] == 2500 and rows[0]["budget_fraction"] == 0.25 and rows[0]["kind"] == "cpt"
+    assert rows[0]["budget"] == "r0.25" and rows[0]["headline"] and rows[0]["value"] == 0.5
     assert budget_fraction({"budget_tokens": 455, "corpus_total_tokens": 599}) == 455 / 599
     table = tmp_path / "t.csv"
     pd.DataFrame(rows).to_csv(table, index=False)

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from workflow_scripts import layout
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -54,10 +56,13 @@ def test_dag_produces_the_figure_and_the_table(tiny_run):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert (work / "results/figures/scaling_curve.pdf").stat().st_size > 1_000
     assert (work / "results/figures/diversity.png").stat().st_size > 10_000
-    rows = list(csv.DictReader(open(work / "results/tables/qa_accuracy.csv")))
-    models = {r["model"] for r in rows}
-    assert models == {"base", "raw-all", "entigraph-16", "entigraph-32"}
-    assert all(r["n"] == "3" and 0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
+    rows = list(csv.DictReader(open(work / layout.QA_TABLE)))
+    assert {r["model"] for r in rows} == {"base", "raw-all", "entigraph-16", "entigraph-32"}
+    head = list(csv.DictReader(open(work / layout.QA_HEADLINE)))
+    assert sorted(r["model"] for r in head) == sorted({r["model"] for r in rows})  # one per model (one mode)
+    assert all(r["n"] == "3" and 0.0 <= float(r["value"]) <= 1.0 for r in head)
+    accuracies = [r for r in rows if r["metric"] == "accuracy" and r["value"]]
+    assert accuracies and all(0.0 <= float(r["value"]) <= 1.0 for r in accuracies)
     fit = json.loads((work / "results/figures/scaling_fit.json").read_text())
     assert fit["fits"], fit
     # Budgets are exact, nested prefixes of one shuffled corpus.

@@ -415,16 +415,25 @@ def test_aggregate_table(tmp_path):
     (tmp_path / "models" / "raw" / "all" / "train_summary.json").write_text(
         json.dumps({"budget_tokens": 1778, "tokens_seen": 7112, "epochs": 4}))
     out = tmp_path / "qa_accuracy.csv"
-    assert aggregate.aggregate(paths, out, tmp_path / "models") == 4
+    # per model: all/wrong accuracy, attempted, the difficult split; the cot model also all/dropped
+    assert aggregate.aggregate(paths, out, tmp_path / "models") == 4 * 3 + 1
     rows = list(csv.DictReader(out.open()))
-    assert list(rows[0])[:8] == ["model", "method", "budget_tokens", "mode", "accuracy", "ci_low", "ci_high", "n"]
-    by = {r["model"]: r for r in rows}
-    assert [r["model"] for r in rows] == ["base", "raw-all", "entigraph-8000", "api-gpt4"]
-    assert (by["base"]["method"], by["base"]["budget_tokens"]) == ("base", "")
-    assert (by["raw-all"]["method"], by["raw-all"]["budget_tokens"], by["raw-all"]["train_tokens_seen"]) == ("raw", "1778", "7112")
-    assert (by["entigraph-8000"]["method"], by["entigraph-8000"]["budget_tokens"]) == ("entigraph", "8000")
-    assert (by["api-gpt4"]["method"], by["api-gpt4"]["mode"], by["api-gpt4"]["accuracy_attempted"]) == ("api", "cot", "0.55")
-    assert by["base"]["accuracy_difficult"] == "0.25"
+    assert list(rows[0]) == aggregate.QA_COLUMNS
+    head = {r["model"]: r for r in rows if r["headline"] == "True"}
+    assert [r["model"] for r in rows if r["headline"] == "True"] == ["base", "raw-all", "entigraph-8000", "api-gpt4"]
+    assert (head["base"]["method"], head["base"]["budget_tokens"], head["base"]["kind"]) == ("base", "", "base")
+    assert (head["raw-all"]["method"], head["raw-all"]["budget"], head["raw-all"]["budget_tokens"],
+            head["raw-all"]["train_tokens_seen"]) == ("raw", "all", "1778", "7112")
+    assert (head["entigraph-8000"]["method"], head["entigraph-8000"]["budget_tokens"]) == ("entigraph", "8000")
+    assert (head["base"]["value"], head["base"]["n"], head["base"]["ci_low"]) == ("0.3", "37", str(0.3 - 0.1))
+    # an old summary's cot block: accuracy_attempted is the dropped convention's number
+    api = {(r["split"], r["convention"]): r for r in rows if r["model"] == "api-gpt4"}
+    assert api["all", "dropped"]["value"] == "0.55" and api["all", "wrong"]["value"] == "0.5"
+    diff = next(r for r in rows if r["model"] == "base" and r["split"] == "difficult")
+    assert (diff["value"], diff["n"], diff["headline"]) == ("0.25", "12", "False")
+    # no column is empty in every row of this table
+    assert [c for c in aggregate.QA_COLUMNS if not any(r[c] for r in rows)] == ["budget_fraction", "budget_capped",
+                                                                                  "note"]
 
 
 @pytest.mark.parametrize("module", ["qa_eval", "rag", "aggregate"])

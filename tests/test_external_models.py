@@ -91,7 +91,7 @@ def test_external_model_is_scored_listed_and_drawn(workdir):
     summary = json.loads((workdir / "results/eval/qa/ext-released_smollm.json").read_text())
     assert summary["external"] == {"label": LABEL, "source": "path", "path_or_id": summary["model_path"]}
     assert summary["n"] == 3 and summary["mode"] == "loglik"
-    rows = {r["model"]: r for r in csv.DictReader((workdir / layout.QA_TABLE).open())}
+    rows = {r["model"]: r for r in csv.DictReader((workdir / layout.QA_HEADLINE).open())}
     assert set(rows) == {"base", "raw-all", "ext-released_smollm"}
     ext = rows["ext-released_smollm"]
     assert (ext["kind"], ext["method"], ext["label"], ext["budget_tokens"]) == ("external", "external", LABEL, "")

@@ -31,12 +31,16 @@ def write_table(path: Path, modes=("loglik",), percent=False) -> Path:
         rows += [("base", "base", "", mode, 0.28), ("raw-all", "raw", "", mode, 0.30)]
         rows += [(f"entigraph-{b}", "entigraph", b, mode, a) for b, a in [(4000, .30), (8000, .33), (16000, .36)]]
         rows += [(f"rephrase-{b}", "rephrase", b, mode, a) for b, a in [(4000, .29), (8000, .30), (16000, .31)]]
-    df = pd.DataFrame(rows, columns=["model", "method", "budget_tokens", "mode", "accuracy"])
-    df["ci_low"], df["ci_high"], df["n"] = df["accuracy"] - 0.08, df["accuracy"] + 0.08, 120
+    df = pd.DataFrame(rows, columns=["model", "method", "budget_tokens", "mode", "value"])
+    df["ci_low"], df["ci_high"], df["n"] = df["value"] - 0.08, df["value"] + 0.08, 120
     if percent:
-        for c in ("accuracy", "ci_low", "ci_high"):
+        for c in ("value", "ci_low", "ci_high"):
             df[c] = df[c] * 100
-    df.to_csv(path, index=False)
+    df["metric"], df["split"], df["split_label"], df["convention"], df["headline"] = \
+        "accuracy", "all", "all questions", "wrong", True
+    # a non-headline row of the long table (another split) is never drawn
+    other = df.assign(split="val", split_label="val split", value=df["value"] / 3, headline=False)
+    pd.concat([df, other]).to_csv(path, index=False)
     return path
 
 
@@ -76,6 +80,7 @@ def test_scaling_plot_writes_png_and_pdf(tmp_path, table_and_fit, layout):
     assert [s["method"] for s in drawn["series"]] == ["entigraph", "rephrase"]
     assert sorted(drawn["levels"]) == ["base", "raw-all"] and drawn["fits"] == ["entigraph", "rephrase"]
     assert drawn["paper"] is (layout != "none")
+    assert drawn["plotted"] == "all questions, unparseable counted wrong" and drawn["missing"] == []
     assert not list(tmp_path.glob(".scaling_curve*"))  # no temporary files left behind
 
 
@@ -92,7 +97,8 @@ def test_scaling_plot_handles_percent_tables_several_modes_and_no_fit(tmp_path):
 
 def test_scaling_plot_with_only_the_base_model(tmp_path):
     table = tmp_path / "t.csv"
-    table.write_text("model,method,budget_tokens,mode,accuracy,ci_low,ci_high,n\nbase,base,,loglik,0.3,0.2,0.4,50\n")
+    table.write_text("model,method,budget_tokens,mode,metric,value,ci_low,ci_high,n,headline\n"
+                     "base,base,,loglik,accuracy,0.3,0.2,0.4,50,True\n")
     drawn = figures.plot_scaling(table, None, CFG, [tmp_path / "s.png"])
     assert drawn["series"] == [] and drawn["levels"] == ["base"]
     assert (tmp_path / "s.png").stat().st_size > 1000
@@ -204,13 +210,13 @@ def test_api_levels_and_capped_budgets(tmp_path):
 
     table = tmp_path / "t.csv"
     table.write_text(
-        "model,method,budget_tokens,mode,accuracy,ci_low,ci_high,n,budget_capped\n"
-        "base,base,,loglik,0.28,0.2,0.37,100,\n"
-        "api-gpt-4o-mini,api,,loglik,0.5,0.4,0.6,100,\n"
-        "entigraph-4000,entigraph,4000,loglik,0.3,0.22,0.39,100,False\n"
-        "entigraph-8000,entigraph,8000,loglik,0.33,0.25,0.42,100,False\n"
-        "entigraph-16000,entigraph,16000,loglik,0.36,0.27,0.45,100,False\n"
-        "entigraph-32000,entigraph,32000,loglik,0.36,0.27,0.45,100,True\n")
+        "model,method,budget_tokens,mode,metric,value,ci_low,ci_high,n,budget_capped\n"
+        "base,base,,loglik,accuracy,0.28,0.2,0.37,100,\n"
+        "api-gpt-4o-mini,api,,loglik,accuracy,0.5,0.4,0.6,100,\n"
+        "entigraph-4000,entigraph,4000,loglik,accuracy,0.3,0.22,0.39,100,False\n"
+        "entigraph-8000,entigraph,8000,loglik,accuracy,0.33,0.25,0.42,100,False\n"
+        "entigraph-16000,entigraph,16000,loglik,accuracy,0.36,0.27,0.45,100,False\n"
+        "entigraph-32000,entigraph,32000,loglik,accuracy,0.36,0.27,0.45,100,True\n")
     (fit,) = fit_workflow(table, CFG)["fits"]
     assert fit["n_points"] == 3 and fit["excluded_capped_budgets"] == [32000] and "capped" in fit["note"]
     fit_path = tmp_path / "fit.json"

@@ -32,15 +32,16 @@ rule all:
 """
 
 TABLE = """\
-model,method,budget_tokens,mode,accuracy,ci_low,ci_high,n
-base,base,,loglik,0.28,0.2,0.37,100
-raw-all,raw,,loglik,0.3,0.22,0.39,100
-entigraph-4000,entigraph,4000,loglik,0.3,0.22,0.39,100
-entigraph-8000,entigraph,8000,loglik,0.33,0.25,0.42,100
-entigraph-16000,entigraph,16000,loglik,0.36,0.27,0.45,100
-rephrase-4000,rephrase,4000,loglik,0.29,0.21,0.38,100
-rephrase-8000,rephrase,8000,loglik,0.3,0.22,0.39,100
-rephrase-16000,rephrase,16000,loglik,0.31,0.23,0.4,100
+model,method,budget_tokens,mode,split,convention,metric,value,ci_low,ci_high,n,headline
+base,base,,loglik,all,wrong,accuracy,0.28,0.2,0.37,100,True
+base,base,,loglik,all,,attempted,1.0,,,100,False
+raw-all,raw,,loglik,all,wrong,accuracy,0.3,0.22,0.39,100,True
+entigraph-4000,entigraph,4000,loglik,all,wrong,accuracy,0.3,0.22,0.39,100,True
+entigraph-8000,entigraph,8000,loglik,all,wrong,accuracy,0.33,0.25,0.42,100,True
+entigraph-16000,entigraph,16000,loglik,all,wrong,accuracy,0.36,0.27,0.45,100,True
+rephrase-4000,rephrase,4000,loglik,all,wrong,accuracy,0.29,0.21,0.38,100,True
+rephrase-8000,rephrase,8000,loglik,all,wrong,accuracy,0.3,0.22,0.39,100,True
+rephrase-16000,rephrase,16000,loglik,all,wrong,accuracy,0.31,0.23,0.4,100,True
 """
 
 

@@ -165,11 +165,15 @@ def write_table(path, scale=1.0):
     rows += [(f"entigraph-{b}", "entigraph", b, a) for b, a in [(4000, .32), (8000, .35), (16000, .37),
                                                                    (32000, .38), (64000, .385)]]
     rows += [(f"rephrase-{b}", "rephrase", b, a) for b, a in [(4000, .31), (8000, .33)]]
-    df = pd.DataFrame(rows, columns=["model", "method", "budget_tokens", "accuracy"])
-    df["accuracy"] = df["accuracy"] * scale
-    df["ci_low"], df["ci_high"] = df["accuracy"] - 0.05 * scale, df["accuracy"] + 0.05 * scale
-    df["mode"], df["n"] = "loglik", 200
-    df.to_csv(path, index=False)
+    df = pd.DataFrame(rows, columns=["model", "method", "budget_tokens", "value"])
+    df["value"] = df["value"] * scale
+    df["ci_low"], df["ci_high"] = df["value"] - 0.05 * scale, df["value"] + 0.05 * scale
+    df["mode"], df["n"], df["metric"], df["split"], df["convention"], df["headline"] = \
+        "loglik", 200, "accuracy", "all", "wrong", True
+    # The long table's other rows (another convention, the attempt rate) are never fitted.
+    other = df.assign(convention="dropped", value=df["value"] / 2, headline=False)
+    rate = df.assign(metric="attempted", convention="", value=1.0, ci_low=np.nan, ci_high=np.nan, headline=False)
+    pd.concat([df, other, rate]).to_csv(path, index=False)
     return path
 
 
@@ -202,7 +206,8 @@ def test_fit_workflow_include_base_adds_the_zero_point(tmp_path):
 
 def test_fit_workflow_without_synthesis_rows_writes_an_empty_fit(tmp_path):
     path = tmp_path / "t.csv"
-    path.write_text("model,method,budget_tokens,mode,accuracy,ci_low,ci_high,n\nbase,base,,loglik,0.3,0.2,0.4,50\n")
+    path.write_text("model,method,budget_tokens,mode,metric,value,ci_low,ci_high,n,headline\n"
+                    "base,base,,loglik,accuracy,0.3,0.2,0.4,50,True\n")
     out = fit_workflow(path, {"figures": {}})
     assert out["fits"] == [] and "nothing to fit" in out["note"]
 
@@ -218,6 +223,25 @@ def test_cli_table_mode(tmp_path):
 
 def test_table_missing_column_is_an_input_error(tmp_path):
     path = tmp_path / "t.csv"
-    path.write_text("model,method,accuracy\nbase,base,0.3\n")
+    path.write_text("model,method,mode,metric,value\nbase,base,loglik,accuracy,0.3\n")
     with pytest.raises(InputError, match=r"t.csv: missing column\(s\) \['budget_tokens'\]"):
         read_accuracy_table(path)
+    path.write_text("model,method,budget_tokens,accuracy\nbase,base,,0.3\n")  # the wide table before issue 20
+    with pytest.raises(InputError, match="t.csv: a wide accuracy table .* re-run the aggregate rule"):
+        read_accuracy_table(path)
+
+
+def test_two_headline_rows_for_one_model_are_an_input_error(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("model,method,budget_tokens,mode,metric,value,headline\n"
+                    "base,base,,loglik,accuracy,0.3,True\nbase,base,,loglik,accuracy,0.4,True\n")
+    with pytest.raises(InputError, match=r"t.csv:2: model base mode 'loglik' has 2 headline rows"):
+        read_accuracy_table(path)
+
+
+def test_the_headline_table_reads_as_the_long_one(tmp_path):
+    long = read_accuracy_table(write_table(tmp_path / "t.csv"))
+    head = tmp_path / "h.csv"
+    pd.read_csv(tmp_path / "t.csv").query("headline").drop(columns="headline").to_csv(head, index=False)
+    assert list(read_accuracy_table(head)["accuracy"]) == list(long["accuracy"])
+    assert len(long) == 9 and not long["missing"].any()

@@ -83,17 +83,86 @@ def test_summary_reports_all_val_test_under_both_conventions(tmp_path, monkeypat
             assert 0 <= b["ci_low"] <= b["accuracy"] <= b["ci_high"] <= 1  # each number has its n and interval
             assert (b["ci_low"], b["ci_high"]) == pytest.approx(qa_eval.wilson_interval(b["correct"], b["n"]))
 
-    # The table: every number as its own columns; accuracy/ci/n hold the configured one; `plotted` names it.
-    out = tmp_path / "t.csv"
-    aggregate.aggregate([tmp_path / "o.json"], out, None, split="test", convention="dropped")
-    row = next(csv.DictReader(out.open()))
-    assert float(row["accuracy"]) == pytest.approx(7 / 8) and int(row["n"]) == 8  # all test questions attempted
-    assert row["plotted"] == "test split (last 80% of articles), unparseable dropped"
-    assert float(row["accuracy_all_wrong"]) == 0.8 and int(row["n_val_dropped"]) == 1
-    assert float(row["attempted_val"]) == 0.5
-    aggregate.aggregate([tmp_path / "o.json"], out, None)
-    row = next(csv.DictReader(out.open()))
-    assert float(row["accuracy"]) == 0.8 and row["plotted"] == "all questions, unparseable counted wrong"
+    # The long table: every number its own row with n and interval; `headline` marks the configured one.
+    out, head = tmp_path / "t.csv", tmp_path / "h.csv"
+    aggregate.aggregate([tmp_path / "o.json"], out, None, split="test", convention="dropped", headline=head)
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == aggregate.QA_COLUMNS
+    by = {(r["split"], r["convention"], r["metric"]): r for r in rows}
+    assert len(by) == len(rows)  # one row per split x convention x metric
+    (hl,) = [r for r in rows if r["headline"] == "True"]
+    assert (hl["split"], hl["convention"], hl["metric"]) == ("test", "dropped", "accuracy")
+    assert float(hl["value"]) == pytest.approx(7 / 8) and int(hl["n"]) == 8  # all test questions attempted
+    assert float(by["all", "wrong", "accuracy"]["value"]) == 0.8 and int(by["val", "dropped", "accuracy"]["n"]) == 1
+    assert float(by["val", "", "attempted"]["value"]) == 0.5 and by["val", "", "attempted"]["n"] == "2"
+    assert by["val", "dropped", "accuracy"]["split_label"] == "val split (first 20% of articles)"
+    assert float(by["test", "wrong", "accuracy"]["ci_low"]) == pytest.approx(qa_eval.wilson_interval(7, 8)[0])
+    assert by["test", "wrong", "accuracy"]["interval"] == "wilson 95%"
+    # The headline table: that number per model and mode, in words.
+    (h,) = list(csv.DictReader(head.open()))
+    assert list(h) == aggregate.HEADLINE_COLUMNS
+    assert h["plotted"] == "test split (last 80% of articles), unparseable dropped" and h["value"] == hl["value"]
+    aggregate.aggregate([tmp_path / "o.json"], out, None, headline=head)
+    (h,) = list(csv.DictReader(head.open()))
+    assert float(h["value"]) == 0.8 and h["plotted"] == "all questions, unparseable counted wrong"
+    # Pivoted as the README shows it: one column per split x convention.
+    import pandas as pd
+
+    wide = pd.read_csv(out).query("metric == 'accuracy'").pivot_table(
+        index=["model", "mode"], columns=["split", "convention"], values="value")
+    assert wide.loc[("base", "cot"), ("test", "dropped")] == pytest.approx(7 / 8)
+
+
+def test_a_model_without_attempted_answers_is_kept_marked_and_skipped_by_the_fit(tmp_path, monkeypatch, capsys):
+    """Issue 19's rehearsal: one model answered nothing readable on the test split (n = 0 under the dropped
+    convention). It stays in both tables with an empty value and the note, the figure marks it, and the fit
+    skips it (saying so) instead of refusing the whole table."""
+    from workflow_scripts import figures, fit_scaling
+
+    qp, ap = write_split_inputs(tmp_path)
+    monkeypatch.setattr(qa_eval, "make_backend", lambda cfg, engine, model: Scripted(
+        {f"q{i}{j}": [" Answer: A.\n"] for i in range(5) for j in range(2)}))
+    cfg = validate_config({"evaluation": {"modes": ["cot"], "ci": {"bootstrap": 0}}})
+    good = [qa_eval.run(cfg, m, "m", str(qp), str(ap), tmp_path / f"{m}.jsonl", tmp_path / f"{m}.json")
+            for m in ("base", "entigraph-100", "entigraph-300", "entigraph-1000")]
+    monkeypatch.setattr(qa_eval, "make_backend", lambda cfg, engine, model: Scripted(
+        {f"q{i}{j}": [" I cannot tell"] for i in range(5) for j in range(2)}))
+    qa_eval.run(cfg, "entigraph-200", "m", str(qp), str(ap), tmp_path / "entigraph-200.jsonl",
+                tmp_path / "entigraph-200.json")
+    assert len(good) == 4
+    table, head = tmp_path / "qa_accuracy.csv", tmp_path / "qa_headline.csv"
+    summaries = [tmp_path / f"{m}.json" for m in ("base", "entigraph-100", "entigraph-200", "entigraph-300",
+                                                   "entigraph-1000")]
+    aggregate.aggregate(summaries, table, None, split="test", convention="dropped", headline=head)
+    hl = {r["model"]: r for r in csv.DictReader(head.open())}
+    assert set(hl) == {"base", "entigraph-100", "entigraph-200", "entigraph-300", "entigraph-1000"}
+    bad = hl["entigraph-200"]
+    assert (bad["value"], bad["n"], bad["ci_low"], bad["note"]) == ("", "0", "", "no attempted answers")
+    assert hl["entigraph-100"]["value"] == "1.0" and hl["entigraph-100"]["note"] == ""
+    wrong = next(r for r in csv.DictReader(table.open()) if r["model"] == "entigraph-200"
+                 and (r["split"], r["convention"], r["metric"]) == ("test", "wrong", "accuracy"))
+    assert (wrong["value"], wrong["n"]) == ("0.0", "8")  # counted wrong, the same model has a number
+
+    fit_json = tmp_path / "scaling_fit.json"
+    assert fit_scaling.main(["--table", str(table), "--config-json", json.dumps({"figures": {"fit": {"n_starts": 2}}}),
+                             "--output", str(fit_json)]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 1 model(s) without a value: entigraph-200/cot (no attempted answers)" in err
+    fit = json.loads(fit_json.read_text())
+    (f,) = fit["fits"]
+    assert f["method"] == "entigraph" and f["n_points"] == 3  # 100, 300, 1000: the empty one left out
+    assert fit["skipped"] == [{"model": "entigraph-200", "mode": "cot", "note": "no attempted answers"}]
+    assert "skipped 1 model(s)" in fit["note"]
+    drawn = figures.plot_scaling(table, fit_json, {"figures": {"dpi": 50}}, [tmp_path / "s.png"])
+    assert drawn["missing"] == fit["skipped"] and drawn["series"][0]["points"] == 3
+    assert drawn["plotted"] == "test split (last 80% of articles), unparseable dropped"
+    # A value that is there but not a number is still a one-line error naming the line.
+    text = table.read_text().splitlines()
+    line = next(i for i, t in enumerate(text) if t.startswith("entigraph-100,") and ",True," in t)
+    text[line] = text[line].replace(",1.0,", ",abc,", 1)
+    table.write_text("\n".join(text) + "\n")
+    with pytest.raises(fit_scaling.InputError, match=rf"qa_accuracy.csv:{line + 1}: value is not a number"):
+        fit_scaling.read_accuracy_table(table)
 
 
 def test_old_summaries_without_a_split_still_aggregate_for_all_questions(tmp_path):
@@ -101,7 +170,9 @@ def test_old_summaries_without_a_split_still_aggregate_for_all_questions(tmp_pat
     path.write_text(json.dumps({"model": "base", "modes": {"loglik": {"accuracy": 0.5, "ci_low": 0.1,
                                                                       "ci_high": 0.9, "n": 4}}}))
     aggregate.aggregate([path], tmp_path / "t.csv", None)
-    assert next(csv.DictReader((tmp_path / "t.csv").open()))["accuracy"] == "0.5"
+    (row,) = list(csv.DictReader((tmp_path / "t.csv").open()))
+    assert (row["value"], row["n"], row["split"], row["convention"], row["headline"]) == ("0.5", "4", "all", "wrong",
+                                                                                         "True")
     with pytest.raises(aggregate.InputError, match="re-run its evaluation"):
         aggregate.aggregate([path], tmp_path / "t.csv", None, split="test")
 
@@ -110,16 +181,21 @@ def test_the_figure_says_which_number_is_plotted_and_the_reference_convention(tm
     from workflow_scripts import figures
 
     table = tmp_path / "t.csv"
-    rows = [{"model": "base", "method": "base", "budget_tokens": "", "mode": "cot", "accuracy": 0.3, "ci_low": 0.2,
-             "ci_high": 0.4, "n": 10, "plotted": "test split (last 80% of articles), unparseable dropped"},
-            {"model": "entigraph-100", "method": "entigraph", "budget_tokens": 100, "mode": "cot", "accuracy": 0.4,
-             "ci_low": 0.3, "ci_high": 0.5, "n": 10, "plotted": "test split (last 80% of articles), unparseable dropped"}]
+    common = {"mode": "cot", "metric": "accuracy", "split": "test", "convention": "dropped",
+              "split_label": "test split (last 80% of articles)", "headline": True}
+    rows = [{"model": "base", "method": "base", "budget_tokens": "", "value": 0.3, "ci_low": 0.2, "ci_high": 0.4,
+             "n": 10, **common},
+            {"model": "base", "method": "base", "budget_tokens": "", "value": 0.1, "ci_low": 0.0, "ci_high": 0.4,
+             "n": 10, **common, "split": "all", "split_label": "all questions", "headline": False},
+            {"model": "entigraph-100", "method": "entigraph", "budget_tokens": 100, "value": 0.4, "ci_low": 0.3,
+             "ci_high": 0.5, "n": 10, **common}]
     with table.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     drawn = figures.plot_scaling(table, None, {"figures": {}}, [tmp_path / "s.png"])
     assert drawn["plotted"] == "test split (last 80% of articles), unparseable dropped"
+    assert drawn["levels"] == ["base"] and drawn["missing"] == []
     assert paper_reference.CONVENTION == "dropped" and "unverified" in paper_reference.CONVENTION_SHORT
 
 

@@ -1,54 +1,67 @@
-"""Stage 9 input: one table of QA accuracies over all evaluated models (the figures and the fit read it).
+"""Stage 9 input: the accuracies of every evaluated model as one long (tidy) table, and its headline rows.
 
     python -m workflow_scripts.aggregate qa --summaries results/eval/qa/*.json --models-dir results/models \\
-        --output results/tables/qa_accuracy.csv
-    python -m workflow_scripts.aggregate rag --summaries results/eval/rag/*.json --output results/tables/rag_accuracy.csv
+        --output results/tables/qa_accuracy.csv --headline results/tables/qa_headline.csv
+    python -m workflow_scripts.aggregate rag --summaries results/eval/rag/*.json \\
+        --output results/tables/rag_accuracy.csv
 
-One row per model and scoring mode: model, method, budget_tokens, mode, accuracy, ci_low, ci_high, n (accuracies
-are fractions, the interval is Wilson's; which number they are is evaluation.report, named in words by the
-`plotted` column), then every reported number (accuracy/n/ci_low/ci_high_{all,val,test}_{wrong,dropped} and
-attempted_{all,val,test}: all questions and the reference code's val/test article split, each under both
-conventions), then accuracy_attempted and attempted (CoT's two conventions), the
-bootstrap interval, the split by QuALITY's `difficult` flag, the three loglik normalizations, and from the CPT
-model's train_summary.json the tokens it trained on. method is `base` for the base model (budget_tokens empty),
-`raw` for Raw CPT (budget_tokens = the raw corpus tokens when its train_summary.json says so, else empty), `api`
-for API references (empty), `external` for evaluation-only models (ext-NAME, empty), else the synthesis method
-with its synthetic-token budget (for a fraction budget rRATIO, the tokens of its train summary). `kind` is base |
-cpt | api | external, `label` an external model's configured label (else the id), `budget_fraction` the budget as
-a fraction of the method's corpus (train summary: budget_tokens / corpus_total_tokens).
+One row per model x scoring mode x split x convention x metric (docs/evaluation.md, "The accuracy table"):
+
+- model, kind (base | cpt | api | external), label (an external model's configured label, else the id), method
+  (`base`, `raw`, `api`, `external`, or the synthesis method), budget (the id's budget label: a token count,
+  rRATIO or `all`; empty for base/api/external), budget_tokens (the tokens trained on: the label's count, or for
+  Raw CPT and fraction budgets the train summary's), budget_fraction (budget_tokens / the method's corpus tokens),
+  budget_capped, train_tokens_seen, train_epochs (from the CPT model's train_summary.json);
+- mode (loglik | cot), split (all | val | test: the reference code's article split; difficult | not_difficult:
+  QuALITY's flag), split_label (the split in words), convention (wrong: an unparseable answer counts wrong;
+  dropped: it leaves the denominator; empty for metrics without one), metric (accuracy; attempted, the fraction
+  of questions with a readable answer; accuracy_bootstrap, the same accuracy with the bootstrap interval;
+  accuracy_sum / accuracy_per_token / accuracy_per_char, loglik's three normalizations), value, n (the
+  denominator), ci_low, ci_high, interval (which interval: wilson 95% | bootstrap 95%);
+- headline: True on the one row per model and mode that the figure and the fit use (evaluation.report's split and
+  convention, metric accuracy); note: why a value is empty (`no attempted answers`: n = 0 under the dropped
+  convention; `no questions in this split`); prefix_version, config_hash of the evaluation.
+
+Accuracies are fractions. A model that answered nothing readable keeps its rows, with an empty value and the note:
+it is a result, not a failure. The headline table (--headline) holds the headline rows only, with `plotted`, the
+reported number in words. The rag table adds retriever and top_k, and the recall of each retriever as metric
+recall_at_k_NAME (mode `retrieval`). Pivot it with pandas in one line (README, "Results").
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Iterable
 
 from . import stage
 from .io_utils import InputError, atomic_path
-from .layout import parse_model_id
+from .layout import budget_of, parse_model_id
 
-QA_COLUMNS = [
-    "model", "method", "budget_tokens", "mode", "accuracy", "ci_low", "ci_high", "n",
-    "accuracy_attempted", "attempted", "bootstrap_low", "bootstrap_high",
-    "accuracy_difficult", "n_difficult", "accuracy_not_difficult", "n_not_difficult",
-    "accuracy_sum", "accuracy_per_token", "accuracy_per_char",
-    "train_tokens_seen", "train_epochs", "budget_capped", "prefix_version", "config_hash",
-]
-# Every reported number (issue 12): all questions and the reference code's val/test article split, each under both
-# conventions, with its n and 95% Wilson interval; `plotted` names the one copied into accuracy/ci_low/ci_high/n.
+MODEL_COLUMNS = ["model", "kind", "label", "method", "budget", "budget_tokens", "budget_fraction", "budget_capped"]
+VALUE_COLUMNS = ["mode", "split", "split_label", "convention", "metric", "value", "n", "ci_low", "ci_high",
+                 "interval", "headline", "note"]
+PROVENANCE_COLUMNS = ["train_tokens_seen", "train_epochs", "prefix_version", "config_hash"]
+QA_COLUMNS = MODEL_COLUMNS + VALUE_COLUMNS + PROVENANCE_COLUMNS
+RAG_COLUMNS = QA_COLUMNS + ["retriever", "top_k"]
+# The headline table: the plotted number per model and mode (what the figure and the fit read), in words too.
+HEADLINE_COLUMNS = [c for c in MODEL_COLUMNS + VALUE_COLUMNS if c not in ("headline", "interval")] + ["plotted"]
+
 SPLITS = ("all", "val", "test")
 CONVENTIONS = {"wrong": "unparseable counted wrong", "dropped": "unparseable dropped"}
 SPLIT_LABELS = {"all": "all questions", "val": "val split (first 20% of articles)",
-                "test": "test split (last 80% of articles)"}
-REPORTED_COLUMNS = ["plotted"] + [f"{stat}_{split}_{conv}" for split in SPLITS for conv in CONVENTIONS
-                                  for stat in ("accuracy", "n", "ci_low", "ci_high")] + [f"attempted_{s}" for s in SPLITS]
-QA_COLUMNS = QA_COLUMNS[:8] + REPORTED_COLUMNS + QA_COLUMNS[8:] + ["kind", "label", "budget_fraction"]
-RAG_COLUMNS = QA_COLUMNS[:8] + REPORTED_COLUMNS + ["retriever", "top_k", "recall_at_k", "recall_at_k_bm25", "recall_at_k_embedding",
-                                "recall_at_k_hybrid", "accuracy_attempted", "attempted", "prefix_version",
-                                "config_hash", "kind", "label", "budget_fraction"]
+                "test": "test split (last 80% of articles)", "difficult": "questions flagged difficult",
+                "not_difficult": "questions not flagged difficult"}
+NORMALIZATIONS = ("accuracy_sum", "accuracy_per_token", "accuracy_per_char")
+NO_ATTEMPTS = "no attempted answers"
+NO_QUESTIONS = "no questions in this split"
+# row order inside a model: metric, then split, then convention
+METRIC_ORDER = {"accuracy": 0, "attempted": 1, "accuracy_bootstrap": 2}
+SPLIT_ORDER = {s: i for i, s in enumerate(("all", "val", "test", "difficult", "not_difficult"))}
+CONVENTION_ORDER = {"wrong": 0, "dropped": 1, "": 2}
 
 
 def model_kind(model: str) -> str:
@@ -105,88 +118,126 @@ def load_summary(path: str | Path) -> dict:
     return summary
 
 
-def _split(block: dict, name: str) -> tuple[Any, Any]:
-    part = (block.get("by_difficulty") or {}).get(name) or {}
-    return part.get("accuracy"), part.get("n")
+def split_label(split: str, val_fraction: float | None = None) -> str:
+    """A split in words; val/test name their share of the articles (evaluation.report.val_fraction)."""
+    label = SPLIT_LABELS[split]
+    if val_fraction is not None and split in ("val", "test"):
+        pct = round(val_fraction * 100)
+        label = label.replace("20%", f"{pct}%").replace("80%", f"{100 - pct}%")
+    return label
 
 
 def plotted_label(split: str, convention: str, val_fraction: float | None = None) -> str:
-    """What the accuracy column holds, in words (the figures print it)."""
-    label = SPLIT_LABELS[split]
-    if val_fraction is not None and split != "all":
-        pct = round(val_fraction * 100)
-        label = label.replace("20%", f"{pct}%").replace("80%", f"{100 - pct}%")
-    return f"{label}, {CONVENTIONS[convention]}"
+    """The headline number in words (the figure prints it under its y axis)."""
+    return f"{split_label(split, val_fraction)}, {CONVENTIONS[convention]}"
 
 
-def reported_columns(block: dict, split: str, convention: str, val_fraction: float | None) -> dict:
-    """The per-split, per-convention columns of one mode block, and the selected number as accuracy/ci/n.
+def _number(v: Any) -> Any:
+    """A JSON number, or None for null/NaN (an empty split, no attempted question)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
 
-    A summary written before these numbers existed has only all questions (the counted-wrong one in `accuracy`);
-    asking it for another number is an InputError naming what to re-run."""
+
+def _value_row(split: str, convention: str, metric: str, value: Any, n: Any = None, ci: Any = (None, None),
+               interval: str = "", questions: Any = None) -> dict:
+    """One value of a mode block. An accuracy over no question keeps its row, with the reason in `note`."""
+    value, lo, hi = _number(value), _number(ci[0]), _number(ci[1])
+    note = ""
+    if value is None:
+        if n == 0 and convention == "dropped" and questions:
+            note = NO_ATTEMPTS
+        elif n == 0 or questions == 0:
+            note = NO_QUESTIONS
+        else:
+            note = "not in the evaluation summary"
+    return {"split": split, "convention": convention, "metric": metric, "value": value, "n": n,
+            "ci_low": lo if value is not None else None, "ci_high": hi if value is not None else None,
+            "interval": interval if value is not None and lo is not None else "", "note": note}
+
+
+def mode_rows(block: dict, mode: str) -> list[dict]:
+    """The long rows of one scoring mode's summary block (qa_eval.summarize)."""
+    wilson = str(block.get("ci_method") or "wilson")
+    rows = []
     rep = block.get("reported") or {}
-    row: dict[str, Any] = {}
     for sp in SPLITS:
-        part = rep.get(sp) or {}
-        row[f"attempted_{sp}"] = part.get("attempted")
+        part = rep.get(sp)
+        if not part:
+            continue
         for conv in CONVENTIONS:
             vals = part.get(conv) or {}
-            for stat in ("accuracy", "n", "ci_low", "ci_high"):
-                row[f"{stat}_{sp}_{conv}"] = vals.get(stat)
-    if rep.get(split, {}).get(convention):
-        chosen = rep[split][convention]
-        row.update({k: chosen.get(k) for k in ("accuracy", "n", "ci_low", "ci_high")})
-    elif (split, convention) != ("all", "wrong"):
-        raise InputError(f"model {block.get('model', '')}: its summary has no {split}/{convention} accuracy "
-                         "(written before the split was recorded); re-run its evaluation")
-    row["plotted"] = plotted_label(split, convention, val_fraction)
-    return row
+            rows.append(_value_row(sp, conv, "accuracy", vals.get("accuracy"), vals.get("n"),
+                                   (vals.get("ci_low"), vals.get("ci_high")), wilson, part.get("questions")))
+        rows.append(_value_row(sp, "", "attempted", part.get("attempted"), part.get("questions")))
+    if not rep:  # a summary written before the split was recorded: all questions only
+        rows.append(_value_row("all", "wrong", "accuracy", block.get("accuracy"), block.get("n"),
+                               (block.get("ci_low"), block.get("ci_high")), wilson, block.get("n")))
+        if mode != "loglik" and block.get("accuracy_attempted") is not None:
+            rows.append(_value_row("all", "dropped", "accuracy", block["accuracy_attempted"],
+                                   block.get("n_attempted"), block.get("ci_attempted") or (None, None), wilson,
+                                   block.get("n")))
+        if block.get("attempted") is not None:
+            rows.append(_value_row("all", "", "attempted", block["attempted"], block.get("n")))
+    if block.get("bootstrap_ci"):
+        rows.append(_value_row("all", "wrong", "accuracy_bootstrap", block.get("accuracy"), block.get("n"),
+                               block["bootstrap_ci"], wilson.replace("wilson", "bootstrap")))
+    for name in ("difficult", "not_difficult"):
+        part = (block.get("by_difficulty") or {}).get(name)
+        if part:
+            rows.append(_value_row(name, "wrong", "accuracy", part.get("accuracy"), part.get("n"),
+                                   (part.get("ci_low"), part.get("ci_high")), wilson, part.get("n")))
+    for metric in NORMALIZATIONS:
+        if block.get(metric) is not None:
+            rows.append(_value_row("all", "wrong", metric, block[metric], block.get("n")))
+    return rows
 
 
 def summary_rows(summary: dict, models_dir: str | Path | None = None, split: str = "all",
                  convention: str = "wrong") -> list[dict]:
-    """Table rows of one summary, one per scoring mode; accuracy/ci_low/ci_high/n hold the `split` x `convention`
-    number (evaluation.report)."""
+    """The long rows of one evaluation summary; `headline` marks the `split` x `convention` accuracy of each mode
+    (evaluation.report). Asking an old summary (all questions only) for another split is an InputError."""
     model = summary["model"]
-    method, budget = parse_model_id(model)
+    method, budget_tokens = parse_model_id(model)
     ts = train_summary(models_dir, method, model)
-    if budget is None and model_kind(model) == "cpt":
+    if budget_tokens is None and model_kind(model) == "cpt":
         # Raw CPT (the whole raw corpus) and fraction budgets (rRATIO): the token count the model trained on
-        budget = ts.get("budget_tokens")
+        budget_tokens = ts.get("budget_tokens")
+    val_fraction = (summary.get("split") or {}).get("val_fraction")
+    meta = {"model": model, "kind": model_kind(model), "label": model_label(summary), "method": method,
+            "budget": budget_of(model), "budget_tokens": budget_tokens, "budget_fraction": budget_fraction(ts),
+            "budget_capped": ts.get("budget_capped"), "train_tokens_seen": ts.get("tokens_seen"),
+            "train_epochs": ts.get("epochs"), "prefix_version": summary.get("prefix_version"),
+            "config_hash": summary.get("config_hash")}
+    if "retrieval" in summary:
+        ret = summary["retrieval"]
+        meta.update({"retriever": ret.get("retriever"), "top_k": ret.get("top_k")})
     rows = []
     for mode, block in summary["modes"].items():
-        boot = block.get("bootstrap_ci") or [None, None]
-        acc_d, n_d = _split(block, "difficult")
-        acc_nd, n_nd = _split(block, "not_difficult")
-        row = {
-            "model": model, "method": method, "budget_tokens": budget, "mode": mode,
-            "accuracy": block["accuracy"], "ci_low": block["ci_low"], "ci_high": block["ci_high"], "n": block["n"],
-            "accuracy_attempted": block.get("accuracy_attempted"), "attempted": block.get("attempted"),
-            "bootstrap_low": boot[0], "bootstrap_high": boot[1],
-            "accuracy_difficult": acc_d, "n_difficult": n_d, "accuracy_not_difficult": acc_nd,
-            "n_not_difficult": n_nd,
-            "accuracy_sum": block.get("accuracy_sum"), "accuracy_per_token": block.get("accuracy_per_token"),
-            "accuracy_per_char": block.get("accuracy_per_char"),
-            "train_tokens_seen": ts.get("tokens_seen"), "train_epochs": ts.get("epochs"),
-            "budget_capped": ts.get("budget_capped"),
-            "prefix_version": summary.get("prefix_version"), "config_hash": summary.get("config_hash"),
-            "kind": model_kind(model), "label": model_label(summary), "budget_fraction": budget_fraction(ts),
-        }
-        row.update(reported_columns({**block, "model": model}, split, convention,
-                                    (summary.get("split") or {}).get("val_fraction")))
-        if "retrieval" in summary:
-            ret = summary["retrieval"]
-            row.update({"retriever": ret.get("retriever"), "top_k": ret.get("top_k"),
-                        "recall_at_k": ret.get("recall_at_k", {}).get(ret.get("retriever"))})
-            for name in ("bm25", "embedding", "hybrid"):
-                row[f"recall_at_k_{name}"] = ret.get("recall_at_k", {}).get(name)
-        rows.append(row)
+        values = mode_rows(block, mode)
+        head = [v for v in values if (v["split"], v["convention"], v["metric"]) == (split, convention, "accuracy")]
+        if not head:
+            raise InputError(f"model {model}: its summary has no {split}/{convention} accuracy (written before the "
+                             "split was recorded); re-run its evaluation")
+        for v in values:
+            v["headline"] = v is head[0]
+            rows.append({**meta, "mode": mode, "split_label": split_label(v["split"], val_fraction), **v})
+    if "retrieval" in summary:
+        for name, value in sorted((summary["retrieval"].get("recall_at_k") or {}).items()):
+            rows.append({**meta, "mode": "retrieval", "split_label": split_label("all"), "headline": False,
+                         **_value_row("all", "", f"recall_at_k_{name}", value)})
     return rows
 
 
 def sort_key(row: dict) -> tuple:
     order = {"base": 0, "raw": 1, "api": 3, "external": 4}
-    return (order.get(row["method"], 2), row["method"], row["budget_tokens"] or 0, row["mode"], row["model"])
+    return (order.get(row["method"], 2), row["method"], row["budget_tokens"] or 0, row["model"], row["mode"],
+            METRIC_ORDER.get(row["metric"], 3), row["metric"], SPLIT_ORDER.get(row["split"], 9),
+            CONVENTION_ORDER.get(row["convention"], 3))
+
+
+def _cell(v: Any) -> Any:
+    return "" if v is None else v
 
 
 def write_table(rows: Iterable[dict], columns: list[str], output: str | Path) -> int:
@@ -196,12 +247,19 @@ def write_table(rows: Iterable[dict], columns: list[str], output: str | Path) ->
             w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             w.writeheader()
             for r in rows:
-                w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+                w.writerow({k: _cell(r.get(k)) for k in columns})
     return len(rows)
 
 
+def headline_rows(rows: Iterable[dict], split: str, convention: str) -> list[dict]:
+    """The headline rows (one per model and mode) with the number in words."""
+    return [{**r, "plotted": f"{r['split_label']}, {CONVENTIONS[convention]}"} for r in rows if r["headline"]]
+
+
 def aggregate(summaries: Iterable[str | Path], output: str | Path, models_dir: str | Path | None = None,
-              columns: list[str] = QA_COLUMNS, split: str = "all", convention: str = "wrong") -> int:
+              columns: list[str] = QA_COLUMNS, split: str = "all", convention: str = "wrong",
+              headline: str | Path | None = None) -> int:
+    """Write the long table (and with `headline`, the headline table); return the long table's row count."""
     rows: list[dict] = []
     seen: set[str] = set()
     for path in summaries:
@@ -212,6 +270,8 @@ def aggregate(summaries: Iterable[str | Path], output: str | Path, models_dir: s
         rows.extend(summary_rows(s, models_dir, split, convention))
     if not rows:
         raise InputError("no evaluation summaries given")
+    if headline is not None:
+        write_table(headline_rows(rows, split, convention), HEADLINE_COLUMNS, headline)
     return write_table(rows, columns, output)
 
 
@@ -220,17 +280,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("table", choices=["qa", "rag"], help="qa: closed-book table; rag: open-book table")
     p.add_argument("--summaries", nargs="+", required=True, help="results/eval/{qa,rag}/MODEL.json files")
     p.add_argument("--models-dir", default="results/models", help="where CPT models keep train_summary.json")
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="the long table (results/tables/qa_accuracy.csv)")
+    p.add_argument("--headline", default=None, help="the headline table (results/tables/qa_headline.csv)")
     p.add_argument("--report-split", choices=SPLITS, default="all",
-                   help="evaluation.report.split: which questions the accuracy column covers")
+                   help="evaluation.report.split: which questions the headline accuracy covers")
     p.add_argument("--report-convention", choices=list(CONVENTIONS), default="wrong",
                    help="evaluation.report.convention: unparseable answers counted wrong or dropped")
     args = p.parse_args(argv)
 
     def body() -> None:
         n = aggregate(args.summaries, args.output, args.models_dir, QA_COLUMNS if args.table == "qa" else RAG_COLUMNS,
-                      args.report_split, args.report_convention)
-        print(json.dumps({"output": args.output, "rows": n}))
+                      args.report_split, args.report_convention, args.headline)
+        print(json.dumps({"output": args.output, "headline": args.headline, "rows": n}))
 
     return stage.run(body)
 

@@ -5,7 +5,9 @@
   model and Raw CPT as horizontal levels (with their interval as a band), chance (25%). The paper's reported
   values (workflow_scripts/paper_reference.py) are an optional reference layer: their own panel by default
   (figures.paper_reference: panel), or grey dashed on the same axes (overlay), always labelled
-  "paper (Yang et al. 2025)"; they never enter the fit and are never drawn as measured points.
+  "paper (Yang et al. 2025)"; they never enter the fit and are never drawn as measured points. It draws the
+  headline rows of the long table (results/tables/qa_accuracy.csv, workflow_scripts/aggregate.py); a model without
+  a value there (no attempted answers) is marked with an x on the axis floor and named in the legend.
 - `diversity`: per-method statistics of the synthetic corpora against tokens (results/synth/{method}/report.json):
   distinct-n, compression ratio, n-gram overlap with the source articles, entity coverage. Per-prefix values are
   drawn as lines when the report has them, the corpus totals as points otherwise.
@@ -38,6 +40,7 @@ from matplotlib.ticker import EngFormatter, NullFormatter  # noqa: E402
 from . import paper_reference as paper  # noqa: E402
 from . import stage  # noqa: E402
 from .config import add_config_args, with_defaults  # noqa: E402
+from .aggregate import CONVENTIONS as CONVENTION_WORDS  # noqa: E402
 from .fit_scaling import LEVEL_METHODS, ScalingFit, read_accuracy_table, synthesis_points  # noqa: E402
 from .io_utils import InputError, atomic_path, read_json_object, write_text_atomic  # noqa: E402
 
@@ -204,12 +207,56 @@ def _draw_paper(ax: plt.Axes, with_prefix: bool, legend: Legend) -> None:
         legend.append((line, f"{pre}{rep.label}: {rep.accuracy_percent:.2f}%{tag}"))
 
 
+def _draw_paper_panel(ax: plt.Axes) -> Legend:
+    """The reference-only panel: the paper's curve and reported values, greyed and labelled as the paper's."""
+    legend: Legend = []
+    _draw_paper(ax, with_prefix=False, legend=legend)
+    _token_axis(ax)
+    ax.set_ylabel("QuALITY closed-book QA accuracy (%)")
+    ax.set_title(f"Reference only: {paper.SHORT_LABEL}, {paper.MODEL}", fontsize=11, color="#555555")
+    ax.text(0.01, 0.99, "Curve: the paper's fitted formula, not data points.\n"
+            "Reported values, not measured by this workflow.\n"
+            f"Taken to be: {paper.CONVENTION_SHORT}.", transform=ax.transAxes, ha="left", va="top", fontsize=7.5,
+            color="#666666")
+    for spine in ax.spines.values():
+        spine.set_edgecolor("#aaaaaa")
+    return legend
+
+
 def plotted_number(df: Any) -> str:
-    """Which accuracy the table's accuracy column holds (its `plotted` column, evaluation.report), or ''."""
-    if "plotted" not in df.columns:
+    """Which accuracy the figure draws, in words: the headline rows' split and convention (evaluation.report;
+    the headline table's `plotted` column says it directly), or ''."""
+    if "plotted" in df.columns:
+        words = df["plotted"]
+    elif {"split_label", "convention"} <= set(df.columns):
+        conv = df["convention"].map(lambda c: CONVENTION_WORDS.get(c, ""))
+        words = df["split_label"].fillna("").astype(str).where(conv == "", df["split_label"] + ", " + conv)
+    else:
         return ""
-    vals = sorted({str(v) for v in df["plotted"].dropna() if str(v).strip()})
+    vals = sorted({str(v) for v in words.dropna() if str(v).strip()})
     return "; ".join(vals)
+
+
+def _draw_missing(ax: plt.Axes, missing: pd.DataFrame, methods: Sequence[str], multi_mode: bool,
+                  legend: Legend) -> list[dict]:
+    """Models without a value (no attempted answers): an x on the floor of the axis at their budget, or for a
+    level (base, Raw CPT, ...) a legend entry only, so that they are seen and never read as a measured 0%.
+    Returns them as {model, mode, note}."""
+    for _, row in missing.iterrows():
+        name = (external_level_style(row)[2] if row["method"] == "external"
+                else f"{method_label(row['method'])} ({row['model']})")
+        if multi_mode and row["mode"]:
+            name += f" [{row['mode']}]"
+        n = f", n={int(row['n'])}" if pd.notna(row.get("n")) else ""
+        label = f"{name}: {row['missing_note']}{n}; no value, not fitted"
+        if pd.notna(row["tokens"]) and row["tokens"] > 0 and row["method"] not in LEVEL_METHODS:
+            (mark,) = ax.plot([row["tokens"]], [0.02], transform=ax.get_xaxis_transform(), linestyle="none",
+                              marker="x", markersize=8, markeredgewidth=2, color=method_color(row["method"], methods),
+                              zorder=5, clip_on=False)
+        else:
+            (mark,) = ax.plot([], [], linestyle="none", marker="x", color="#888888")
+        legend.append((mark, label))
+    return [{"model": r["model"], "mode": r["mode"], "note": r["missing_note"]} for _, r in missing.iterrows()]
 
 
 def plot_scaling(table: str | Path, fit_json: str | Path | None, cfg: dict, outputs: Sequence[str | Path]) -> dict:
@@ -226,9 +273,10 @@ def plot_scaling(table: str | Path, fit_json: str | Path | None, cfg: dict, outp
     modes = sorted(set(df["mode"]))
     multi_mode = len(modes) > 1
     pts = synthesis_points(df)
-    levels = df[df["method"].isin(LEVEL_METHODS)].drop_duplicates(["model", "mode"])
+    levels = df[df["method"].isin(LEVEL_METHODS) & ~df["missing"]].drop_duplicates(["model", "mode"])
     layout = fcfg["paper_reference"]
-    methods = sorted(set(pts["method"]), key=lambda m: (m not in METHOD_COLORS, m))
+    all_pts = synthesis_points(df, with_missing=True)
+    methods = sorted(set(all_pts["method"]), key=lambda m: (m not in METHOD_COLORS, m))
 
     with _style(fcfg):
         figsize = fcfg["figsize"]
@@ -238,7 +286,7 @@ def plot_scaling(table: str | Path, fit_json: str | Path | None, cfg: dict, outp
             fig, ax = plt.subplots(figsize=(figsize[0] * 0.62, figsize[1]) if layout == "none" else figsize)
             ax_paper = None
 
-        drawn = {"series": [], "levels": [], "fits": [], "paper": layout != "none"}
+        drawn = {"series": [], "levels": [], "fits": [], "paper": layout != "none", "missing": []}
         legend: Legend = []
         for (method, mode), group in pts.groupby(["method", "mode"], sort=False):
             group = group.sort_values("tokens")
@@ -273,35 +321,24 @@ def plot_scaling(table: str | Path, fit_json: str | Path | None, cfg: dict, outp
                 drawn["fits"].append(method)
         _draw_levels(ax, levels, multi_mode, legend)
         drawn["levels"] = list(levels["model"])
+        drawn["missing"] = _draw_missing(ax, df[df["missing"]], methods, multi_mode, legend)
         if fcfg["show_chance"]:
             legend.append((ax.axhline(CHANCE_PERCENT, color="#bbbbbb", linestyle=":", linewidth=1.0),
                            "chance (25%, 4 options)"))
         if pts.empty:
-            ax.text(0.5, 0.5, "no synthesis-method points yet", transform=ax.transAxes, ha="center", va="center",
-                    color="#888888")
+            ax.text(0.5, 0.5, f"no synthesis-method points {'with a value' if len(all_pts) else 'yet'}",
+                    transform=ax.transAxes, ha="center", va="center", color="#888888")
         if layout == "overlay":
             _draw_paper(ax, with_prefix=True, legend=legend)
         _token_axis(ax, x_label(fcfg),
-                    ticks=[] if layout == "overlay" else pts["tokens"].tolist())
+                    ticks=[] if layout == "overlay" else all_pts["tokens"].tolist())
         plotted = plotted_number(df)
         ax.set_ylabel("Closed-book QA accuracy (%)" + (f"\n{plotted}" if plotted else ""))
         drawn["plotted"] = plotted
         mode_text = f", {'/'.join(m for m in modes if m)} scoring" if any(modes) else ""
         ax.set_title(f"This run (measured{mode_text})" if layout == "panel" else "", fontsize=11)
 
-        if ax_paper is not None:
-            paper_legend: Legend = []
-            _draw_paper(ax_paper, with_prefix=False, legend=paper_legend)
-            _token_axis(ax_paper)
-            ax_paper.set_ylabel("QuALITY closed-book QA accuracy (%)")
-            ax_paper.set_title(f"Reference only: {paper.SHORT_LABEL}, {paper.MODEL}", fontsize=11,
-                               color="#555555")
-            ax_paper.text(0.01, 0.99, "Curve: the paper's fitted formula, not data points.\n"
-                          "Reported values, not measured by this workflow.\n"
-                          f"Taken to be: {paper.CONVENTION_SHORT}.", transform=ax_paper.transAxes,
-                          ha="left", va="top", fontsize=7.5, color="#666666")
-            for spine in ax_paper.spines.values():
-                spine.set_edgecolor("#aaaaaa")
+        paper_legend = _draw_paper_panel(ax_paper) if ax_paper is not None else []
         fig.suptitle(figure_title(cfg, "QA accuracy vs synthetic tokens"), fontsize=12)
         fig.tight_layout()
         bottom = _legend_below(ax, legend)
@@ -483,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     p = stage.parser("figures", __doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("scaling", help="QA accuracy vs synthetic tokens with the fit (+ paper reference)")
-    s.add_argument("--table", required=True, help="results/tables/qa_accuracy.csv")
+    s.add_argument("--table", required=True, help="results/tables/qa_accuracy.csv (the long table; its headline rows)")
     s.add_argument("--fit", default=None, help="results/figures/scaling_fit.json (omit: no fitted curves)")
     s.add_argument("--output", nargs="+", required=True, help="figure files (.png/.pdf/.svg)")
     add_config_args(s)

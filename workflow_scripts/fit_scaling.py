@@ -20,6 +20,9 @@ Command lines:
     python -m workflow_scripts.fit_scaling POINTS.csv --output FIT.json   # columns tokens_millions, accuracy_percent
     python -m workflow_scripts.fit_scaling --table results/tables/qa_accuracy.csv --output scaling_fit.json \
         [--config-json '{"figures": {...}}']                              # the workflow's rule: one fit per method
+
+The workflow side fits the headline accuracy of the long table (workflow_scripts/aggregate.py). A model without
+a value there (no attempted answers) is skipped, and the fit's JSON names it (`skipped`, and one line in `note`).
 """
 
 from __future__ import annotations
@@ -308,35 +311,55 @@ def x_tokens(df: pd.DataFrame, x_axis: str = "tokens", fraction_scale: float = 4
 
 def read_accuracy_table(path: str | Path, accuracy_scale: str = "auto", x_axis: str = "tokens",
                         fraction_scale: float = 455e6) -> pd.DataFrame:
-    """Read results/tables/qa_accuracy.csv and add accuracy_pct, ci_low_pct, ci_high_pct, tokens_millions.
+    """The headline accuracy per model and mode, from the long table results/tables/qa_accuracy.csv (its rows
+    with headline True) or the headline table qa_headline.csv (workflow_scripts/aggregate.py), with
+    accuracy (the value), accuracy_pct, ci_low_pct, ci_high_pct, tokens, tokens_millions, capped, and `missing`
+    (no value: e.g. no attempted answers, with the reason in `missing_note`).
 
-    accuracy_scale: fraction (0-1), percent (0-100) or auto (fraction when every accuracy and interval bound is
-    <= 1). A table with a missing required column raises InputError naming it.
+    accuracy_scale: fraction (0-1), percent (0-100) or auto (fraction when every value and interval bound is
+    <= 1). A missing required column, a value that is not a number, or two headline rows for one model and mode
+    raise InputError naming the file (and line).
     """
     path = Path(path)
+    text = {c: str for c in ("model", "method", "mode", "metric", "split", "convention", "note", "label", "budget")}
     try:
-        df = pd.read_csv(path, dtype={"method": str, "model": str, "mode": str})
+        df = pd.read_csv(path, dtype=text, keep_default_na=False, na_values=[""])
     except FileNotFoundError:
         raise InputError(f"{path}: file not found (the evaluation stage's aggregate rule writes it)") from None
     except pd.errors.EmptyDataError:
-        raise InputError(f"{path}: empty file; expected a header with model, method, budget_tokens, accuracy") from None
-    missing = [c for c in ("method", "budget_tokens", "accuracy") if c not in df.columns]
+        raise InputError(f"{path}: empty file; expected the long accuracy table (workflow_scripts/aggregate.py)") \
+            from None
+    if "value" not in df.columns and "accuracy" in df.columns:
+        raise InputError(f"{path}: a wide accuracy table (an accuracy column, no metric/value): the table is long "
+                         "now; re-run the aggregate rule")
+    missing = [c for c in ("model", "method", "budget_tokens", "mode", "metric", "value") if c not in df.columns]
     if missing:
         raise InputError(f"{path}: missing column(s) {missing} (have {list(df.columns)})")
-    if "mode" not in df.columns:
-        df["mode"] = ""
-    df["mode"] = df["mode"].fillna("").astype(str)
-    if "model" not in df.columns:
-        df["model"] = df["method"]
+    df["line"] = df.index + 2  # +1 header, +1 one-based: where a bad value is
+    if "headline" in df.columns:
+        df = df[df["headline"].astype(str).str.strip().str.lower().isin(("true", "1"))]
+    df = df[df["metric"] == "accuracy"].copy()
+    for col in ("mode", "note", "split", "convention"):
+        df[col] = df[col].fillna("").astype(str) if col in df.columns else ""
     df["method"] = df["method"].astype(str).str.strip()
+    twice = df[df.duplicated(["model", "mode"], keep=False)]
+    if len(twice):
+        first = twice.iloc[0]
+        raise InputError(f"{path}:{first['line']}: model {first['model']} mode {first['mode']!r} has "
+                         f"{len(twice[(twice['model'] == first['model']) & (twice['mode'] == first['mode'])])} "
+                         "headline rows; expected one")
     for col in ("ci_low", "ci_high", "n"):
         if col not in df.columns:
             df[col] = np.nan
-    for col in ("accuracy", "ci_low", "ci_high"):
+    df["accuracy"] = pd.to_numeric(df["value"], errors="coerce")
+    bad = df["accuracy"].isna() & df["value"].notna()
+    if bad.any():
+        raise InputError(f"{path}:{int(df.loc[bad, 'line'].iloc[0])}: value is not a number")
+    # A model without a value (no attempted answers, ...) stays in the table: drawn as such, never fitted.
+    df["missing"] = df["accuracy"].isna()
+    df["missing_note"] = df["note"].where(df["note"] != "", "no value")
+    for col in ("ci_low", "ci_high", "n"):
         df[col] = pd.to_numeric(df[col], errors="coerce")
-    if df["accuracy"].isna().any():
-        bad = int(df.index[df["accuracy"].isna()][0]) + 2  # +1 header, +1 one-based
-        raise InputError(f"{path}:{bad}: accuracy is not a number")
     if accuracy_scale == "auto":
         vals = pd.concat([df["accuracy"], df["ci_low"], df["ci_high"]]).dropna()
         accuracy_scale = "fraction" if vals.empty or float(vals.max()) <= 1.0 else "percent"
@@ -356,9 +379,17 @@ def read_accuracy_table(path: str | Path, accuracy_scale: str = "auto", x_axis: 
     return df
 
 
-def synthesis_points(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows of synthesis methods with a token budget (not the base / Raw CPT / API levels)."""
-    return df[~df["method"].isin(LEVEL_METHODS) & df["tokens"].notna() & (df["tokens"] > 0)]
+def synthesis_points(df: pd.DataFrame, with_missing: bool = False) -> pd.DataFrame:
+    """Rows of synthesis methods with a token budget (not the base / Raw CPT / API levels); with_missing: those
+    without a value too (no attempted answers), which the figure marks and the fit skips."""
+    keep = ~df["method"].isin(LEVEL_METHODS) & df["tokens"].notna() & (df["tokens"] > 0)
+    return df[keep if with_missing else keep & ~df["missing"]]
+
+
+def skipped_models(df: pd.DataFrame) -> list[dict]:
+    """The models (and modes) without a value: kept in the table, drawn marked, left out of every fit."""
+    return [{"model": r["model"], "mode": r["mode"], "note": r["missing_note"]}
+            for _, r in df[df["missing"]].iterrows()]
 
 
 def fit_table(df: pd.DataFrame, fcfg: dict) -> list[dict]:
@@ -378,7 +409,7 @@ def fit_table(df: pd.DataFrame, fcfg: dict) -> list[dict]:
         y = group["accuracy_pct"].to_numpy(float)
         anchored = None
         if fit_cfg["include_base"]:
-            base = df[(df["method"] == "base") & (df["mode"] == mode)]
+            base = df[(df["method"] == "base") & (df["mode"] == mode) & ~df["missing"]]
             if len(base):
                 anchored = float(base["accuracy_pct"].iloc[0])
                 x, y = np.r_[0.0, x], np.r_[anchored, y]
@@ -394,11 +425,21 @@ def fit_table(df: pd.DataFrame, fcfg: dict) -> list[dict]:
     return fits
 
 
+def skipped_line(skipped: list[dict]) -> str:
+    """One line naming the models the fit left out for want of a value."""
+    names = ", ".join(f"{s['model']}{'/' + s['mode'] if s['mode'] else ''} ({s['note']})" for s in skipped)
+    return f"skipped {len(skipped)} model(s) without a value: {names}"
+
+
 def fit_workflow(table: str | Path, cfg: dict) -> dict:
     """The content of results/figures/scaling_fit.json: the fits of every synthesis method, with provenance."""
     fcfg = with_defaults(cfg)["figures"]
     df = read_accuracy_table(table, fcfg["accuracy_scale"], fcfg["x_axis"], fcfg["fraction_scale"])
     fits = fit_table(df, fcfg)
+    skipped = skipped_models(df)
+    notes = ["" if fits else "no synthesis-method rows with a token budget in the table: nothing to fit"]
+    if skipped:
+        notes.append(skipped_line(skipped))
     return {
         "table": str(table),
         "accuracy_scale_read": df.attrs["accuracy_scale"],
@@ -406,7 +447,8 @@ def fit_workflow(table: str | Path, cfg: dict) -> dict:
         "x_axis": (fcfg["x_axis"] if fcfg["x_axis"] == "tokens"
                    else f"fraction of the corpus x {fcfg['fraction_scale']:.6g} tokens (the paper's axis)"),
         "fits": fits,
-        "note": "" if fits else "no synthesis-method rows with a token budget in the table: nothing to fit",
+        "skipped": skipped,
+        "note": "; ".join(n for n in notes if n),
         "config_hash": config_hash(fcfg),
     }
 
@@ -459,6 +501,8 @@ def _run(args: argparse.Namespace) -> None:
                           interval_level=fcfg["interval_level"])
         out = {**fit.to_dict(), "points": str(args.points)}
     stage.write_stats(args.output, out)
+    if out.get("skipped"):
+        print(skipped_line(out["skipped"]), file=sys.stderr)
     for f in out["fits"] if "fits" in out else [out]:
         label = f"{f.get('method', 'points')}{'/' + f['mode'] if f.get('mode') else ''}"
         print(f"{label}: asymptote {f['asymptote']:.2f}%, {f['n_terms']} term(s), rmse {f['rmse']:.3f} "

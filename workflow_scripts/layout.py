@@ -33,7 +33,8 @@ CHECKPOINTS = f"{RESULTS}/checkpoints"
 QA_DIR = f"{RESULTS}/eval/qa"
 RAG_DIR = f"{RESULTS}/eval/rag"
 TABLES = f"{RESULTS}/tables"
-QA_TABLE = f"{TABLES}/qa_accuracy.csv"
+QA_TABLE = f"{TABLES}/qa_accuracy.csv"  # the long table: one row per model x mode x split x convention x metric
+QA_HEADLINE = f"{TABLES}/qa_headline.csv"  # its headline rows: the plotted number per model and mode
 RAG_TABLE = f"{TABLES}/rag_accuracy.csv"
 SYNTH_SUMMARY = f"{TABLES}/synthesis_summary"
 FIGURES = f"{RESULTS}/figures"
@@ -239,7 +240,7 @@ def stage_targets(cfg: dict, stage: str) -> list[str]:
     if stage == "cpt":
         return [model_dir(model_id(m, b), cfg) for m, b in cpt_models(cfg)]
     if stage == "evaluation":
-        return [QA_TABLE, *([RAG_TABLE] if cfg["evaluation"]["rag"]["enabled"] else [])]
+        return [QA_TABLE, QA_HEADLINE, *([RAG_TABLE] if cfg["evaluation"]["rag"]["enabled"] else [])]
     if stage == "figures":
         return [SCALING_FIT, *figure_files(cfg, "scaling_curve"), *figure_files(cfg, "diversity"),
                 f"{SYNTH_SUMMARY}.csv", f"{SYNTH_SUMMARY}.html"]
