@@ -403,6 +403,50 @@ def test_fsdp_on_two_cpu_processes_survives_kill_9_and_matches_one_process(corpu
     assert lp[1] == pytest.approx(lp[0], abs=0.05), lp
 
 
+class _GradSyncSpy:
+    """Stands in for an FSDP2 module: records set_requires_gradient_sync calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[bool] = []
+
+    def set_requires_gradient_sync(self, sync: bool) -> None:
+        self.calls.append(sync)
+
+
+@pytest.mark.parametrize("opt_in,expected", [(False, []), (True, [False, False, True])])
+def test_fsdp_reduce_scatters_every_micro_batch_unless_no_sync_accumulation(opt_in, expected):
+    """By default FSDP2 keeps gradient sync on for every micro-batch (the reduce-scatter leaves each rank only its
+    fp32 gradient shard, as torchtitan); cpt.fsdp.no_sync_accumulation turns it off for all but the last."""
+    rt = T.Runtime(tiny_cfg(fsdp={"no_sync_accumulation": opt_in})["cpt"])
+    rt.fsdp = True  # as under torchrun with cpt.fsdp.enabled (the layout is all no_sync reads)
+    model = _GradSyncSpy()
+    for i in range(3):
+        with rt.no_sync(model, sync=i == 2):
+            pass
+    assert model.calls == expected
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo process group on Linux")
+def test_fsdp_accumulation_modes_give_the_same_losses(corpus_dir, tiny_model_dir, tmp_path):
+    """FSDP2 over 2 gloo processes with 2 micro-batches per rank and step: reduce-scattering every micro-batch (the
+    default) and only the last (cpt.fsdp.no_sync_accumulation) give the same per-step losses to float rounding."""
+    logs = {}
+    for opt_in in (False, True):
+        cfg = json.loads(json.dumps(FSDP_CFG))
+        cfg["cpt"].update(epochs=1, checkpoint_every=0, replay={"rate": 0.0})
+        cfg["cpt"]["fsdp"]["no_sync_accumulation"] = opt_in
+        out = tmp_path / f"m{int(opt_in)}"
+        job = torchrun_train(corpus_dir, tiny_model_dir, out, tmp_path / f"w{int(opt_in)}", cfg)
+        _, stderr = job.communicate(timeout=600)
+        assert job.returncode == 0, stderr[-3000:]
+        summary = json.loads((out / "train_summary.json").read_text())
+        assert summary["fsdp"] is True and summary["grad_accum"] == 2 and summary["steps"] == 8
+        assert summary["fsdp_no_sync_accumulation"] is opt_in
+        logs[opt_in] = [float(r["loss"]) for r in read_log(out / "train_log.csv")]
+    assert logs[True] == pytest.approx(logs[False], abs=1e-4), list(zip(logs[False], logs[True]))
+    assert logs[False][-1] < logs[False][0]
+
+
 def test_command_lines_have_help():
     for module in ("train", "corpus", "replay"):
         r = subprocess.run([sys.executable, "-m", f"workflow_scripts.{module}", "--help"], cwd=ROOT,

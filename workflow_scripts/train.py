@@ -275,9 +275,12 @@ class Runtime:
         return nullcontext()
 
     def no_sync(self, model, sync: bool):  # type: ignore[no-untyped-def]
-        """Skip the gradient all-reduce on all but a step's last micro-batch."""
+        """The gradient communication of one micro-batch (`sync`: it is the step's last). FSDP2 reduce-scatters every
+        micro-batch, as torchtitan does, unless cpt.fsdp.no_sync_accumulation (then all but the last skip it and
+        every rank keeps an unsharded fp32 gradient meanwhile); DDP skips the all-reduce on all but the last."""
         if self.fsdp:
-            model.set_requires_gradient_sync(sync)
+            if self.cpt["fsdp"]["no_sync_accumulation"]:
+                model.set_requires_gradient_sync(sync)
         elif self.world_size > 1 and not sync:
             return model.no_sync()
         return nullcontext()
@@ -618,7 +621,8 @@ def summarize(cpt: dict, rt: Runtime, run: Run, state: dict, probe_after: float 
         "blocks": run.n_blocks, "tokens_in_blocks": run.n_blocks * T, "tail_tokens_dropped": run.n_tokens - run.n_blocks * T,
         "steps": run.steps, "warmup_steps": run.warmup, "global_batch": run.global_batch, "micro_batch": run.micro_batch,
         "grad_accum": grad_accum_steps(run.global_batch, run.micro_batch, rt.world_size), "world_size": rt.world_size,
-        "fsdp": rt.fsdp, "sequences_trained": len(plan), "tokens_seen": state["tokens_seen"],
+        "fsdp": rt.fsdp, "fsdp_no_sync_accumulation": rt.fsdp and cpt["fsdp"]["no_sync_accumulation"],
+        "sequences_trained": len(plan), "tokens_seen": state["tokens_seen"],
         "synthetic_tokens_seen": int((plan >= 0).sum()) * T, "replay_tokens_seen": int((plan < 0).sum()) * T,
         "replay_rate": cpt["replay"]["rate"], "replay_fraction": float((plan < 0).mean()),
         "replay_unique_blocks": run.n_replay_blocks, "padding_tokens": 0,
