@@ -19,6 +19,7 @@ from workflow_scripts import aggregate, qa_eval
 from workflow_scripts.backends import Completion
 from workflow_scripts.config import validate_config
 
+pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parent.parent
 PAPER_PROMPTS = Path("/work/shared/reference/paper_prompts.md")
 PREFIX_SHA256 = "4af57fda71078eb05a130606dad88641ffd3eac299c5e47fa75b937ab93c252c"
@@ -434,6 +435,21 @@ def test_aggregate_table(tmp_path):
     # no column is empty in every row of this table
     assert [c for c in aggregate.QA_COLUMNS if not any(r[c] for r in rows)] == ["budget_fraction", "budget_capped",
                                                                                   "note"]
+
+
+def test_aggregate_rag_table_is_long_with_recall_rows(tmp_path):
+    part = {"n": 10, "accuracy": 0.4, "ci_low": 0.2, "ci_high": 0.6}
+    block = {**part, "reported": {"all": {"questions": 10, "attempted": 1.0, "wrong": part, "dropped": part}}}
+    path = tmp_path / "base.json"
+    path.write_text(json.dumps({"model": "base", "n": 10, "modes": {"loglik": block}, "retrieval": {
+        "retriever": "hybrid", "top_k": 8, "recall_at_k": {"bm25": 0.5, "hybrid": 0.7}}}))
+    out = tmp_path / "rag_accuracy.csv"
+    assert aggregate.main(["rag", "--summaries", str(path), "--output", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == aggregate.RAG_COLUMNS and {(r["retriever"], r["top_k"]) for r in rows} == {("hybrid", "8")}
+    recall = {r["metric"]: (r["mode"], r["value"], r["n"]) for r in rows if r["metric"].startswith("recall")}
+    assert recall == {"recall_at_k_bm25": ("retrieval", "0.5", "10"), "recall_at_k_hybrid": ("retrieval", "0.7", "10")}
+    assert [r["convention"] for r in rows if r["headline"] == "True"] == ["wrong"]
 
 
 @pytest.mark.parametrize("module", ["qa_eval", "rag", "aggregate"])

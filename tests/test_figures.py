@@ -15,6 +15,8 @@ from workflow_scripts import figures, paper_reference as paper
 from workflow_scripts.config import load_config, validate_config
 from workflow_scripts.io_utils import InputError
 
+pytestmark = pytest.mark.unit
+
 CFG = {"run_name": "unit-test", "models": {"base": {"source": "package", "name": "smollm2-135m-instruct"}},
        "data": {"source": "quality"}, "figures": {"dpi": 60, "fit": {"n_starts": 4}}}
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.engine
 ROOT = Path(__file__).resolve().parent.parent
 
 pytest.importorskip("snakemake")

@@ -14,6 +14,8 @@ from workflow_scripts.fit_scaling import (ScalingFit, fit_mixture, fit_workflow,
                                           read_accuracy_table)
 from workflow_scripts.io_utils import InputError
 
+pytestmark = pytest.mark.unit
+
 PAPER_X = np.array(paper.BUDGETS_MILLIONS)
 # Budgets past the paper's 455M, where the slowest term (rate 0.9989/M) has decayed: the asymptote is observable.
 SATURATING_X = np.r_[PAPER_X, 700, 1000, 1500, 2000, 3000, 4000, 5000]

@@ -17,6 +17,7 @@ from workflow_scripts.backends import Completion
 from workflow_scripts.config import validate_config
 from workflow_scripts.io_utils import parse_jsonl
 
+pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_ICL = Path("/work/shared/reference/quality_retrieval_icl.txt")
 

@@ -225,7 +225,7 @@ def summary_rows(summary: dict, models_dir: str | Path | None = None, split: str
     if "retrieval" in summary:
         for name, value in sorted((summary["retrieval"].get("recall_at_k") or {}).items()):
             rows.append({**meta, "mode": "retrieval", "split_label": split_label("all"), "headline": False,
-                         **_value_row("all", "", f"recall_at_k_{name}", value)})
+                         **_value_row("all", "", f"recall_at_k_{name}", value, summary.get("n"))})
     return rows
 
 
