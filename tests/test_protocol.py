@@ -106,12 +106,14 @@ def test_summary_reports_all_val_test_under_both_conventions(tmp_path, monkeypat
     aggregate.aggregate([tmp_path / "o.json"], out, None, headline=head)
     (h,) = list(csv.DictReader(head.open()))
     assert float(h["value"]) == 0.8 and h["plotted"] == "all questions, unparseable counted wrong"
-    # Pivoted as the README shows it: one column per split x convention.
+    # Pivoted by the README's own line: one column per split x convention.
     import pandas as pd
 
-    wide = pd.read_csv(out).query("metric == 'accuracy'").pivot_table(
-        index=["model", "mode"], columns=["split", "convention"], values="value")
+    (line,) = [t for t in (ROOT / "README.md").read_text().splitlines()
+               if t.startswith('pd.read_csv("results/tables/qa_accuracy.csv")')]
+    wide = eval(line.replace("results/tables/qa_accuracy.csv", str(out)), {"pd": pd})
     assert wide.loc[("base", "cot"), ("test", "dropped")] == pytest.approx(7 / 8)
+    assert wide.loc[("base", "cot"), ("val", "wrong")] == 0.5
 
 
 def test_a_model_without_attempted_answers_is_kept_marked_and_skipped_by_the_fit(tmp_path, monkeypatch, capsys):
