@@ -136,6 +136,7 @@ def test_loss_falls_and_the_model_is_saved_for_from_pretrained(corpus_dir, tiny_
                                                "train_log.csv", "train_summary.json"}
     assert json.loads((out / "train_summary.json").read_text())["final_loss"] == s["final_loss"]
     assert not list((tmp_path / "work").glob("step_*"))
+    assert s["save_dtype"] == "float32" and json.loads((out / "config.json").read_text())["dtype"] == "float32"
 
     tokens, _ = load_corpus(corpus_dir)
     x = torch.from_numpy(np.asarray(tokens[:256], dtype=np.int64)).view(8, 32)
@@ -143,6 +144,23 @@ def test_loss_falls_and_the_model_is_saved_for_from_pretrained(corpus_dir, tiny_
         before = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=x, labels=x).loss
         after = AutoModelForCausalLM.from_pretrained(out)(input_ids=x, labels=x).loss
     assert float(after) < float(before) - 1.0
+
+
+def test_a_bf16_save_says_bf16_in_its_config(corpus_dir, tiny_model_dir, tmp_path):
+    """Trained in fp32 (master weights), saved in bf16: config.json must name bfloat16 (save_pretrained would write
+    the in-memory float32), so a loader with dtype "auto" gets bf16, not twice the memory."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "model"
+    s = T.train(tiny_cfg(epochs=1, save_dtype="bfloat16"), corpus_dir, 256, str(tiny_model_dir), out, tmp_path / "w")
+    assert s["save_dtype"] == "bfloat16" and s["precision"] == "fp32"
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config.get("torch_dtype", "bfloat16") == "bfloat16"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.bfloat16
 
 
 def test_probe_before_is_the_base_models_perplexity(corpus_dir, tiny_model_dir, tmp_path):

@@ -105,6 +105,16 @@ def load_base_model(location: str):  # type: ignore[no-untyped-def]
     return AutoModelForCausalLM.from_pretrained(location, config=config, dtype=torch.float32)
 
 
+def save_model(model, folder: str | Path, state_dict: dict, dtype: str) -> None:  # type: ignore[no-untyped-def]
+    """Save `state_dict` (tensors of `dtype`, e.g. "bfloat16") as `model`'s Hugging Face folder whose config.json
+    names that dtype. save_pretrained writes the dtype of the model's parameters in memory (fp32 master weights
+    during training), not that of the state dict it is given, and loaders with dtype "auto" would then load bf16
+    weights as fp32, twice the memory (issue 18)."""
+    model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+    model.config.dtype = dtype
+    model.config.save_pretrained(folder)  # config.json again, now with the saved dtype
+
+
 def convert_packaged(name: str, output: str | Path) -> dict[str, Any]:
     """GGUF (dequantised on load) -> a Hugging Face safetensors folder, written atomically."""
     import torch

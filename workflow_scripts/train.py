@@ -65,7 +65,7 @@ from .io_utils import InputError, write_json_atomic
 from . import replay
 from .job_keys import resume_config, shaping
 from .mixture import curriculum_order, source_shares
-from .models import load_base_model, load_tokenizer
+from .models import load_base_model, load_tokenizer, save_model
 
 LOG_FIELDS = ["step", "epoch", "loss", "lr", "grad_norm", "sequences", "replay_sequences", "tokens", "tokens_seen",
               "step_seconds", "tokens_per_s", "elapsed_s"]
@@ -587,12 +587,9 @@ def finish(cpt: dict, rt: Runtime, model, run: Run, state: dict, output: Path,  
     save_dtype = cpt["save_dtype"]
     if save_dtype == "auto":
         save_dtype = "bfloat16" if rt.precision == "bf16" else "float32"
-    unwrapped = rt.unwrap(model)
-    unwrapped.config.dtype = save_dtype
     tmp = output.with_name(output.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    unwrapped.save_pretrained(tmp, state_dict={k: v.to(getattr(torch, save_dtype)) for k, v in state_dict.items()},
-                              safe_serialization=True)
+    save_model(rt.unwrap(model), tmp, {k: v.to(getattr(torch, save_dtype)) for k, v in state_dict.items()}, save_dtype)
     run.tokenizer.save_pretrained(tmp)
     shutil.copyfile(workdir / "train_log.csv", tmp / "train_log.csv")
     summary = summarize(cpt, rt, run, state, probe_after, session, save_dtype, time.time() - t_start)
