@@ -402,6 +402,44 @@ def test_both_modes_run_with_the_real_engine(tmp_path, tiny_model_dir):
     assert not Path(str(tmp_path / "m.jsonl") + ".cot-partial").exists()  # the resume file is removed at the end
 
 
+def test_the_scorer_model_is_freed_before_the_generation_engine_starts(tmp_path, tiny_model_dir, monkeypatch):
+    """loglik then cot in one process: when the generation engine is built, the scorer's model is gone (a weakref
+    to it is dead, even with a reference cycle that only gc.collect frees) and, where CUDA is, torch's cached
+    blocks have been handed back (empty_cache), so vLLM sizes its KV cache from the memory really free."""
+    import torch
+    import weakref
+
+    qp, ap = write_inputs(tmp_path)
+    cfg = validate_config({"evaluation": {"modes": ["loglik", "cot"], "device": "cpu", "ci": {"bootstrap": 20},
+                                          "cot": {"n": 1, "max_new_tokens": 4}},
+                           "backends": {"transformers": {"device": "cpu", "progress": False}}})
+    seen, emptied = {}, []
+    real_load = qa_eval.load_local_model
+
+    def load(path, ecfg):
+        model, tok = real_load(path, ecfg)
+        model._cycle = [model]  # a cycle, as models and their hooks can hold: refcounting alone frees nothing
+        seen["model"] = weakref.ref(model)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU node, from here on
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(seen["model"]() is None))
+        return model, tok
+
+    class Built(Exception):
+        pass
+
+    def backend(cfg, engine, model):
+        seen["alive_at_engine_start"] = seen["model"]() is not None
+        raise Built
+
+    monkeypatch.setattr(qa_eval, "load_local_model", load)
+    monkeypatch.setattr(qa_eval, "make_backend", backend)
+    with pytest.raises(Built):
+        qa_eval.run(cfg, "entigraph-4000", str(tiny_model_dir), str(qp), str(ap), tmp_path / "m.jsonl",
+                    tmp_path / "m.json")
+    assert seen["alive_at_engine_start"] is False
+    assert emptied == [True]  # once, after the model was collected
+
+
 def test_aggregate_table(tmp_path):
     def summary(model, acc, mode="loglik", **extra):
         block = {"n": 37, "accuracy": acc, "ci_low": acc - 0.1, "ci_high": acc + 0.1, "attempted": 1.0,

@@ -687,6 +687,39 @@ def make_backend(cfg: dict, engine: str, model: str) -> Any:
     return engine_for(cfg, engine, model)
 
 
+def loglik_blocks(ecfg: dict, model_path: str, questions: list[dict], contexts: list[str], prefix: str,
+                  blocks: list[dict]) -> dict:
+    """Score every question by option log-likelihood into `blocks` (its "loglik" entry); returns the run info.
+    The model and the scorer (with its prefix cache) are locals: nothing refers to them once this returns."""
+    import torch
+
+    t0 = time.time()
+    model, tok = load_local_model(model_path, ecfg)
+    lcfg = ecfg["loglik"]
+    scorer = LoglikScorer(model, tok, prefix, lcfg["batch_questions"], lcfg["reuse_prefix_cache"])
+    t1 = time.time()
+    for b, r in zip(blocks, loglik_records(scorer, contexts, questions, lcfg)):
+        b["loglik"] = r
+    sec = time.time() - t1
+    return {"load_seconds": round(t1 - t0, 2), "seconds": round(sec, 2),
+            "forward_tokens": scorer.forward_tokens, "prefix_tokens": len(scorer.prefix_ids),
+            "tokens_per_second": round(scorer.forward_tokens / max(sec, 1e-9), 1),
+            "device": str(scorer.device), "torch_threads": torch.get_num_threads()}
+
+
+def release_memory() -> None:
+    """Free what unreferenced models held: collect reference cycles, then hand torch's cached CUDA blocks back to
+    the driver. vLLM sizes its KV cache from the GPU's free memory when it starts (gpu_memory_utilization), so in
+    the same process it must start after this (issue 18)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def evaluate_prompts(cfg: dict, model_id: str, model_path: str | None, questions: list[dict],
                      contexts: list[str], prefix: str, modes: Sequence[str],
                      partial_path: Path | None = None) -> tuple[list[dict], dict]:
@@ -701,21 +734,8 @@ def evaluate_prompts(cfg: dict, model_id: str, model_path: str | None, questions
     if "loglik" in modes:
         if api is not None:
             raise InputError(f"{model_id}: API models are scored by sampling only; set its modes to [cot]")
-        import torch
-
-        t0 = time.time()
-        model, tok = load_local_model(model_path, ecfg)
-        lcfg = ecfg["loglik"]
-        scorer = LoglikScorer(model, tok, prefix, lcfg["batch_questions"], lcfg["reuse_prefix_cache"])
-        t1 = time.time()
-        for b, r in zip(blocks, loglik_records(scorer, contexts, questions, lcfg)):
-            b["loglik"] = r
-        sec = time.time() - t1
-        info["loglik"] = {"load_seconds": round(t1 - t0, 2), "seconds": round(sec, 2),
-                          "forward_tokens": scorer.forward_tokens, "prefix_tokens": len(scorer.prefix_ids),
-                          "tokens_per_second": round(scorer.forward_tokens / max(sec, 1e-9), 1),
-                          "device": str(scorer.device), "torch_threads": torch.get_num_threads()}
-        del scorer, model
+        info["loglik"] = loglik_blocks(ecfg, model_path, questions, contexts, prefix, blocks)
+        release_memory()  # the scorer's model and cache are gone before a generation engine claims the GPU
     if "cot" in modes:
         ccfg = ecfg["cot"]
         engine = api["engine"] if api else ccfg["engine"]
