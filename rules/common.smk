@@ -58,6 +58,18 @@ onstart:
 VLLM_RULES = vllm_rule_names(config)
 
 
+def training_threads(res):
+    """Snakemake threads (the scheduler's CPUs) of a training job: cpt.threads per process, times the CPU processes
+    of a CPU job (cpt.resources.cpu_processes; a GPU job's processes come with its GPUs' CPUs)."""
+    per_process = int(config["cpt"]["threads"])
+    return per_process * (layout.training_processes(res) if int(res.get("gpu", 0)) == 0 else 1)
+
+
+def training_launch(res):
+    """Shell launcher of a training job: python, or torchrun with one process per GPU or per CPU process."""
+    return layout.training_launcher(layout.training_processes(res))
+
+
 def gpu_guard(rule):
     """Shell prefix of `rule`'s program: the pre-flight check when the job asks for GPUs (with --vllm when the rule
     runs vLLM under this config), nothing for a CPU job."""

@@ -1,5 +1,6 @@
 # Stage 6: continued pretraining, one job per method x budget plus the Raw baseline (results/models/raw/all/).
-# One process on CPU or one GPU; torchrun with one process per GPU (FSDP) when cpt.resources.gpu > 1.
+# One process on CPU or one GPU; torchrun with one process per GPU (FSDP) when cpt.resources.gpu > 1, or with
+# cpt.resources.cpu_processes CPU processes over gloo on a machine without GPUs.
 # Logic: workflow_scripts/train.py; docs/cpt.md.
 CPT = config["cpt"]
 # Local general-text files (replay source, forgetting probe) are inputs; Hugging Face dataset ids are not files.
@@ -31,7 +32,7 @@ rule cpt:
         "results/benchmarks/cpt/{method}/{budget}.tsv"
     conda:
         "../envs/train.yaml"
-    threads: CPT["threads"]
+    threads: training_threads(CPT["resources"])
     resources:
         gpu=CPT["resources"]["gpu"],
         mem_mb=CPT["resources"]["mem_mb"],
@@ -43,14 +44,11 @@ rule cpt:
         model=lambda wc: model_location("base"),  # a folder, or a hub id (no input file)
         corpus=lambda wc, input: os.path.dirname(input.corpus),
         workdir=lambda wc: f"{layout.CHECKPOINTS}/{wc.method}/{wc.budget}",
-        # one process, or torchrun with one worker per GPU the job declares
-        launch=lambda wc, resources: (
-            f"python -m torch.distributed.run --standalone --nproc_per_node {resources.gpu}"
-            if int(resources.gpu) > 1
-            else "python"
-        ),
+        # one process, or torchrun with one worker per GPU, or per CPU process (cpt.resources.cpu_processes)
+        launch=training_launch(CPT["resources"]),
+        omp=CPT["threads"],
     shell:
-        "OMP_NUM_THREADS={threads} TOKENIZERS_PARALLELISM=false {params.guard}{params.launch} -m workflow_scripts.train "
+        "OMP_NUM_THREADS={params.omp} TOKENIZERS_PARALLELISM=false {params.guard}{params.launch} -m workflow_scripts.train "
         "--corpus {params.corpus} --method {wildcards.method} --budget {wildcards.budget} --model {params.model:q} "
         "--output {output} --workdir {params.workdir} --articles {input.articles} --gpus {resources.gpu} "
         "--config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"

@@ -42,7 +42,7 @@ rule instruct_tune:
         "results/benchmarks/instruct/tune/{model}.tsv"
     conda:
         "../envs/train.yaml"
-    threads: config["cpt"]["threads"]
+    threads: training_threads(INSTRUCT["resources"])
     resources:
         gpu=INSTRUCT["resources"]["gpu"],
         mem_mb=INSTRUCT["resources"]["mem_mb"],
@@ -52,16 +52,13 @@ rule instruct_tune:
         cfg=job_config("instruct_tune"),
         ops=job_ops("instruct_tune"),
         corpus=lambda wc, input: os.path.dirname(input.tokens),
-        start=lambda wc: model_location("base") if wc.model == "base" else model_dir(wc.model),
+        init_model=lambda wc: model_location("base") if wc.model == "base" else model_dir(wc.model),
         workdir=lambda wc: f"results/checkpoints/instruct/{wc.model}",
-        launch=lambda wc, resources: (
-            f"python -m torch.distributed.run --standalone --nproc_per_node {resources.gpu}"
-            if int(resources.gpu) > 1
-            else "python"
-        ),
+        launch=training_launch(INSTRUCT["resources"]),
+        omp=config["cpt"]["threads"],
     shell:
-        "OMP_NUM_THREADS={threads} {params.guard}{params.launch} -m workflow_scripts.instruct tune --corpus {params.corpus} "
-        "--start {params.start:q} --output {output} --workdir {params.workdir} --config-json {params.cfg:q} "
+        "OMP_NUM_THREADS={params.omp} {params.guard}{params.launch} -m workflow_scripts.instruct tune --corpus {params.corpus} "
+        "--init-model {params.init_model:q} --output {output} --workdir {params.workdir} --config-json {params.cfg:q} "
         "--ops-json {params.ops:q} 2> {log}"
 
 

@@ -2,7 +2,7 @@
 
     python -m workflow_scripts.instruct corpus --model results/hf_models/smollm2-135m-instruct \\
         --outdir results/instruct/corpus [--configfile config.yaml]
-    python -m workflow_scripts.instruct tune --corpus results/instruct/corpus --start results/models/entigraph/384 \\
+    python -m workflow_scripts.instruct tune --corpus results/instruct/corpus --init-model results/models/entigraph/384 \\
         --output results/models/entigraph-384/instruct [--configfile config.yaml]
 
 Data (`instruct.data`). Conversations in the messages format (`[{role, content}, ...]`) from:
@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--outdir", required=True)
     t = stage.subcommand(sub, "tune", "instruction-tune one trained model", config=True)
     t.add_argument("--corpus", required=True)
-    t.add_argument("--start", required=True, help="the trained model's folder (or hub id)")
+    t.add_argument("--init-model", required=True,
+                   help="the model tuning starts from: a trained model's folder (or hub id)")
     t.add_argument("--output", required=True)
     t.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             m = build_instruct_corpus(cfg, args.model, args.outdir)
             print(json.dumps({k: m[k] for k in ("total_tokens", "n_records", "instruct_data")}))
             return 0
-        return tune(cfg, args.corpus, args.start, args.output, args.workdir)
+        return tune(cfg, args.corpus, args.init_model, args.output, args.workdir)
 
     return stage.run(body)
 

@@ -214,6 +214,24 @@ def instruct_models(cfg: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ final targets
+def training_processes(resources: dict) -> int:
+    """Processes of one training job (cpt.resources / instruct.resources): one per GPU with several GPUs, else
+    cpu_processes on a machine without GPUs (gloo), else 1."""
+    gpu = int(resources.get("gpu", 0))
+    if gpu > 0:
+        return gpu
+    return int(resources.get("cpu_processes", 1))
+
+
+def training_launcher(processes: int) -> str:
+    """The command that starts a training module: plain python for one process, torchrun (standalone: a free local
+    rendezvous port, so jobs sharing a node do not collide) for several; train.py's Runtime takes the backend from
+    the device (nccl on GPUs, gloo on CPUs)."""
+    if processes > 1:
+        return f"python -m torch.distributed.run --standalone --nproc_per_node {processes}"
+    return "python"
+
+
 def model_inputs(cfg: dict, role: str) -> list[str]:
     """A model's folder as a file the DAG builds or reads (packaged and local models), none for hub ids."""
     spec = cfg["models"][role]
