@@ -1,10 +1,12 @@
 """Shared fixtures: the real offline model (SmolLM2-135M-Instruct, converted once and cached) and a tiny random
-model with the same tokenizer for fast unit tests. Everything runs offline."""
+model with the same tokenizer for fast tests. Everything runs offline. Also the tier check: every test carries
+exactly one of the tiers declared in pyproject.toml's markers (unit, engine, slurm, e2e)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,27 @@ CACHE = ROOT / ".cache" / "test-models"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiers(config: pytest.Config) -> list[str]:
+    """The tier names: the markers declared in pyproject.toml (the one list of them)."""
+    with open(config.inipath, "rb") as f:
+        declared = tomllib.load(f)["tool"]["pytest"]["ini_options"]["markers"]
+    return [line.split(":", 1)[0].strip() for line in declared]
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects anything, so an unmarked test fails every run
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    names = tiers(config)
+    wrong: dict[str, str] = {}  # test (parameters left off) -> what it carries
+    for item in items:
+        found = [m.name for m in item.iter_markers() if m.name in names]
+        if len(found) != 1:
+            wrong[item.nodeid.split("[")[0]] = " and ".join(found) or "no tier"
+    if wrong:
+        listed = "; ".join(f"{test} has {found}" for test, found in wrong.items())
+        raise pytest.UsageError(f"each test needs exactly one tier marker ({', '.join(names)}): {listed}; "
+                                "add `pytestmark = pytest.mark.<tier>` to the file or mark the test")
 
 
 def _convert_once() -> Path:

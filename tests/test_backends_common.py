@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from workflow_scripts.backends import GenerationRequest
 from workflow_scripts.backends.common import (apply_stop, longest_common_prefix, order_by_group, sample_seed,
                                               validate_request)
+
+pytestmark = pytest.mark.unit
 
 
 def test_apply_stop_cuts_after_earliest_match_and_keeps_it():

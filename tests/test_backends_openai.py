@@ -15,6 +15,8 @@ from workflow_scripts.backends import GenerationRequest, get_backend
 from workflow_scripts.backends.openai_backend import (OpenAIBackend, backoff_delay, request_body,
                                                       retry_after_seconds)
 
+pytestmark = pytest.mark.unit
+
 KEY = "sk-test-7d1e0c-DO-NOT-LEAK"
 TIMEOUT_S = 0.5
 

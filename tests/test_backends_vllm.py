@@ -20,6 +20,8 @@ from workflow_scripts.backends import GenerationRequest
 from workflow_scripts.backends.vllm_backend import (call_inputs, llm_kwargs, plan_calls, run_calls, sampling_kwargs,
                                                     to_completion)
 
+pytestmark = pytest.mark.unit
+
 
 class FakeParams:
     """Stands in for vllm.SamplingParams: records its keyword arguments."""

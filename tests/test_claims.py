@@ -13,6 +13,8 @@ from workflow_scripts import claims, claims_report, instruct, summaries
 from workflow_scripts.backends import Completion
 from workflow_scripts.config import load_config
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

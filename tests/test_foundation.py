@@ -14,6 +14,7 @@ from workflow_scripts.models import model_location
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.unit
 def test_schema_fills_defaults_and_demo_config_validates():
     cfg = validate_config({})
     assert cfg["data"]["quality"]["url"].startswith("https://github.com/nyu-mll/quality/")
@@ -23,6 +24,7 @@ def test_schema_fills_defaults_and_demo_config_validates():
     assert demo["data"]["quality"]["url"] == "resources/quality/QuALITY.v1.0.1.zip"
 
 
+@pytest.mark.unit
 def test_shipped_files_resolve_to_the_workflow_only_when_the_working_folder_lacks_them(tmp_path):
     def cfg():
         return {"data": {"quality": {"url": "resources/quality/QuALITY.v1.0.1.zip"}},
@@ -41,6 +43,7 @@ def test_shipped_files_resolve_to_the_workflow_only_when_the_working_folder_lack
     assert resolve_shipped_files(cfg(), ROOT) == cfg()
 
 
+@pytest.mark.unit
 def test_invalid_config_names_the_key():
     with pytest.raises(ValueError, match=r"data\.max_articles: 0 is less than the minimum"):
         validate_config({"data": {"max_articles": 0}})
@@ -48,11 +51,13 @@ def test_invalid_config_names_the_key():
         validate_config({"data": {"max_artcles": 3}})
 
 
+@pytest.mark.unit
 def test_config_hash_is_stable_and_sensitive():
     assert config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1})
     assert config_hash({"a": 1}) != config_hash({"a": 2})
 
 
+@pytest.mark.unit
 def test_atomic_write_leaves_no_partial_file(tmp_path):
     target = tmp_path / "x.json"
     write_json_atomic(target, {"ok": 1})
@@ -66,6 +71,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
 
+@pytest.mark.unit
 def test_append_only_jsonl_skips_existing_and_repairs_truncated_tail(tmp_path):
     path = tmp_path / "shard.jsonl"
     with AppendOnlyJsonl(path) as w:
@@ -79,6 +85,7 @@ def test_append_only_jsonl_skips_existing_and_repairs_truncated_tail(tmp_path):
     assert [r["id"] for _, r in iter_jsonl(path)] == ["a", "b"]
 
 
+@pytest.mark.unit
 def test_iter_jsonl_names_file_and_line(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"a": 1}\n[1, 2]\n', encoding="utf-8")
@@ -86,11 +93,13 @@ def test_iter_jsonl_names_file_and_line(tmp_path):
         list(iter_jsonl(p))
 
 
+@pytest.mark.unit
 def test_model_location():
     assert model_location({"source": "package", "name": "smollm2-135m-instruct"}) == "results/hf_models/smollm2-135m-instruct"
     assert model_location({"source": "hf", "name": "meta-llama/Meta-Llama-3-8B"}) == "meta-llama/Meta-Llama-3-8B"
 
 
+@pytest.mark.engine
 def test_packaged_model_converts_to_a_loadable_folder(smollm_dir):
     """The real offline model: the converted folder loads with plain from_pretrained and answers sensibly."""
     import torch
@@ -108,6 +117,7 @@ def test_packaged_model_converts_to_a_loadable_folder(smollm_dir):
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
 
 
+@pytest.mark.unit
 def test_method_budgets_override_per_method():
     from workflow_scripts.config import method_budgets
 
@@ -118,6 +128,7 @@ def test_method_budgets_override_per_method():
     assert max(method_budgets(paper, "rephrase")) <= 38_000_000 < max(method_budgets(paper, "entigraph"))
 
 
+@pytest.mark.unit
 def test_budget_shorter_than_a_block_fails_at_planning_time():
     from workflow_scripts.config import check_budgets
 

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.engine
 def test_gpu_check_dry_run_runs_the_training_loop_the_eval_path_and_fsdp(tmp_path):
     out = tmp_path / "gpu_check.json"
     r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--steps", "4",
@@ -57,6 +56,7 @@ def test_gpu_check_dry_run_runs_the_training_loop_the_eval_path_and_fsdp(tmp_pat
     assert mem["within_tolerance"] is None  # a CPU's RSS holds the Python runtime: reported, not judged
 
 
+@pytest.mark.unit
 def test_memory_estimate_is_the_planners_for_this_run():
     """The check sets its measured peak against the planner's own estimate (workflow_scripts/memory.py) of the same
     shape: FSDP2 forced on at world size 1, bf16 with fp32 masters, the run's accumulation."""
@@ -79,6 +79,7 @@ def test_memory_estimate_is_the_planners_for_this_run():
     assert est["estimate_bytes"] > 16 * shape.n_params
 
 
+@pytest.mark.unit
 def test_gpu_check_without_a_gpu_says_why_in_one_line():
     import torch
 
@@ -93,6 +94,7 @@ def test_gpu_check_without_a_gpu_says_why_in_one_line():
         assert "is a CPU build" in line
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name,variant,tflops", [
     ("NVIDIA H100 80GB HBM3", "H100 SXM", 989.4), ("NVIDIA H100 PCIe", "H100 PCIe", 756.5),
     ("NVIDIA H100 NVL", "H100 NVL", 835.5), ("NVIDIA H200", "H200 SXM", 989.4), ("NVIDIA H200 NVL", "H200 NVL", 835.5),

@@ -13,6 +13,8 @@ import pytest
 from workflow_scripts.import_corpus import import_corpus, main
 from workflow_scripts.io_utils import InputError, read_jsonl, write_jsonl_atomic
 
+pytestmark = pytest.mark.unit
+
 SEP = "<|entigraphseptoekn|>"
 ARTICLES = [{"uid": "30029", "title": "Lost in Translation", "author": "Janifer, Laurence M.", "text": "..."},
             {"uid": "62139", "title": "Captain Chaos", "author": "Bond, Nelson S.", "text": "..."}]

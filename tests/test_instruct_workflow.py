@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parent.parent
 INSTRUCT_RULES = ("instruct_corpus", "instruct_tune", "summarize", "judge_summaries", "claims_table",
                   "instruct_examples")

@@ -143,6 +143,7 @@ DERIVED = {
 }
 
 
+@pytest.mark.unit
 def test_operational_paths_exist_in_the_schema():
     for path in job_keys.OPERATIONAL + job_keys.STRUCTURAL:
         assert any(leaf == path or leaf.startswith(path + ".") for leaf in LEAVES), path
@@ -158,6 +159,7 @@ def read_paths(cfg: dict) -> set[str]:
     return out
 
 
+@pytest.mark.unit
 def test_every_schema_key_is_classified():
     """A key is operational, read by no job (it decides which jobs exist), or read by some job."""
     read = set().union(*(read_paths(cfg) for cfg in configs()))
@@ -167,6 +169,7 @@ def test_every_schema_key_is_classified():
     assert unread == []
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("path", [p for p in LEAVES if job_keys.under(p, job_keys.OPERATIONAL)])
 def test_operational_key_changes_no_job_config(path):
     for cfg in configs():
@@ -175,6 +178,7 @@ def test_operational_key_changes_no_job_config(path):
         assert after == before, path
 
 
+@pytest.mark.unit
 def test_operational_keys_reach_the_jobs_that_read_them():
     cfg = load_config()
     assert job_keys.operational(cfg, "cpt")["cpt"]["log_every"] == cfg["cpt"]["log_every"]
@@ -185,6 +189,7 @@ def test_operational_keys_reach_the_jobs_that_read_them():
     assert "progress" not in job_keys.shaping(cfg, "synthesize", method="rephrase")["backends"]["transformers"]
 
 
+@pytest.mark.unit
 def test_shaping_key_changes_the_jobs_that_read_it():
     cfg = load_config()
     before = all_jobs(cfg)
@@ -200,6 +205,7 @@ def test_shaping_key_changes_the_jobs_that_read_it():
         assert {j for j in before if before[j] != after[j]} == jobs, path
 
 
+@pytest.mark.unit
 def test_resume_config_leaves_out_the_exempt_keys():
     cfg = load_config()
     rc = job_keys.resume_config(cfg, "cpt")
@@ -216,6 +222,7 @@ def derived_config() -> dict:
     return configs()[-1]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("which,path,value,jobs", [
     ("derived", "filters.dedup.threshold", 0.5, {"filter_variant[released_clean]"}),
     ("derived", "filters.judge.threshold", 4.0, {"filter_variant[strategies_judge]"}),
@@ -254,6 +261,7 @@ def job_cfg(cfg: dict, job: str, **wc: str) -> dict:
     return config_from_args(args)
 
 
+@pytest.mark.unit
 def test_filter_and_mixture_jobs_receive_what_their_modules_read():
     from workflow_scripts import filters
 
@@ -279,6 +287,7 @@ def test_filter_and_mixture_jobs_receive_what_their_modules_read():
         assert jc["cpt"]["replay"][key] == cfg["cpt"]["replay"][key], key
 
 
+@pytest.mark.unit
 def test_corpus_jobs_receive_their_own_document_format_and_every_other_corpus_key():
     cfg = derived_config()
     fmt = cfg["corpus"]["document_format"]["strategies"]
@@ -289,6 +298,7 @@ def test_corpus_jobs_receive_their_own_document_format_and_every_other_corpus_ke
         assert jc["seed"] == cfg["seed"]
 
 
+@pytest.mark.unit
 def test_instruction_jobs_receive_what_their_modules_read():
     from workflow_scripts import claims, instruct, summaries
 
@@ -316,6 +326,7 @@ def test_instruction_jobs_receive_what_their_modules_read():
         assert job_cfg(cfg, "instruct_examples")["instruct"]["examples"] == cfg["instruct"]["examples"]
 
 
+@pytest.mark.unit
 def test_summary_ids_ignore_the_operational_keys():
     """Summary ids seed the sampling: threads and resources must not change them (they rerun nothing)."""
     from workflow_scripts import summaries
@@ -389,10 +400,12 @@ def nest(path: str, value) -> dict:
     return out
 
 
+@pytest.mark.e2e
 def test_finished_dag_plans_nothing(finished):
     assert planned(*finished, {}) == {}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("path", ["cpt.log_every", "cpt.threads", "cpt.resources.mem_mb", "filters.resources.threads",
                                   "filters.resources.mem_mb"])
 def test_named_operational_key_plans_nothing(finished, path):
@@ -402,6 +415,7 @@ def test_named_operational_key_plans_nothing(finished, path):
     assert planned(work, tiny, nest(path, changed(get_path(cfg, path), LEAVES[path], path))) == {}
 
 
+@pytest.mark.e2e
 def test_all_operational_keys_together_plan_nothing(finished):
     work, tiny = finished
     cfg = load_config([ROOT / "config.yaml", work / "tiny.yaml"])
@@ -433,6 +447,7 @@ SHAPING = [
 ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("path,value,expected", SHAPING, ids=[s[0] for s in SHAPING])
 def test_shaping_key_plans_exactly_the_affected_jobs(finished, path, value, expected):
     work, tiny = finished

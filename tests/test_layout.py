@@ -15,6 +15,7 @@ from workflow_scripts.io_utils import InputError
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("mid,parsed", [("base", ("base", None)), ("raw-all", ("raw", None)),
                                         ("entigraph-4096", ("entigraph", 4096)), ("my-method-16", ("my-method", 16)),
                                         ("api-gpt-4o", ("api", None))])
@@ -26,11 +27,13 @@ def test_model_ids_round_trip(mid, parsed):
         assert layout.model_dir(mid, {}) == f"results/models/{method}/{'all' if budget is None else budget}"
 
 
+@pytest.mark.unit
 def test_bad_model_id_is_one_clear_error():
     with pytest.raises(InputError, match="budget 'x' is not a token count"):
         layout.parse_model_id("entigraph-x")
 
 
+@pytest.mark.unit
 def test_model_lists_of_the_demo():
     cfg = load_config()
     assert layout.cpt_models(cfg)[0] == ("raw", "all")
@@ -40,6 +43,7 @@ def test_model_lists_of_the_demo():
     assert layout.model_dir("base", cfg) == "results/hf_models/smollm2-135m-instruct"
 
 
+@pytest.mark.e2e
 def test_final_targets_are_what_rule_all_asks_for():
     """`snakemake -n --forceall all` plans every final target: the stage files add layout.stage_targets."""
     cfg = load_config()
@@ -53,6 +57,7 @@ def test_final_targets_are_what_rule_all_asks_for():
         assert t in planned_all, t
 
 
+@pytest.mark.unit
 def test_derived_and_instruction_targets():
     """The filter and import reports, and the instruction stages' table, figure and examples (when enabled), are
     final targets of their stages; instruct model ids name their folders."""

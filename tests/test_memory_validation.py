@@ -29,8 +29,6 @@ import yaml
 
 from workflow_scripts import memory as M
 
-pytestmark = pytest.mark.e2e
-
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = ROOT / "tests" / "memory_probe.py"
 TOLERANCE = 0.15
@@ -45,6 +43,7 @@ def probe(*args: str, timeout: int = 600) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("which,seq,mb,gb", [("tiny", 512, 2, 4), ("smollm", 512, 1, 2)])
 def test_cpu_training_step_peak_matches_the_estimate(which, seq, mb, gb, tiny_model_dir, smollm_dir):
     folder = tiny_model_dir if which == "tiny" else smollm_dir
@@ -60,6 +59,7 @@ def test_cpu_training_step_peak_matches_the_estimate(which, seq, mb, gb, tiny_mo
     assert abs(expected / added - 1) <= TOLERANCE
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("checkpointing,no_sync", [(0, 0), (1, 0), (0, 1)])
 def test_fsdp2_estimate_matches_torch_fsdp_mem_tracker_at_an_8b_shape(checkpointing, no_sync):
     """Four Llama 3 8B decoder layers with the full 128K vocabulary (the embeddings, head and logits of the real
@@ -86,6 +86,7 @@ def test_fsdp2_estimate_matches_torch_fsdp_mem_tracker_at_an_8b_shape(checkpoint
                                                                                rel=TOLERANCE)
 
 
+@pytest.mark.e2e
 def test_snakemake_refuses_a_run_whose_jobs_cannot_fit(tmp_path):
     """A real (not dry) run stops in onstart, before any job, with one line naming the job and the fix; a dry run
     of the same config still plans; planner.memory_check: false lets the run start."""

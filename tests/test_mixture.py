@@ -23,6 +23,7 @@ PROBE = ROOT / "resources" / "replay" / "reluctant_heroes.txt"
 BLOCK = 16
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("seed", range(20))
 def test_every_prefix_holds_each_share_within_one_block(seed):
     rng = np.random.default_rng(seed)
@@ -35,6 +36,7 @@ def test_every_prefix_holds_each_share_within_one_block(seed):
         assert np.all(np.abs(counts - w * k) < 1), (k, counts, w * k)
 
 
+@pytest.mark.unit
 def test_mixture_length_is_limited_by_the_scarcest_source():
     w = {"a": 0.7, "b": 0.3}
     n = mixture_length({"a": 100, "b": 9}, w)
@@ -64,6 +66,7 @@ def corpora(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     return out
 
 
+@pytest.mark.unit
 def test_a_built_mixture_has_exact_shares_at_every_budget(corpora, tiny_model_dir, tmp_path):
     cfg = cfg_for({"mix": {"sources": {"entigraph": 3, "rephrase": 1, "replay": 1}}})
     out = tmp_path / "mix"
@@ -87,6 +90,7 @@ def test_a_built_mixture_has_exact_shares_at_every_budget(corpora, tiny_model_di
     assert m["mixture"]["blocks_by_source"]["rephrase"] <= len(reph) // BLOCK
 
 
+@pytest.mark.unit
 def test_cpt_on_a_mixture_records_realised_shares(corpora, tiny_model_dir, tmp_path):
     cfg = cfg_for({"mix": {"sources": {"entigraph": 0.75, "rephrase": 0.25}}})
     out = tmp_path / "mix"
@@ -105,6 +109,7 @@ def test_cpt_on_a_mixture_records_realised_shares(corpora, tiny_model_dir, tmp_p
     assert s2["source_shares"]["replay (cpt.replay)"] == pytest.approx(s2["replay_fraction"])
 
 
+@pytest.mark.unit
 def test_curriculum_orders_blocks_easy_to_hard_on_the_same_blocks(corpora, tiny_model_dir, tmp_path):
     cfg = cfg_for({"ent_curr": {"sources": {"entigraph": 1}, "order": "perplexity"}})
     out = tmp_path / "curr"
@@ -129,6 +134,7 @@ def test_curriculum_orders_blocks_easy_to_hard_on_the_same_blocks(corpora, tiny_
     assert s["mixture"]["order"] == "perplexity" and s["tokens_seen"] == 8 * BLOCK
 
 
+@pytest.mark.unit
 def test_command_line_errors_are_one_line(tmp_path, capsys):
     code = main(["build", "--name", "nope", "--model", "x", "--outdir", str(tmp_path),
                  "--config-json", json.dumps({"mixtures": {}})])

@@ -12,6 +12,8 @@ import pytest
 from workflow_scripts import plan as P
 from workflow_scripts.config import load_config, validate_config
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -104,6 +104,7 @@ def slurm_commands(rule: str, resources: dict, threads: int = 1) -> tuple[str, s
 
 
 # ------------------------------------------------------------------------------------------------ parsing
+@pytest.mark.e2e
 def test_slurm_profile_parses_and_takes_account_and_partition_from_the_environment():
     bare = parse_profile(PROFILES["slurm"])
     assert bare["executor"] == "slurm"
@@ -125,6 +126,7 @@ def test_slurm_profile_parses_and_takes_account_and_partition_from_the_environme
         "default-resources"]
 
 
+@pytest.mark.e2e
 def test_local_profile_counts_the_machines_gpus():
     if shutil.which("nvidia-smi") is None:  # no GPU listed: 1, so that GPU configs still plan (their jobs stop early)
         assert parse_profile(PROFILES["local"])["resources"] == ["gpu=1"]
@@ -132,6 +134,7 @@ def test_local_profile_counts_the_machines_gpus():
     assert prof["resources"] == ["gpu=4"] and prof["cores"] == "all"
 
 
+@pytest.mark.e2e
 def test_profile_headers_name_the_pinned_versions():
     """The SLURM profile's header names the Snakemake and plugin versions that requirements.txt pins."""
     pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines()
@@ -144,6 +147,7 @@ def test_profile_headers_name_the_pinned_versions():
             assert version == pins["snakemake-executor-plugin-slurm"]
 
 
+@pytest.mark.e2e
 def test_tensor_parallel_size_is_checked_against_the_vllm_rules_gpus_when_planning(tmp_path):
     (tmp_path / "tp2.yaml").write_text("backends: {vllm: {tensor_parallel_size: 2}}\n")
     out = subprocess.run([*SNAKEMAKE, "-n", "--profile", "profiles/local", "--configfile", "experiments/single-gpu.yaml",
@@ -156,6 +160,7 @@ def test_tensor_parallel_size_is_checked_against_the_vllm_rules_gpus_when_planni
 
 
 # -------------------------------------------------------------------------------------------- dry runs
+@pytest.mark.e2e
 @pytest.mark.parametrize("profile", ["local", "slurm"])
 def test_dry_run_plans_the_demo_dag_with_each_profile(profile):
     out = dry_run(["--profile", f"profiles/{profile}", "--forceall"], ROOT)  # plans even over finished results
@@ -163,6 +168,7 @@ def test_dry_run_plans_the_demo_dag_with_each_profile(profile):
     assert "all" in rules or "Nothing to be done" in out
 
 
+@pytest.mark.e2e
 def test_one_task_sees_all_gpus_of_a_multi_gpu_rule(tmp_path):
     """The profile turns a rule with gpu=8 into `sbatch --gpus=8` with one task (no --ntasks-per-gpu) and one
     job step `srun -n1 --gpus=8`: the script starts once and sees all 8 GPUs."""
@@ -211,6 +217,7 @@ def paper_workdir(tmp_path: Path) -> Path:
     return work
 
 
+@pytest.mark.e2e
 def test_paper_dag_under_slurm_requests_one_task_per_multi_gpu_job(tmp_path):
     """`snakemake -n --profile profiles/slurm --configfile experiments/paper.yaml` plans every stage; each GPU job
     is submitted as one task holding all the GPUs its config section asks for."""
@@ -262,6 +269,7 @@ def test_paper_dag_under_slurm_requests_one_task_per_multi_gpu_job(tmp_path):
     assert "preflight" not in shells.get("claims judge", "")
 
 
+@pytest.mark.e2e
 def test_local_profile_jobs_run_side_by_side_on_their_own_gpus(tmp_path):
     """Snakemake with profiles/local on a pretend 2-GPU machine (SCPT_LOCAL_GPUS=2), four 1-GPU jobs at once: the
     profile lets two run together, and the GPU slots (workflow_scripts/preflight.py, which every GPU rule's shell line

@@ -17,12 +17,12 @@ from workflow_scripts.backends import Completion
 from workflow_scripts.config import validate_config
 from workflow_scripts.io_utils import parse_jsonl
 
-pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_ICL = Path("/work/shared/reference/quality_retrieval_icl.txt")
 
 
 # ----------------------------------------------------------------------------------------------- item 2: split
+@pytest.mark.unit
 def test_article_split_follows_the_reference_order():
     # The reference sorts train + dev by raw title (stable) and takes int(0.2 * n) articles as val.
     arts = [{"uid": f"u{i}", "title": t} for i, t in enumerate(["Mars", "Alpha", "Zed", "beta", "Alpha", "Kite",
@@ -63,6 +63,7 @@ def write_split_inputs(tmp_path: Path) -> tuple[Path, Path]:
     return qp, ap
 
 
+@pytest.mark.unit
 def test_summary_reports_all_val_test_under_both_conventions(tmp_path, monkeypatch):
     qp, ap = write_split_inputs(tmp_path)
     # val = article a1 ("A"): one right, one unparseable. test: a0 right + wrong, a2-a4 all right.
@@ -168,6 +169,7 @@ def test_a_model_without_attempted_answers_is_kept_marked_and_skipped_by_the_fit
         fit_scaling.read_accuracy_table(table)
 
 
+@pytest.mark.unit
 def test_old_summaries_without_a_split_still_aggregate_for_all_questions(tmp_path):
     path = tmp_path / "base.json"
     path.write_text(json.dumps({"model": "base", "modes": {"loglik": {"accuracy": 0.5, "ci_low": 0.1,
@@ -180,6 +182,7 @@ def test_old_summaries_without_a_split_still_aggregate_for_all_questions(tmp_pat
         aggregate.aggregate([path], tmp_path / "t.csv", None, split="test")
 
 
+@pytest.mark.unit
 def test_the_figure_says_which_number_is_plotted_and_the_reference_convention(tmp_path):
     from workflow_scripts import figures
 
@@ -203,6 +206,7 @@ def test_the_figure_says_which_number_is_plotted_and_the_reference_convention(tm
 
 
 # ----------------------------------------------------------------------------------------------- item 4: RAG
+@pytest.mark.unit
 def test_the_authors_rag_template_is_their_file_verbatim():
     ours = (ROOT / "workflow_scripts" / "prompts" / "quality_retrieval_icl.txt").read_bytes()
     if SHARED_ICL.exists():
@@ -211,6 +215,7 @@ def test_the_authors_rag_template_is_their_file_verbatim():
     assert "quality_retrieval_icl.txt" in (ROOT / "workflow_scripts" / "prompts" / "README.md").read_text()
 
 
+@pytest.mark.unit
 def test_rag_prompt_matches_the_reference_format_byte_for_byte():
     template = qa_eval.load_prompt_template("quality_retrieval_icl.txt")
     article = {"uid": "a", "title": "The Glass Orchard", "author": "Vance, Mira", "year": 1958}
@@ -231,6 +236,7 @@ def test_rag_prompt_matches_the_reference_format_byte_for_byte():
     assert got.startswith(rag.template_head(template)) and rag.template_head(template).endswith("using the ")
 
 
+@pytest.mark.unit
 def test_rag_top_k_and_temperature_per_model():
     ecfg = validate_config({"evaluation": {"cot": {"temperature": 0.1}, "rag": {
         "top_k": 8, "per_model": {"base": {"top_k": 16}, "entigraph": {"temperature": 0.5}}}}})["evaluation"]
@@ -239,6 +245,7 @@ def test_rag_top_k_and_temperature_per_model():
     assert rag.rag_settings(ecfg["rag"], ecfg, "raw-all") == (8, 0.1)
 
 
+@pytest.mark.unit
 def test_rag_run_uses_the_authors_prompt_and_per_model_settings(tmp_path, monkeypatch):
     arts = [{"uid": "a", "title": "Orchard", "author": "Vance, Mira", "year": 1958,
              "text": "Mira planted the glass orchard.\n\nTom watered it every day."},
@@ -292,6 +299,7 @@ def write_docs(folder: Path, n: int = 40) -> list[str]:
     return docs
 
 
+@pytest.mark.unit
 def test_replay_reads_jsonl_parquet_and_text_folders(tmp_path):
     from workflow_scripts import replay
 
@@ -301,6 +309,7 @@ def test_replay_reads_jsonl_parquet_and_text_folders(tmp_path):
         replay.source_files("togethercomputer/RedPajama-Data-1T-Sample")
 
 
+@pytest.mark.unit
 def test_replay_shuffles_holds_out_and_draws_random_blocks_of_a_pool(tmp_path, tok):
     from workflow_scripts import replay
 
@@ -328,6 +337,7 @@ def test_replay_shuffles_holds_out_and_draws_random_blocks_of_a_pool(tmp_path, t
     assert tuple(blocks[0]) != tuple(pool[:16]) or tuple(blocks[1]) != tuple(pool[16:32])  # not its first tokens
 
 
+@pytest.mark.unit
 def test_replay_prepare_turns_a_downloaded_sample_into_local_jsonl(tmp_path):
     from workflow_scripts import replay
 
@@ -346,6 +356,7 @@ def test_replay_prepare_turns_a_downloaded_sample_into_local_jsonl(tmp_path):
     assert json.loads((out / "manifest.json").read_text())["empty_skipped"] == 1
 
 
+@pytest.mark.unit
 def test_no_overlay_reads_a_hub_dataset():
     from workflow_scripts.config import load_config
 
@@ -357,6 +368,7 @@ def test_no_overlay_reads_a_hub_dataset():
 
 
 # ----------------------------------------------------------------------------------------------- item 6: probe
+@pytest.mark.unit
 def test_probe_overlapping_training_data_or_articles_is_refused(tmp_path, tok):
     from workflow_scripts import replay
 
@@ -377,6 +389,7 @@ def test_probe_overlapping_training_data_or_articles_is_refused(tmp_path, tok):
         replay.probe_blocks(cpt, t, specials, 64, 0, [enc(other)], arts)
 
 
+@pytest.mark.unit
 def test_the_held_out_probe_is_disjoint_from_replay(tmp_path, tok):
     from workflow_scripts import replay
 
@@ -389,6 +402,7 @@ def test_the_held_out_probe_is_disjoint_from_replay(tmp_path, tok):
     assert blocks.shape == (4, 16) and found["training"] == 0.0
 
 
+@pytest.mark.unit
 def test_single_gpu_probe_is_not_a_quality_article():
     from workflow_scripts.config import load_config
 
@@ -397,6 +411,7 @@ def test_single_gpu_probe_is_not_a_quality_article():
 
 
 # ----------------------------------------------------------------------------------------------- item 7: paper.yaml
+@pytest.mark.unit
 def test_paper_overlay_matches_the_paper():
     from workflow_scripts.config import load_config
 
@@ -410,6 +425,7 @@ def test_paper_overlay_matches_the_paper():
     assert cfg["evaluation"]["rag"]["per_model"]["base"]["top_k"] == 16
 
 
+@pytest.mark.unit
 def test_the_authors_triple_order():
     import itertools
     import random
@@ -429,6 +445,7 @@ def test_the_authors_triple_order():
 
 
 # ----------------------------------------------------------------------------------------------- item 8: BOM
+@pytest.mark.unit
 def test_inputs_with_a_byte_order_mark_are_read(tmp_path):
     from workflow_scripts import quality
     from workflow_scripts.io_utils import read_jsonl
@@ -489,12 +506,14 @@ def _qa_cli(d: Path, model_id: str, cfg: dict | str, env: dict | None = None):
                           env={**os.environ, **(env or {})})
 
 
+@pytest.mark.unit
 def test_missing_api_key_is_one_line(qa_inputs):
     cfg = {"evaluation": {"modes": ["cot"], "api_models": [{"name": "g", "model": "gpt-4-turbo"}]},
            "backends": {"openai": {"api_key_env": "ISSUE12_SURELY_UNSET_KEY"}}}
     _one_line_error(_qa_cli(qa_inputs, "api-g", cfg), "ISSUE12_SURELY_UNSET_KEY", "not set")
 
 
+@pytest.mark.unit
 def test_missing_engine_is_one_line(qa_inputs, tmp_path):
     pytest.importorskip("torch")
     # An interpreter without the engine, also where the --vllm extra is installed (as in CI): a module named vllm
@@ -507,6 +526,7 @@ def test_missing_engine_is_one_line(qa_inputs, tmp_path):
                     "vllm backend needs", "bootstrap.sh --vllm")
 
 
+@pytest.mark.e2e
 def test_invalid_config_override_is_one_line(qa_inputs):
     _one_line_error(_qa_cli(qa_inputs, "base", {"seed": "abc", "evaluation": {"cot": {"n": 0}}}),
                     "invalid configuration", "seed", "evaluation.cot.n")
@@ -516,6 +536,7 @@ def test_invalid_config_override_is_one_line(qa_inputs):
 
 
 # ----------------------------------------------------------------------------------------------- item 10: docs
+@pytest.mark.unit
 def test_docs_say_what_the_reference_and_the_overlay_do():
     from workflow_scripts.config import load_config
 
@@ -536,6 +557,7 @@ def test_docs_say_what_the_reference_and_the_overlay_do():
     assert "the paper's setting is false" not in cpt_doc
 
 
+@pytest.mark.unit
 def test_prepare_keeps_the_raw_title_the_split_sorts_by():
     from workflow_scripts import quality
 

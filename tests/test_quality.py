@@ -15,6 +15,8 @@ from workflow_scripts import quality
 from workflow_scripts.config import validate_config
 from workflow_scripts.io_utils import InputError, read_jsonl
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_SHA = "ad807ea26f306f103c04407c6d94e35f15a15abf6e53d9a43e95b745e20c4095"
 

@@ -52,6 +52,7 @@ def rag_cfg(**kw) -> dict:
         "evaluation"]["rag"]
 
 
+@pytest.mark.unit
 def test_split_text_respects_size_and_keeps_the_text():
     text = ARTICLES[0]["text"] + "\n\n" + "word " * 300 + "\n" + "x" * 700
     chunks = rag.split_text(text, 200, 0)
@@ -61,6 +62,7 @@ def test_split_text_respects_size_and_keeps_the_text():
     assert rag.split_text("Paragraph one.\n\nParagraph two.", 1024, 0) == ["Paragraph one.\n\nParagraph two."]
 
 
+@pytest.mark.unit
 def test_split_text_overlap_shares_text_between_neighbours():
     text = " ".join(f"w{i:03d}" for i in range(200))  # 200 words of 4 characters
     chunks = rag.split_text(text, 100, 30)
@@ -73,6 +75,7 @@ def test_split_text_overlap_shares_text_between_neighbours():
         rag.split_text(text, 100, 100)
 
 
+@pytest.mark.unit
 def test_chunks_carry_title_author_year():
     chunks = rag.chunk_articles(ARTICLES, CHUNK, 0)
     first = chunks[0]["text"]
@@ -90,6 +93,7 @@ def retrieved():
     return chunks, rag.retrieve(chunks, queries, rag_cfg())
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["bm25", "embedding", "hybrid"])
 def test_retrieval_finds_the_answering_chunk(retrieved, name):
     chunks, rankings = retrieved
@@ -98,6 +102,7 @@ def test_retrieval_finds_the_answering_chunk(retrieved, name):
     assert rag.recall_at_k(rankings[name], chunks, [q["article_uid"] for q in QUESTIONS], 1) == 1.0
 
 
+@pytest.mark.unit
 def test_recall_at_k_and_fusion():
     chunks = [{"article_uid": u} for u in ("a", "a", "b", "c")]
     rankings = [[2, 0, 1], [3, 2, 1]]
@@ -107,11 +112,13 @@ def test_recall_at_k_and_fusion():
     assert rag.fuse_rankings([[1, 2, 3], [3, 1, 2]]) == [1, 3, 2]
 
 
+@pytest.mark.unit
 def test_most_relevant_chunk_comes_last():
     ctx = rag.rag_context(["BEST", "SECOND", "THIRD"])
     assert ctx == "### Contexts\n*Context 1*\nTHIRD\n\n*Context 2*\nSECOND\n\n*Context 3*\nBEST\n\n"
 
 
+@pytest.mark.unit
 def test_rag_run_end_to_end(tmp_path, tiny_model_dir):
     qp, ap = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
     qp.write_text("".join(json.dumps({k: v for k, v in q.items() if k != "needle"}) + "\n" for q in QUESTIONS))

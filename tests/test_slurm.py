@@ -25,6 +25,8 @@ import numpy as np
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slurm
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "local-slurm.sh"
 CLUSTER_DIR = Path(os.environ.get("SCPT_SLURM_DIR", "/tmp/scpt-slurm"))

@@ -19,6 +19,7 @@ ARTICLE = {"uid": "30029", "title": "Lost in Translation", "author": "Janifer, L
                    "questions that could not be answered without a contradiction."}
 
 
+@pytest.mark.unit
 def test_seven_distinct_strategy_prompts_are_planned_once_each():
     cfg = load_config(overrides={"synthesis": {"methods": ["strategies"]}})
     texts = [load_template(f"strategy_{s}") for s in STRATEGIES]
@@ -36,6 +37,7 @@ def records(method: str, **kw) -> list[dict]:
              "text": f"Lesson {i} about Korvin.", **kw} for i in range(3)]
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("method,extra", [("strategies", {}),
                                           ("strategies_judge", {"source_method": "strategies"})])
 def test_documents_are_title_newline_completion(tmp_path, smollm_dir, method, extra):
@@ -54,6 +56,7 @@ def test_documents_are_title_newline_completion(tmp_path, smollm_dir, method, ex
         build_corpus(method, [shard], str(smollm_dir), tmp_path / "d", cfg)
 
 
+@pytest.mark.engine
 def test_other_methods_keep_their_texts_and_their_corpus_hash(tmp_path, smollm_dir):
     shard = tmp_path / "s.jsonl"
     write_jsonl_atomic(shard, records("entigraph"))
@@ -63,6 +66,7 @@ def test_other_methods_keep_their_texts_and_their_corpus_hash(tmp_path, smollm_d
     assert a["document_format"] is None and a["config_hash"] == b["config_hash"]
 
 
+@pytest.mark.engine
 def test_two_strategies_on_the_offline_model(tmp_path, smollm_dir):
     cfg = load_config(overrides={
         "models": {"generator": {"source": "path", "name": str(smollm_dir)}},

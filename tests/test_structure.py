@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+import pytest
+
+pytestmark = pytest.mark.unit
 
 PACKAGE = Path(__file__).resolve().parents[1] / "workflow_scripts"
 MAX_FUNCTION_LINES = 100

@@ -21,6 +21,8 @@ from workflow_scripts.config import validate_config
 from workflow_scripts.io_utils import read_jsonl
 from workflow_scripts.synth_report import compression_ratio, distinct_n, entity_coverage, source_overlap, words
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 PAPER_PROMPTS = Path("/work/shared/reference/paper_prompts.md")
 

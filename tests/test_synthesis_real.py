@@ -12,6 +12,8 @@ from workflow_scripts import synthesis as syn
 from workflow_scripts.config import validate_config
 from workflow_scripts.io_utils import read_jsonl
 
+pytestmark = pytest.mark.engine
+
 pytest.importorskip("workflow_scripts.backends.transformers_backend")
 
 ARTICLE = {"uid": "r1", "title": "The Lighthouse", "author": "Keeper, Anna", "year": 1961,

@@ -27,6 +27,7 @@ ARTICLE3 = {"uid": "a3", "title": "The Ferry", "author": "Keeper, Thomas", "year
 ENGINE = "test_synthesis:FakeBackend"
 
 
+@pytest.mark.unit
 def test_shards_cut_the_corpus_in_order_and_name_their_articles():
     shards = syn.article_shards(["a", "b", "c", "d", "e"], 2)
     assert [u for _, u in shards] == [["a", "b"], ["c", "d"], ["e"]]
@@ -41,6 +42,7 @@ def test_shards_cut_the_corpus_in_order_and_name_their_articles():
         syn.check_shard(shards[1][0], ["c", "x"])
 
 
+@pytest.mark.unit
 def test_a_shard_job_starts_its_engine_once_and_keeps_the_per_article_contract(tmp_path):
     articles = write_articles(tmp_path, (ARTICLE, ARTICLE2, ARTICLE3))
     ((shard, uids),) = syn.article_shards(["a1", "a2", "a3"], 3)
@@ -86,6 +88,7 @@ def test_a_shard_job_starts_its_engine_once_and_keeps_the_per_article_contract(t
     assert json.loads((out / "manifest.json").read_text())["engine_starts"] == 0
 
 
+@pytest.mark.unit
 def test_a_shard_folder_with_another_article_list_is_cleared(tmp_path):
     articles = write_articles(tmp_path, (ARTICLE, ARTICLE2, ARTICLE3))
     cfg = make_cfg()
@@ -99,6 +102,7 @@ def test_a_shard_folder_with_another_article_list_is_cleared(tmp_path):
     assert json.loads((out / "manifest.json").read_text())["articles"] == ["a1", "a3"]
 
 
+@pytest.mark.unit
 def test_an_incomplete_article_fails_the_shard_after_the_others_ran(tmp_path, capsys):
     fail = dict(ARTICLE2, uid="bad")
     articles = write_articles(tmp_path, (ARTICLE, fail, ARTICLE3))
@@ -118,6 +122,7 @@ def test_an_incomplete_article_fails_the_shard_after_the_others_ran(tmp_path, ca
     assert not (tmp_path / "out" / "bad.jsonl").exists()
 
 
+@pytest.mark.unit
 def test_configs_that_need_vllm():
     demo = validate_config({})
     assert vllm_users(demo) == [] and missing_engine_message(demo) is None
@@ -153,6 +158,7 @@ def snakemake(work: Path, hide_vllm: bool, *args: str) -> subprocess.CompletedPr
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.e2e
 def test_a_vllm_run_without_the_engine_stops_before_any_job_in_one_line(tmp_path):
     work = workflow_copy(tmp_path)
     res = snakemake(work, True, "--configfile", "experiments/cpu-vllm.yaml")

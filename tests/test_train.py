@@ -57,6 +57,7 @@ def read_log(path: Path) -> list[dict]:
 
 
 # -------------------------------------------------------------------------------------------- pure logic
+@pytest.mark.unit
 def test_each_epoch_visits_every_block_once_in_a_seeded_order():
     plan = T.data_plan(50, 3, seed=1)
     epochs = plan.reshape(3, 50)
@@ -68,6 +69,7 @@ def test_each_epoch_visits_every_block_once_in_a_seeded_order():
     assert np.array_equal(T.data_plan(50, 4, seed=1)[:150], plan)
 
 
+@pytest.mark.unit
 def test_replay_rate_holds_statistically():
     n, epochs, rate = 20_000, 2, 0.1
     plan = T.data_plan(n, epochs, seed=3, replay_rate=rate)
@@ -84,6 +86,7 @@ def test_replay_rate_holds_statistically():
     assert (T.data_plan(100, 1, 0, 0.0) >= 0).all() and (T.data_plan(100, 1, 0, 1.0) < 0).all()
 
 
+@pytest.mark.unit
 def test_replay_blocks_cycle_in_fresh_orders():
     blocks = T.Blocks(np.zeros((4, 8), np.uint16), np.arange(5 * 8).reshape(5, 8), seed=0)
     first, second = [blocks.replay_index(k) for k in range(5)], [blocks.replay_index(k) for k in range(5, 10)]
@@ -93,6 +96,7 @@ def test_replay_blocks_cycle_in_fresh_orders():
     assert batch[1].tolist() == list(range(first[0] * 8, first[0] * 8 + 8))
 
 
+@pytest.mark.unit
 def test_lr_warmup_then_cosine():
     total, peak = 100, 1e-3
     warm = T.warmup_steps_for(total, 0.05)
@@ -103,6 +107,7 @@ def test_lr_warmup_then_cosine():
     assert T.warmup_steps_for(3, 0.05) == 1 and T.lr_at(0, 3, peak, 1) == peak
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("world,micro,n", [(1, 2, 16), (2, 1, 16), (3, 2, 16), (8, 1, 16), (4, 2, 5), (8, 2, 3)])
 def test_a_step_is_split_over_ranks_exactly_once(world, micro, n):
     step = np.arange(100, 100 + n)
@@ -116,6 +121,7 @@ def test_a_step_is_split_over_ranks_exactly_once(world, micro, n):
 
 
 # ---------------------------------------------------------------------------------------------- real runs
+@pytest.mark.unit
 def test_loss_falls_and_the_model_is_saved_for_from_pretrained(corpus_dir, tiny_model_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
@@ -146,6 +152,7 @@ def test_loss_falls_and_the_model_is_saved_for_from_pretrained(corpus_dir, tiny_
     assert float(after) < float(before) - 1.0
 
 
+@pytest.mark.unit
 def test_a_bf16_save_says_bf16_in_its_config(corpus_dir, tiny_model_dir, tmp_path):
     """Trained in fp32 (master weights), saved in bf16: config.json must name bfloat16 (save_pretrained would write
     the in-memory float32), so a loader with dtype "auto" gets bf16, not twice the memory."""
@@ -163,6 +170,7 @@ def test_a_bf16_save_says_bf16_in_its_config(corpus_dir, tiny_model_dir, tmp_pat
     assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.bfloat16
 
 
+@pytest.mark.unit
 def test_probe_before_is_the_base_models_perplexity(corpus_dir, tiny_model_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -178,6 +186,7 @@ def test_probe_before_is_the_base_models_perplexity(corpus_dir, tiny_model_dir, 
     assert s["forgetting_probe"]["ppl_before"] == pytest.approx(math.exp(float(loss)), rel=1e-4)
 
 
+@pytest.mark.unit
 def test_resume_from_a_mid_run_checkpoint_reproduces_the_uninterrupted_run(corpus_dir, tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
@@ -204,6 +213,7 @@ def test_resume_from_a_mid_run_checkpoint_reproduces_the_uninterrupted_run(corpu
         assert np.allclose(wa[k].numpy(), wb[k].numpy(), atol=1e-6), k
 
 
+@pytest.mark.unit
 def test_changed_settings_start_afresh(corpus_dir, tiny_model_dir, tmp_path):
     cfg = tiny_cfg(epochs=1, checkpoint_every=2)
     with pytest.raises(T.Interrupted):
@@ -213,6 +223,7 @@ def test_changed_settings_start_afresh(corpus_dir, tiny_model_dir, tmp_path):
     assert s["resumed_from_steps"] == [] and len(read_log(tmp_path / "m" / "train_log.csv")) == s["steps"]
 
 
+@pytest.mark.unit
 def test_budgets_are_nested_and_exact_in_training(corpus_dir, tiny_model_dir, tmp_path):
     cfg = tiny_cfg(epochs=1)
     small = T.train(cfg, corpus_dir, 320, str(tiny_model_dir), tmp_path / "s", tmp_path / "ws")
@@ -225,6 +236,7 @@ def test_budgets_are_nested_and_exact_in_training(corpus_dir, tiny_model_dir, tm
     assert s_blocks <= l_blocks  # every block of the small budget is trained in the large one
 
 
+@pytest.mark.unit
 def test_replay_in_a_run_and_its_errors(corpus_dir, tiny_model_dir, tmp_path):
     s = T.train(tiny_cfg(epochs=4, replay={"rate": 0.5}), corpus_dir, 512, str(tiny_model_dir),
                 tmp_path / "m", tmp_path / "w")
@@ -240,6 +252,7 @@ def test_replay_in_a_run_and_its_errors(corpus_dir, tiny_model_dir, tmp_path):
                 tmp_path / "m3", tmp_path / "w3")
 
 
+@pytest.mark.unit
 def test_bad_budgets_fail_clearly_on_the_command_line(corpus_dir, tiny_model_dir, tmp_path, capsys):
     tokens, _ = load_corpus(corpus_dir)
     args = ["--corpus", str(corpus_dir), "--model", str(tiny_model_dir), "--workdir", str(tmp_path / "w"),
@@ -256,6 +269,7 @@ def test_bad_budgets_fail_clearly_on_the_command_line(corpus_dir, tiny_model_dir
     assert capped["budget"] == str(len(tokens) + 1000)
 
 
+@pytest.mark.unit
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA: GPUs can be asked for")
 def test_asking_for_a_gpu_without_cuda_is_one_line_before_any_work(corpus_dir, tiny_model_dir, tmp_path):
     import subprocess
@@ -272,6 +286,7 @@ def test_asking_for_a_gpu_without_cuda_is_one_line_before_any_work(corpus_dir, t
     assert not (tmp_path / "w").exists() and not (tmp_path / "m").exists()  # failed before any work
 
 
+@pytest.mark.unit
 def test_a_model_converted_from_gguf_trains_and_saves(corpus_dir, tiny_model_dir, tmp_path):
     """models.convert_packaged leaves `quantization_config: gguf` in config.json (as results/hf_models/ has it);
     the weights are plain floats, and the trained model must still save and reload."""
@@ -289,6 +304,7 @@ def test_a_model_converted_from_gguf_trains_and_saves(corpus_dir, tiny_model_dir
     AutoModelForCausalLM.from_pretrained(tmp_path / "m")
 
 
+@pytest.mark.unit
 def test_raw_baseline_uses_its_own_epochs(tmp_path, tiny_model_dir):
     arts = tmp_path / "articles.jsonl"
     text = STORY.read_text(encoding="utf-8")[:3000]
@@ -300,6 +316,7 @@ def test_raw_baseline_uses_its_own_epochs(tmp_path, tiny_model_dir):
     assert s["method"] == "raw" and s["epochs"] == 3 and s["sequences_trained"] == 3 * s["blocks"]
 
 
+@pytest.mark.engine
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo process group on Linux")
 def test_two_processes_train_like_one(corpus_dir, tiny_model_dir, tmp_path):
     """torchrun with 2 CPU processes (gloo, DDP; FSDP2 has its own test below) gives the single-process result: the
@@ -367,6 +384,7 @@ def kill_tree(pid: int) -> list[int]:
     return tree
 
 
+@pytest.mark.engine
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo process group on Linux")
 def test_fsdp_on_two_cpu_processes_survives_kill_9_and_matches_one_process(corpus_dir, tiny_model_dir, tmp_path):
     """FSDP2 (fully_shard per decoder layer) over 2 gloo processes: sharded training, a checkpoint, kill -9 of the
@@ -431,6 +449,7 @@ class _GradSyncSpy:
         self.calls.append(sync)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("opt_in,expected", [(False, []), (True, [False, False, True])])
 def test_fsdp_reduce_scatters_every_micro_batch_unless_no_sync_accumulation(opt_in, expected):
     """By default FSDP2 keeps gradient sync on for every micro-batch (the reduce-scatter leaves each rank only its
@@ -444,6 +463,7 @@ def test_fsdp_reduce_scatters_every_micro_batch_unless_no_sync_accumulation(opt_
     assert model.calls == expected
 
 
+@pytest.mark.engine
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo process group on Linux")
 def test_fsdp_accumulation_modes_give_the_same_losses(corpus_dir, tiny_model_dir, tmp_path):
     """FSDP2 over 2 gloo processes with 2 micro-batches per rank and step: reduce-scattering every micro-batch (the
@@ -465,6 +485,7 @@ def test_fsdp_accumulation_modes_give_the_same_losses(corpus_dir, tiny_model_dir
     assert logs[False][-1] < logs[False][0]
 
 
+@pytest.mark.unit
 def test_command_lines_have_help():
     for module in ("train", "corpus", "replay"):
         r = subprocess.run([sys.executable, "-m", f"workflow_scripts.{module}", "--help"], cwd=ROOT,

@@ -28,6 +28,8 @@ from workflow_scripts import synthesis as syn
 from workflow_scripts.config import validate_config
 from workflow_scripts.io_utils import iter_jsonl, read_jsonl
 
+pytestmark = pytest.mark.engine
+
 if importlib.util.find_spec("vllm") is None:
     pytest.skip("vLLM is not installed in this environment; `bash scripts/bootstrap.sh --vllm` adds it (the README's "
                 "test command does)", allow_module_level=True)

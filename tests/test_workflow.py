@@ -21,11 +21,13 @@ def run(args: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
 
 
+@pytest.mark.e2e
 def test_lint_is_clean():
     r = run(SNAKEMAKE + ["--lint", "--cores", "1"])
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("overlay", [None, "experiments/paper.yaml", "experiments/single-gpu.yaml",
                                      "experiments/cpu-judge.yaml", "experiments/cpu-curriculum.yaml"])
 def test_dry_run_plans_the_dag(overlay, tmp_path):
@@ -39,10 +41,12 @@ def test_dry_run_plans_the_dag(overlay, tmp_path):
         assert rule in r.stdout, r.stdout
 
 
+@pytest.mark.unit
 def test_stage_modules_found():
     assert {"quality", "models"} <= set(STAGE_MODULES)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("module", STAGE_MODULES)
 def test_stage_command_line_help(module):
     r = run([sys.executable, "-m", f"workflow_scripts.{module}", "--help"])
