@@ -117,6 +117,7 @@ def test_summary_reports_all_val_test_under_both_conventions(tmp_path, monkeypat
     assert wide.loc[("base", "cot"), ("val", "wrong")] == 0.5
 
 
+@pytest.mark.unit
 def test_a_model_without_attempted_answers_is_kept_marked_and_skipped_by_the_fit(tmp_path, monkeypatch, capsys):
     """Issue 19's rehearsal: one model answered nothing readable on the test split (n = 0 under the dropped
     convention). It stays in both tables with an empty value and the note, the figure marks it, and the fit
