@@ -17,6 +17,7 @@ rule cpt:
         manifest=f"{CORPUS}/{{method}}/manifest.json",
         model=model_input("base"),
         general=CPT_GENERAL,
+        replay_pool=REPLAY_POOL_FILES,  # built once per run (rules/replay.smk), memory-mapped by every rank
         articles=ARTICLES,  # the forgetting probe is checked against them (workflow_scripts/replay.py)
         # a mixture trained easy to hard reads the per-block losses of its corpus (rules/mixture.smk)
         difficulty=lambda wc: (
@@ -44,13 +45,14 @@ rule cpt:
         model=lambda wc: model_location("base"),  # a folder, or a hub id (no input file)
         corpus=lambda wc, input: os.path.dirname(input.corpus),
         workdir=lambda wc: f"{layout.CHECKPOINTS}/{wc.method}/{wc.budget}",
+        pool=lambda wc, input: f"--replay-pool {os.path.dirname(input.replay_pool[0])} " if input.replay_pool else "",
         # one process, or torchrun with one worker per GPU, or per CPU process (cpt.resources.cpu_processes)
         launch=training_launch(CPT["resources"]),
         omp=CPT["threads"],
     shell:
         "OMP_NUM_THREADS={params.omp} TOKENIZERS_PARALLELISM=false {params.guard}{params.launch} -m workflow_scripts.train "
         "--corpus {params.corpus} --method {wildcards.method} --budget {wildcards.budget} --model {params.model:q} "
-        "--output {output} --workdir {params.workdir} --articles {input.articles} --gpus {resources.gpu} "
+        "--output {output} --workdir {params.workdir} --articles {input.articles} --gpus {resources.gpu} {params.pool}"
         "--config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"
 
 

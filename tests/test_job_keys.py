@@ -229,7 +229,7 @@ def derived_config() -> dict:
     ("derived", "filters.resources.threads", 4, set()),
     ("derived", "imports.released.separator", "|", {"import_corpus[released]"}),
     ("derived", "mixtures.mix.order", "perplexity", {"build_mixture[mix]"}),
-    ("derived", "cpt.replay.max_tokens", 1000, {"build_mixture[mix]", "cpt", "instruct_tune"}),
+    ("derived", "cpt.replay.max_tokens", 1000, {"build_mixture[mix]", "cpt", "instruct_tune", "replay_pool"}),
     ("derived", "cpt.replay.rate", 0.5, {"cpt", "instruct_tune"}),
     # a format reaches only the corpora it applies to: its method's and a filtered variant's of that method
     ("derived", "corpus.document_format", {"strategies": "{text}", "entigraph": "{title}: {text}"},

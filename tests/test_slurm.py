@@ -46,7 +46,7 @@ OVERLAY = {
 # What each rule asks for: the rule's resources, else profiles/slurm's default-resources (runtime 120, mem 8000).
 EXPECTED = {"download_quality": (8000, 120, 1), "prepare_articles": (8000, 120, 1),
             "convert_packaged_model": (8000, 120, 1), "build_corpus": (8000, 120, 1),
-            "cpt": (3000, 25, 2), "eval_qa": (2500, 15, 1)}
+            "replay_pool": (3000, 25, 1), "cpt": (3000, 25, 2), "eval_qa": (2500, 15, 1)}
 TARGET = "results/eval/qa/raw-all.json"
 
 

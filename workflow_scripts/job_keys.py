@@ -201,6 +201,11 @@ JOBS: dict[str, Callable[..., Reads]] = {
     "build_mixture": _mixture,
     # passes cpt.micro_batch as the rule's own param (--micro-batch)
     "corpus_difficulty": lambda cfg: Reads(["cpt.micro_batch", "cpt.threads", "cpt.resources"]),
+    # the run's replay pool (rules/replay.smk): the replay source's settings, the held-out probe's size, the
+    # seed and the corpora's document boundaries
+    "replay_pool": lambda cfg: Reads(["seed", "cpt.seed", "cpt.replay.source", "cpt.replay.text_field",
+                                      "cpt.replay.heldout_fraction", "cpt.replay.max_tokens", "cpt.probe.source",
+                                      "cpt.probe.max_tokens", "corpus.bos_token", "corpus.eos_token"]),
     # the budget lists only decide which models exist
     "cpt": lambda cfg: Reads(["seed", "cpt"], exclude=list(STRUCTURAL)),
     "eval_qa": lambda cfg, model: _evaluate(cfg, model),

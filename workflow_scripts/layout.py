@@ -30,6 +30,9 @@ ENTITIES = f"{SYNTH}/entigraph/entities"
 CORPUS = f"{RESULTS}/corpus"
 MODELS = f"{RESULTS}/models"
 CHECKPOINTS = f"{RESULTS}/checkpoints"
+REPLAY_POOL = f"{RESULTS}/replay/pool"  # the run's replay pool, built once (rules/replay.smk; workflow_scripts/replay.py)
+# its files: the pool's tokens, the held-out probe tokens (raw uint32) and meta.json
+POOL_TOKENS, POOL_HELDOUT, POOL_META = "tokens.bin", "heldout.bin", "meta.json"
 QA_DIR = f"{RESULTS}/eval/qa"
 RAG_DIR = f"{RESULTS}/eval/rag"
 TABLES = f"{RESULTS}/tables"
@@ -230,6 +233,15 @@ def training_launcher(processes: int) -> str:
     if processes > 1:
         return f"python -m torch.distributed.run --standalone --nproc_per_node {processes}"
     return "python"
+
+
+def replay_pool_files(cfg: dict) -> list[str]:
+    """The replay pool's files when CPT replays general text (cpt.replay.rate > 0 and a source), else none: tokens,
+    held-out probe tokens, meta.json (workflow_scripts/replay.py build_pool)."""
+    rp = cfg["cpt"]["replay"]
+    if not (rp["rate"] > 0 and rp["source"]):
+        return []
+    return [f"{REPLAY_POOL}/{name}" for name in (POOL_TOKENS, POOL_HELDOUT, POOL_META)]
 
 
 def model_inputs(cfg: dict, role: str) -> list[str]:

@@ -17,6 +17,13 @@ tokenized like the corpora ([BOS] text [EOS], concatenated), form a pool of at m
 blocks of `block_size`; every replay draw is one of those blocks chosen uniformly at random (seeded), not the
 stream's first tokens. The held-out part is the natural forgetting probe (`cpt.probe.source: replay:heldout`).
 
+The pool is built once per run by a CPU job (rule replay_pool: `python -m workflow_scripts.replay pool`) into
+results/replay/pool/: tokens.bin (the pool, raw uint32), heldout.bin (the held-out documents' first probe tokens
+when cpt.probe.source is replay:heldout, else empty) and meta.json (the settings, the tokenizer and the source's
+fingerprint). Every CPT process memory-maps it (train.py --replay-pool) after checking meta.json against its own
+settings and corpus tokenizer, so no rank reads or tokenizes the source. Without --replay-pool train.py builds the
+pool itself, as before (optionally cached in cpt.replay.cache_dir).
+
 A forgetting probe must never be training data: `probe_blocks` refuses (InputError, one line) a probe whose
 13-token sequences occur in the tokens the run trains on (corpus budget and replay blocks) or in the prepared
 articles beyond `cpt.probe.max_overlap`.
@@ -27,13 +34,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from . import stage
-from .io_utils import InputError, atomic_path, iter_jsonl, read_text, stable_hash, write_json_atomic
+from .io_utils import InputError, atomic_path, iter_jsonl, read_text, sha256_file, stable_hash, write_json_atomic
+from .layout import POOL_HELDOUT, POOL_META, POOL_TOKENS
 
 TEXT_SUFFIXES = (".txt", ".md")
 RECORD_SUFFIXES = (".jsonl", ".parquet")
@@ -171,6 +180,108 @@ def replay_pool(rp: dict, tok: Any, specials: dict[str, Any], seed: int) -> np.n
     return pool
 
 
+# ------------------------------------------------------------------------------- the pool built once per run
+POOL_DTYPE = np.dtype(np.uint32)
+
+
+@dataclass
+class Pool:
+    """A built replay pool, memory-mapped: the pool's tokens and the held-out probe tokens (None unless built for
+    cpt.probe.source replay:heldout)."""
+
+    tokens: np.ndarray
+    heldout: np.ndarray | None
+    meta: dict
+
+
+def pool_settings(cpt: dict, seed: int) -> dict:
+    """What a pool's tokens depend on besides the tokenizer and the source's files."""
+    rp, pc = cpt["replay"], cpt["probe"]
+    return {"source": str(rp["source"]), "text_field": rp["text_field"], "heldout_fraction": rp["heldout_fraction"],
+            "max_tokens": rp["max_tokens"], "seed": int(seed),
+            "heldout_max_tokens": pc["max_tokens"] if pc["source"] == HELDOUT else 0}
+
+
+def source_fingerprint(source: str | Path) -> str:
+    """The source's files (paths relative to it) and sizes: a pool built from other files is stale."""
+    root = Path(source).expanduser()
+    files = source_files(source)
+    return stable_hash([(str(f.relative_to(root)) if f != root else f.name, f.stat().st_size) for f in files])
+
+
+def tokenizer_record(location: str, tok: Any, specials: dict[str, Any]) -> dict:
+    """The tokenizer as a corpus manifest records it (workflow_scripts/corpus.py build_corpus)."""
+    tok_file = Path(location) / "tokenizer.json"
+    return {"location": str(location), "class": type(tok).__name__, "vocab_size": len(tok),
+            "sha256": sha256_file(tok_file) if tok_file.exists() else None, **specials}
+
+
+def same_tokenizer(a: dict, b: dict) -> bool:
+    """Whether two tokenizer records tokenize alike: class, vocabulary size, BOS/EOS, and tokenizer.json's content
+    (its location when either has no tokenizer.json, e.g. a hub id)."""
+    keys = ("class", "vocab_size", "bos", "eos")
+    same_file = a["sha256"] == b["sha256"] if a.get("sha256") and b.get("sha256") else a["location"] == b["location"]
+    return same_file and all(a.get(k) == b.get(k) for k in keys)
+
+
+def _write_tokens(path: Path, tokens: np.ndarray) -> None:
+    with atomic_path(path, suffix=".bin") as tmp:
+        np.asarray(tokens, dtype=POOL_DTYPE).tofile(tmp)
+
+
+def build_pool(cpt: dict, seed: int, location: str, tok: Any, specials: dict[str, Any], outdir: str | Path) -> dict:
+    """Tokenize the replay pool (and the held-out probe tokens) once into `outdir`; returns meta.json's content.
+    The same tokens as `replay_pool` and `probe_tokens` compute in a CPT process (tests/test_protocol.py)."""
+    rp, outdir = cpt["replay"], Path(outdir)
+    if not rp.get("source"):
+        raise InputError("the replay pool needs cpt.replay.source (a local text/JSONL/parquet file or folder)")
+    settings = pool_settings(cpt, seed)
+    docs = load_documents(rp["source"], rp["text_field"])
+    order, held = shuffle_split(len(docs), seed, rp["heldout_fraction"])
+    pool = _tokenize_until(tok, (docs[i] for i in order), specials, rp["max_tokens"])
+    heldout = np.zeros(0, np.int32)
+    if settings["heldout_max_tokens"] and len(held):
+        heldout = _tokenize_until(tok, (docs[i] for i in sorted(held)), specials, settings["heldout_max_tokens"])
+    _write_tokens(outdir / POOL_TOKENS, pool)
+    _write_tokens(outdir / POOL_HELDOUT, heldout)
+    meta = {"settings": settings, "tokenizer": tokenizer_record(location, tok, specials),
+            "source_fingerprint": source_fingerprint(rp["source"]), "documents": len(docs),
+            "heldout_documents": int(len(held)), "tokens": int(len(pool)), "heldout_tokens": int(len(heldout)),
+            "dtype": POOL_DTYPE.name, "files": {"tokens": POOL_TOKENS, "heldout": POOL_HELDOUT}}
+    write_json_atomic(outdir / POOL_META, meta)
+    return meta
+
+
+def _memmap(path: Path, n: int) -> np.ndarray:
+    if path.stat().st_size != n * POOL_DTYPE.itemsize:
+        raise InputError(f"{path}: {path.stat().st_size} bytes, expected {n} uint32 tokens; rebuild the replay pool")
+    return np.memmap(path, dtype=POOL_DTYPE, mode="r", shape=(n,)) if n else np.zeros(0, POOL_DTYPE)
+
+
+def load_pool(pool_dir: str | Path, cpt: dict, seed: int, tokenizer: dict) -> Pool:
+    """The pool built by `build_pool`, memory-mapped, after checking that it is this run's: the same settings, a
+    tokenizer that tokenizes like the corpus's (`tokenizer`: the corpus manifest's record) and the same source
+    files. Anything else is an InputError naming what differs."""
+    pool_dir = Path(pool_dir)
+    meta_path = pool_dir / POOL_META
+    if not meta_path.exists():
+        raise InputError(f"{pool_dir}: no {POOL_META}; build the replay pool first (rule replay_pool)")
+    meta = json.loads(meta_path.read_text())
+    want = pool_settings(cpt, seed)
+    diff = sorted(k for k in want if meta["settings"].get(k) != want[k])
+    if diff:
+        raise InputError(f"{pool_dir}: replay pool built with other settings ({', '.join(diff)}: "
+                         f"{[meta['settings'].get(k) for k in diff]} vs {[want[k] for k in diff]}); rebuild it")
+    if not same_tokenizer(meta["tokenizer"], tokenizer):
+        raise InputError(f"{pool_dir}: replay pool tokenized with {meta['tokenizer']['location']}, not like the "
+                         f"corpus ({tokenizer['location']}); rebuild it with the CPT model's tokenizer")
+    if meta["source_fingerprint"] != source_fingerprint(cpt["replay"]["source"]):
+        raise InputError(f"{pool_dir}: the files of {cpt['replay']['source']} changed since the replay pool was "
+                         "built; rebuild it")
+    heldout = _memmap(pool_dir / POOL_HELDOUT, meta["heldout_tokens"]) if want["heldout_max_tokens"] else None
+    return Pool(_memmap(pool_dir / POOL_TOKENS, meta["tokens"]), heldout, meta)
+
+
 def draw_blocks(pool: np.ndarray, n_draws: int, block_size: int, seed: int) -> np.ndarray:
     """`n_draws` blocks drawn uniformly at random (with replacement, seeded) from the pool cut into blocks of
     `block_size` tokens, as the reference's CPTDataset draws `randint(len(rehersal_data))` (data/cptdata.py)."""
@@ -183,12 +294,14 @@ def draw_blocks(pool: np.ndarray, n_draws: int, block_size: int, seed: int) -> n
 
 
 def replay_blocks(rp: dict, tok: Any, specials: dict[str, Any], block_size: int, n_draws: int,
-                  seed: int) -> np.ndarray:
-    """The replay blocks of one CPT run: `n_draws` random blocks of the pool (train.py's entry point)."""
+                  seed: int, pool: Pool | None = None) -> np.ndarray:
+    """The replay blocks of one CPT run: `n_draws` random blocks of the pool (train.py's entry point): the built
+    `pool` when given, else tokenized here."""
     if not rp.get("source"):
         raise InputError("cpt.replay.rate > 0 needs cpt.replay.source (a local text/JSONL/parquet file or folder); "
                          "or set cpt.replay.rate: 0")
-    return draw_blocks(replay_pool(rp, tok, specials, seed), n_draws, block_size, seed)
+    tokens = pool.tokens if pool is not None else replay_pool(rp, tok, specials, seed)
+    return draw_blocks(tokens, n_draws, block_size, seed)
 
 
 def to_blocks(tokens: np.ndarray, block_size: int) -> np.ndarray:
@@ -236,18 +349,25 @@ def overlap_fraction(probe: np.ndarray, others: Iterable[np.ndarray], n: int = N
     return float(seen.mean())
 
 
-def probe_tokens(cpt: dict, tok: Any, specials: dict[str, Any], seed: int) -> np.ndarray:
-    """The probe's tokens: the held-out part of the replay source (`replay:heldout`) or a local source."""
+def probe_tokens(cpt: dict, tok: Any, specials: dict[str, Any], seed: int, pool: Pool | None = None) -> np.ndarray:
+    """The probe's tokens: the held-out part of the replay source (`replay:heldout`; from the built `pool` when
+    it holds them) or a local source."""
     pc = cpt["probe"]
     if pc["source"] == HELDOUT:
         rp = cpt["replay"]
         if not rp.get("source"):
             raise InputError(f"cpt.probe.source {HELDOUT} needs cpt.replay.source")
-        docs = load_documents(rp["source"], rp["text_field"])
-        _, held = shuffle_split(len(docs), seed, rp["heldout_fraction"])
-        if len(held) == 0:
+        if pool is not None and pool.heldout is not None:
+            n_docs, n_held = pool.meta["documents"], pool.meta["heldout_documents"]
+        else:
+            docs = load_documents(rp["source"], rp["text_field"])
+            _, held = shuffle_split(len(docs), seed, rp["heldout_fraction"])
+            n_docs, n_held = len(docs), len(held)
+        if n_held == 0:
             raise InputError(f"cpt.probe.source {HELDOUT}: cpt.replay.heldout_fraction "
-                             f"{rp['heldout_fraction']} of {len(docs)} documents holds none out; raise it")
+                             f"{rp['heldout_fraction']} of {n_docs} documents holds none out; raise it")
+        if pool is not None and pool.heldout is not None:
+            return np.asarray(pool.heldout[:pc["max_tokens"]], dtype=np.int32)
         return _tokenize_until(tok, (docs[i] for i in sorted(held)), specials, pc["max_tokens"])
     return general_tokens(pc["source"], tok, specials, pc["max_tokens"], text_field=pc["text_field"])
 
@@ -276,11 +396,12 @@ def check_probe(probe: np.ndarray, source: str, training: Sequence[np.ndarray], 
 
 
 def probe_blocks(cpt: dict, tok: Any, specials: dict[str, Any], block_size: int, seed: int,
-                 training: Sequence[np.ndarray | None], articles_path: str | Path | None) -> tuple[Any, dict]:
+                 training: Sequence[np.ndarray | None], articles_path: str | Path | None,
+                 pool: Pool | None = None) -> tuple[Any, dict]:
     """The forgetting probe as blocks (train.py's entry point), after `check_probe`; (None, {}) without a probe."""
     if not cpt["probe"]["source"]:
         return None, {}
-    pt = probe_tokens(cpt, tok, specials, seed)
+    pt = probe_tokens(cpt, tok, specials, seed, pool)
     if len(pt) == 0:
         raise InputError(f"{cpt['probe']['source']}: no text for the forgetting probe")
     arts = article_tokens(articles_path, tok, specials) if articles_path else []
@@ -343,6 +464,20 @@ def _check_pool(args: argparse.Namespace) -> None:
                       "distinct_start_positions": max(0, int(len(pool)) - args.block_size + 1)}))
 
 
+def _build_pool(args: argparse.Namespace) -> None:
+    """`replay pool`: the run's replay pool, built once (rule replay_pool), and a one-line summary."""
+    from .corpus import special_tokens
+    from .models import load_tokenizer
+
+    cfg = stage.config(args)
+    cpt = cfg["cpt"]
+    seed = int(cpt["seed"] if cpt.get("seed") is not None else cfg["seed"])
+    tok = load_tokenizer(args.model)
+    meta = build_pool(cpt, seed, args.model, tok, special_tokens(tok, cfg["corpus"]), args.outdir)
+    print(json.dumps({k: meta[k] for k in ("documents", "heldout_documents", "tokens", "heldout_tokens")}
+                     | {"outdir": args.outdir}))
+
+
 def _prepare(args: argparse.Namespace) -> None:
     """`replay prepare`: local JSONL shards of downloaded general text, and a one-line summary."""
     out = prepare(args.input, args.output, args.text_field, args.shard_documents, args.max_documents)
@@ -367,8 +502,12 @@ def main(argv: list[str] | None = None) -> int:
     pc.add_argument("--block-size", type=int, default=2048)
     pc.add_argument("--text-field", default="text")
     pc.add_argument("--seed", type=int, default=42)
+    pb = stage.subcommand(sub, "pool", "tokenize the run's replay pool once (tokens.bin, heldout.bin, meta.json)",
+                          config=True)
+    pb.add_argument("--model", required=True, help="the CPT base model (its tokenizer, as the corpora's)")
+    pb.add_argument("--outdir", required=True, help="folder of the pool (results/replay/pool)")
     args = p.parse_args(argv)
-    return stage.run(lambda: _prepare(args) if args.cmd == "prepare" else _check_pool(args))
+    return stage.run(lambda: {"prepare": _prepare, "check": _check_pool, "pool": _build_pool}[args.cmd](args))
 
 
 if __name__ == "__main__":

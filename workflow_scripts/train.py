@@ -413,9 +413,10 @@ class Run:
 
 
 def prepare_data(cfg: dict, corpus: str | Path, budget: int | str, model_location: str,
-                 method: str | None, articles: str | Path | None = None) -> Run:
+                 method: str | None, articles: str | Path | None = None, replay_pool: str | Path | None = None) -> Run:
     """Data: the budget prefix in blocks, the replay and probe blocks, the run's plan. `articles`
-    (articles.jsonl) is what the forgetting probe is checked against besides the training tokens."""
+    (articles.jsonl) is what the forgetting probe is checked against besides the training tokens. `replay_pool`:
+    the run's pool built once (rule replay_pool), memory-mapped instead of tokenizing the source here."""
     cpt, seed = cfg["cpt"], int(cfg["cpt"]["seed"] if cfg["cpt"]["seed"] is not None else cfg["seed"])
     tokens, manifest = load_corpus(corpus)
     method = method or manifest["method"]
@@ -431,13 +432,14 @@ def prepare_data(cfg: dict, corpus: str | Path, budget: int | str, model_locatio
     tok = load_tokenizer(model_location)
     specials = {k: manifest["tokenizer"][k] for k in ("bos", "eos")}  # general text tokenized like the corpus
     replay_blocks, n_replay = None, int((plan < 0).sum())
+    pool = replay.load_pool(replay_pool, cpt, seed, manifest["tokenizer"]) if replay_pool else None
     if n_replay:
         # random blocks of a shuffled pool, the held-out part kept apart (workflow_scripts/replay.py)
-        replay_blocks = replay.replay_blocks(cpt["replay"], tok, specials, T, n_replay, seed)
+        replay_blocks = replay.replay_blocks(cpt["replay"], tok, specials, T, n_replay, seed, pool)
     corpus_blocks = tokens[:n_blocks * T].reshape(n_blocks, T)
     # the probe is refused if it overlaps what this run trains on or the prepared articles (replay.check_probe)
     probe_blocks, probe_overlap = replay.probe_blocks(cpt, tok, specials, T, seed, [corpus_blocks, replay_blocks],
-                                                      articles)
+                                                      articles, pool)
     steps = math.ceil(len(plan) / gb)
     return Run(method=method, seed=seed, epochs=epochs, block_size=T, global_batch=gb, micro_batch=cpt["micro_batch"],
                n_tokens=n_tokens, capped=capped, n_blocks=n_blocks, plan=plan,
@@ -644,12 +646,12 @@ def summarize(cpt: dict, rt: Runtime, run: Run, state: dict, probe_after: float 
 
 def train(cfg: dict, corpus: str | Path, budget: int | str, model_location: str, output: str | Path,
           workdir: str | Path | None = None, method: str | None = None, stop_after_steps: int | None = None,
-          gpus: int = 0, articles: str | Path | None = None) -> dict[str, Any]:
+          gpus: int = 0, articles: str | Path | None = None, replay_pool: str | Path | None = None) -> dict[str, Any]:
     """Continued pretraining of `model_location` on `budget` tokens of `corpus`; returns the train summary (on the
     main process; {} on the others). `gpus` is what the job asked for (cpt.resources.gpu)."""
     t_start, cpt = time.time(), cfg["cpt"]
     check_devices(cpt, gpus)
-    run = prepare_data(cfg, corpus, budget, model_location, method, articles)
+    run = prepare_data(cfg, corpus, budget, model_location, method, articles, replay_pool)
     workdir = Path(workdir or Path("results/checkpoints") / run.method / str(budget))
     rt, model, optimizer = set_up(cpt, run.seed, model_location)
     try:
@@ -679,11 +681,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", type=int, default=0,
                    help="GPUs the job asked for (cpt.resources.gpu; the rule passes it): more than 0 on a machine "
                         "without CUDA is an error before any work")
+    p.add_argument("--replay-pool", default=None,
+                   help="the run's replay pool (results/replay/pool, rule replay_pool): memory-mapped by every "
+                        "process instead of tokenizing cpt.replay.source in each")
     args = p.parse_args(argv)
 
     def body() -> None:
         summary = train(stage.config(args), args.corpus, args.budget, args.model, args.output, args.workdir,
-                        args.method, args.stop_after_steps, args.gpus, args.articles)
+                        args.method, args.stop_after_steps, args.gpus, args.articles, args.replay_pool)
         if summary:
             print(json.dumps({k: summary[k] for k in ("method", "budget", "steps", "tokens_seen", "final_loss",
                                                       "tokens_per_s", "wall_seconds")}))
