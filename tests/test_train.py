@@ -214,6 +214,48 @@ def test_resume_from_a_mid_run_checkpoint_reproduces_the_uninterrupted_run(corpu
 
 
 @pytest.mark.unit
+def test_checkpoint_clock_by_steps_and_by_wall_time():
+    """cpt.checkpoint_minutes with a fake clock: due once the minutes have passed since the last checkpoint (or the
+    start), whichever kind of checkpoint that was; by steps alone without it."""
+    now = [0.0]
+    clock = T.CheckpointClock(every=4, minutes=2.5, clock=lambda: now[0])
+    due = []
+    for step in range(1, 11):
+        now[0] += 60.0  # each step takes a minute
+        if clock.due(step):
+            due.append(step)
+            clock.saved()
+    assert due == [3, 4, 7, 8]  # 3: 180 s after the start; 4: by steps; 7: 180 s after step 4's; 8: by steps
+    steps_only = T.CheckpointClock(every=4, minutes=None, clock=lambda: now[0])
+    assert [s for s in range(1, 13) if steps_only.due(s)] == [4, 8, 12]
+    time_only = T.CheckpointClock(every=0, minutes=1, clock=lambda: now[0])
+    assert not time_only.due(1)
+    now[0] += 59.9
+    assert not time_only.due(2)
+    now[0] += 0.1
+    assert time_only.due(3)
+
+
+@pytest.mark.unit
+def test_a_run_checkpoints_by_wall_time(corpus_dir, tiny_model_dir, tmp_path, monkeypatch):
+    """A real run whose steps each take a (fake) minute, checkpoint_minutes 2.5 and no step cadence: checkpoints
+    after steps 3 and 6 of 8 (none after the last: the model is saved then)."""
+    now = [0.0]
+    real_step = T.train_step
+
+    def minute_step(*a, **k):
+        now[0] += 60.0
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(T, "_now", lambda: now[0])
+    monkeypatch.setattr(T, "train_step", minute_step)
+    cfg = tiny_cfg(epochs=1, checkpoint_every=0, checkpoint_minutes=2.5, keep_checkpoints=5, delete_checkpoints=False)
+    s = T.train(cfg, corpus_dir, 1024, str(tiny_model_dir), tmp_path / "m", tmp_path / "w")
+    assert s["steps"] == 8
+    assert sorted(p.name for p in (tmp_path / "w").glob("step_*")) == ["step_00000003", "step_00000006"]
+
+
+@pytest.mark.unit
 def test_changed_settings_start_afresh(corpus_dir, tiny_model_dir, tmp_path):
     cfg = tiny_cfg(epochs=1, checkpoint_every=2)
     with pytest.raises(T.Interrupted):
@@ -467,11 +509,15 @@ def test_fsdp_reduce_scatters_every_micro_batch_unless_no_sync_accumulation(opt_
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo process group on Linux")
 def test_fsdp_accumulation_modes_give_the_same_losses(corpus_dir, tiny_model_dir, tmp_path):
     """FSDP2 over 2 gloo processes with 2 micro-batches per rank and step: reduce-scattering every micro-batch (the
-    default) and only the last (cpt.fsdp.no_sync_accumulation) give the same per-step losses to float rounding."""
+    default) and only the last (cpt.fsdp.no_sync_accumulation) give the same per-step losses to float rounding.
+    The second run also checkpoints by wall time (cpt.checkpoint_minutes, due after every step here): both processes
+    agree on it every step, or the sharded save would hang."""
     logs = {}
     for opt_in in (False, True):
         cfg = json.loads(json.dumps(FSDP_CFG))
         cfg["cpt"].update(epochs=1, checkpoint_every=0, replay={"rate": 0.0})
+        if opt_in:
+            cfg["cpt"].update(checkpoint_minutes=1e-5, keep_checkpoints=1, delete_checkpoints=False)
         cfg["cpt"]["fsdp"]["no_sync_accumulation"] = opt_in
         out = tmp_path / f"m{int(opt_in)}"
         job = torchrun_train(corpus_dir, tiny_model_dir, out, tmp_path / f"w{int(opt_in)}", cfg)
@@ -481,6 +527,7 @@ def test_fsdp_accumulation_modes_give_the_same_losses(corpus_dir, tiny_model_dir
         assert summary["fsdp"] is True and summary["grad_accum"] == 2 and summary["steps"] == 8
         assert summary["fsdp_no_sync_accumulation"] is opt_in
         logs[opt_in] = [float(r["loss"]) for r in read_log(out / "train_log.csv")]
+    assert [p.name for p in (tmp_path / "w1").glob("step_*")] == ["step_00000007"]  # the last one kept
     assert logs[True] == pytest.approx(logs[False], abs=1e-4), list(zip(logs[False], logs[True]))
     assert logs[False][-1] < logs[False][0]
 

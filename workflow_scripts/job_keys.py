@@ -28,7 +28,7 @@ OPERATIONAL: tuple[str, ...] = (
     # how many threads, GPUs, how much memory and time a job gets
     "synthesis.resources", "cpt.resources", "evaluation.resources", "cpt.threads", "evaluation.threads",
     # logging, progress and checkpoint cadence
-    "cpt.log_every", "cpt.checkpoint_every", "cpt.keep_checkpoints", "cpt.delete_checkpoints",
+    "cpt.log_every", "cpt.checkpoint_every", "cpt.checkpoint_minutes", "cpt.keep_checkpoints", "cpt.delete_checkpoints",
     "backends.transformers.progress", "backends.vllm.progress", "backends.openai.progress",
     # throughput levers that leave the numbers as they are (benchmarks/RESULTS.md measures the equality)
     "corpus.tokenize_batch", "cpt.replay.cache_dir", "evaluation.loglik.batch_questions", "evaluation.loglik.reuse_prefix_cache",

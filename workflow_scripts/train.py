@@ -27,8 +27,9 @@ torch.distributed directly (`Runtime`): FSDP2 (`fully_shard`, one unit per decod
 cpt.fsdp.enabled, else DDP. The same code runs on CPU and GPU, so the CPU tests check the path a GPU job takes.
 A job that asked for GPUs (--gpus, from cpt.resources.gpu) on a machine without CUDA fails before any work.
 
-Checkpoints every `checkpoint_every` steps under --workdir (default results/checkpoints/METHOD/BUDGET, outside the
-Snakemake output folder, which Snakemake deletes before a rerun): model and optimizer through
+Checkpoints every `checkpoint_every` steps and every `checkpoint_minutes` of wall time under --workdir (default
+results/checkpoints/METHOD/BUDGET, outside the Snakemake output folder, which Snakemake deletes before a rerun):
+model and optimizer through
 torch.distributed.checkpoint (each rank writes its own shards), each rank's RNG state, and trainer_state.json
 (step, tokens, probe, fingerprints). The LR schedule is a pure function of the step. A rerun with the same
 settings and the same layout (world size, FSDP on/off) resumes from the latest checkpoint; with other settings it
@@ -336,6 +337,34 @@ def latest_checkpoint(workdir: Path, fingerprint: str, settings: str | None = No
     return None
 
 
+def _now() -> float:
+    return time.monotonic()
+
+
+class CheckpointClock:
+    """When a checkpoint is due after a step: every `every` steps (0: never by steps) and, with `minutes`, once that
+    much wall time has passed since the last checkpoint (or the start). Either kind restarts the wall-time count."""
+
+    def __init__(self, every: int, minutes: float | None, clock=None) -> None:  # type: ignore[no-untyped-def]
+        self.every, self.seconds = every, None if minutes is None else 60.0 * minutes
+        self.clock = clock or (lambda: _now())
+        self.last = self.clock()
+
+    def due(self, steps_done: int) -> bool:
+        by_steps = bool(self.every) and steps_done % self.every == 0
+        return by_steps or (self.seconds is not None and self.clock() - self.last >= self.seconds)
+
+    def saved(self) -> None:
+        self.last = self.clock()
+
+
+def agree(rt: Runtime, flag: bool) -> bool:
+    """True on every process when it is on any (so that all of a job's processes checkpoint together)."""
+    import torch
+
+    return bool(rt.sum(torch.tensor(float(flag), device=rt.device)) > 0) if rt.world_size > 1 else flag
+
+
 def save_checkpoint(rt: Runtime, model, optimizer, workdir: Path, state: dict,  # type: ignore[no-untyped-def]
                     keep: int) -> Path:
     """Model and optimizer (torch.distributed.checkpoint: each rank writes its shards), each rank's RNG state and
@@ -530,11 +559,12 @@ def train_step(rt: Runtime, model, optimizer, run: Run, step_ids: np.ndarray,  #
 
 def training_loop(cpt: dict, rt: Runtime, model, optimizer, run: Run, state: dict,  # type: ignore[no-untyped-def]
                   workdir: Path, stop_after_steps: int | None = None) -> tuple[int, float]:
-    """Loop: from the state's step to the last, logging every step and checkpointing every checkpoint_every;
+    """Loop: from the state's step to the last, logging every step and checkpointing when CheckpointClock says;
     returns this session's (tokens, seconds)."""
     log_file = open(workdir / "train_log.csv", "a", newline="") if rt.is_main else None
     log = csv.DictWriter(log_file, LOG_FIELDS) if log_file else None
     session_tokens, session_seconds, t_start = 0, 0.0, time.time()
+    timer = CheckpointClock(cpt["checkpoint_every"], cpt["checkpoint_minutes"])
     try:
         for step in range(state["step"], run.steps):
             t0 = time.perf_counter()
@@ -559,9 +589,12 @@ def training_loop(cpt: dict, rt: Runtime, model, optimizer, run: Run, state: dic
                 if (step + 1) % cpt["log_every"] == 0 or step + 1 == run.steps:
                     print(f"step {step + 1}/{run.steps} | loss {loss:.4f} | lr {lr:.2e} | {n_tok / dt:.0f} tok/s",
                           file=sys.stderr)
-            every = cpt["checkpoint_every"]
-            if (every and (step + 1) % every == 0 and step + 1 < run.steps) or step + 1 == stop_after_steps:
+            due = timer.due(step + 1)
+            if timer.seconds is not None:  # processes' clocks differ: all save when any is due
+                due = agree(rt, due)
+            if (due and step + 1 < run.steps) or step + 1 == stop_after_steps:
                 save_checkpoint(rt, model, optimizer, workdir, state, cpt["keep_checkpoints"])
+                timer.saved()
                 if step + 1 == stop_after_steps:
                     raise Interrupted(f"stopped after step {step + 1} of {run.steps} (--stop-after-steps); "
                                       f"rerun to resume from {workdir}")
