@@ -9,7 +9,7 @@ from workflow_scripts import job_keys, layout
 from workflow_scripts.config import ROOT, ConfigError, check_budgets, missing_engine_message, validate_config
 from workflow_scripts.derived import check_methods, filter_variants, imported, method_kind, mixtures
 from workflow_scripts.memory import memory_problems
-from workflow_scripts.preflight import tensor_parallel_problem, vllm_rule_names
+from workflow_scripts.preflight import judge_gpus, tensor_parallel_problem, vllm_rule_names
 
 # The schema check of the stage command lines (defaults filled in); a config that fails it (a file, or a
 # --config value) stops planning with one line naming each key, not a validation dump.
@@ -275,8 +275,8 @@ def judge_model_input():
 
 INSTRUCT_DATA_INPUT = [INSTRUCT["data"]["source"]] if os.path.exists(INSTRUCT["data"]["source"]) else []
 INSTRUCT_RES = INSTRUCT["summaries"]["resources"]
-# The judge runs on a GPU only when its engine is local (an openai judge is an API: its jobs need no GPU).
-JUDGE_GPU = 0 if INSTRUCT["judge"]["engine"] == "openai" else INSTRUCT_RES["gpu"]
+# The judge runs on a GPU only when its engine is local (an API judge's jobs only send requests).
+JUDGE_GPU = judge_gpus(config)
 # vLLM cannot share an environment with the CPU pins (envs/eval.yaml explains): a vllm engine uses its own env.
 SUMMARY_ENV = "../envs/synthesis-vllm.yaml" if INSTRUCT["summaries"]["engine"] == "vllm" else "../envs/eval.yaml"
 JUDGE_ENV = "../envs/synthesis-vllm.yaml" if INSTRUCT["judge"]["engine"] == "vllm" else "../envs/eval.yaml"

@@ -184,3 +184,14 @@ def test_tensor_parallel_size_against_each_vllm_rules_gpus():
     assert "evaluation.resources.gpu=1 (eval_qa/eval_rag)" in line and "\n" not in line
     cfg["synthesis"]["backend"] = "openai"  # an API generator: no vLLM rule, nothing to check there
     assert "synthesis.resources" not in P.tensor_parallel_problem(cfg)
+
+
+@pytest.mark.parametrize("engine,gpus", [("transformers", 1), ("vllm", 1), ("openai", 0)])
+def test_the_judge_asks_for_gpus_only_when_its_engine_is_local(engine, gpus):
+    """judge_summaries / judge_human_summaries share instruct.summaries.resources; an API judge's jobs only send
+    requests, so they ask for no GPU (nor the memory planner's GPU estimate)."""
+    from workflow_scripts.config import load_config
+
+    cfg = load_config(overrides={"instruct": {"enabled": True, "judge": {"engine": engine},
+                                              "summaries": {"resources": {"gpu": 1}}}})
+    assert P.judge_gpus(cfg) == gpus

@@ -295,3 +295,18 @@ def test_local_profile_jobs_run_side_by_side_on_their_own_gpus(tmp_path):
                    if a["start"] < b["end"] and b["start"] < a["end"]]
     assert overlapping, "two 1-GPU jobs should run at once on a 2-GPU machine"
     assert all(a["dev"] != b["dev"] for a, b in overlapping)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("engine,gpus", [("transformers", 1), ("openai", 0)])
+def test_judge_jobs_ask_for_a_gpu_only_with_a_local_engine(engine, gpus, tmp_path):
+    """The planned judge jobs under instruction stages whose summaries run on one GPU: the judge's own GPU count
+    follows its engine (workflow_scripts/preflight.py judge_gpus)."""
+    (tmp_path / "judge.yaml").write_text(yaml.safe_dump(
+        {"instruct": {"summaries": {"resources": {"gpu": 1}}, "judge": {"engine": engine}}}))
+    out = dry_run(["--cores", "1", "--configfile", "experiments/cpu-instruct.yaml", str(tmp_path / "judge.yaml")],
+                  ROOT)
+    judges = [j for j in planned_jobs(out) if j["rule"] == "judge_summaries"]
+    assert judges and all(j["resources"].get("gpu", 0) == gpus for j in judges), judges
+    summaries = [j for j in planned_jobs(out) if j["rule"] == "summarize"]
+    assert summaries and all(j["resources"]["gpu"] == 1 for j in summaries)

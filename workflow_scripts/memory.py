@@ -522,6 +522,7 @@ def plan_memory(cfg: dict, root: Path | None = None) -> list[JobMemory]:
     from .config import deep_merge
     from .instruct import NOT_INHERITED, TRAIN_DEFAULTS
     from .layout import cpt_models, instruct_models, model_location, rag_models, synth_methods
+    from .preflight import judge_gpus
 
     ctx = _Ctx(cfg, root)
     a = cfg["planner"]["assume"]
@@ -556,7 +557,7 @@ def plan_memory(cfg: dict, root: Path | None = None) -> list[JobMemory]:
         new = float(max(ins["summaries"]["max_new_tokens"].values()))
         jobs.append(_generation_job(ctx, "summaries", ins["summaries"]["engine"], base, sres, 512.0, new))
         judge = ins["judge"]
-        if judge["engine"] != "openai":
+        if judge_gpus(cfg):  # a local engine (an API judge asks for no GPU)
             loc = model_location(judge["model"]) if judge.get("model") else gen
             jobs.append(_generation_job(ctx, "judge", judge["engine"], loc, sres,
                                         float(a["tokens_per_article"]) + new, float(judge["split_max_new_tokens"])))

@@ -255,6 +255,19 @@ def vllm_rules(cfg: dict) -> list[tuple[tuple[str, ...], str, int]]:
     return out
 
 
+# Engines that run the model inside the job's own process (so on its GPUs); the others (openai, openai_batch) are
+# APIs served elsewhere.
+LOCAL_ENGINES = ("transformers", "vllm")
+
+
+def judge_gpus(cfg: dict) -> int:
+    """GPUs of the judge rules (judge_summaries, judge_human_summaries): instruct.summaries.resources.gpu when the
+    judge's engine is local, 0 when it is an API (its jobs only send requests)."""
+    ins = cfg.get("instruct") or {}
+    gpus = int(((ins.get("summaries") or {}).get("resources") or {}).get("gpu", 0))
+    return gpus if (ins.get("judge") or {}).get("engine") in LOCAL_ENGINES else 0
+
+
 def vllm_rule_names(cfg: dict) -> set[str]:
     return {r for rules, _, _ in vllm_rules(cfg) for r in rules}
 
