@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    # No PYTHONPATH, no links to the repository: the workflow finds its code and files itself (tests/test_deploy.py)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), *args]
     return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -30,8 +31,6 @@ def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.Compl
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, smollm_dir, tiny_model_dir):
     work = tmp_path_factory.mktemp("e2e")
-    for name in ("config.yaml", "resources"):
-        (work / name).symlink_to(ROOT / name)
     overlay = {
         "run_name": "tiny-e2e",
         "data": {"max_articles": 1, "max_article_chars": 1200},
@@ -47,7 +46,7 @@ def tiny_run(tmp_path_factory, smollm_dir, tiny_model_dir):
         "evaluation": {"max_questions": 3},
     }
     (work / "tiny.yaml").write_text(yaml.safe_dump(overlay))
-    r = snakemake(work, "--cores", "2", "--configfile", "config.yaml", "tiny.yaml")
+    r = snakemake(work, "--cores", "2", "--configfile", "tiny.yaml")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return work
 
@@ -80,7 +79,7 @@ def test_dag_produces_the_figure_and_the_table(tiny_run):
 
 def test_single_plot_regenerates_without_retraining(tiny_run):
     work = tiny_run
-    r = snakemake(work, "--cores", "1", "--configfile", "config.yaml", "tiny.yaml", "--force",
+    r = snakemake(work, "--cores", "1", "--configfile", "tiny.yaml", "--force",
                   "results/figures/scaling_curve.png", "-n", "--quiet", "rules")
     assert r.returncode == 0, r.stderr[-2000:]
     planned = r.stdout
@@ -91,7 +90,7 @@ def test_single_plot_regenerates_without_retraining(tiny_run):
 
 def test_report_builds(tiny_run):
     work = tiny_run
-    r = snakemake(work, "--cores", "1", "--configfile", "config.yaml", "tiny.yaml", "--report",
+    r = snakemake(work, "--cores", "1", "--configfile", "tiny.yaml", "--report",
                   "results/report.html")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     html = (work / "results/report.html").read_text(errors="replace")

@@ -358,7 +358,7 @@ TINY = {
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), *args]
     return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
 
@@ -367,13 +367,11 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
 def finished(tmp_path_factory, tiny_model_dir):
     """A finished tiny DAG: the real stages, a tiny random Llama as generator and CPT base (seconds per job)."""
     work = tmp_path_factory.mktemp("keys")
-    for name in ("config.yaml", "resources"):
-        (work / name).symlink_to(ROOT / name)
     tiny = copy.deepcopy(TINY)
     tiny["models"] = {"generator": {"source": "path", "name": str(tiny_model_dir)},
                       "base": {"source": "path", "name": str(tiny_model_dir)}}
     (work / "tiny.yaml").write_text(yaml.safe_dump(tiny))
-    r = snakemake(work, "--cores", "2", "--configfile", "config.yaml", "tiny.yaml")
+    r = snakemake(work, "--cores", "2", "--configfile", "tiny.yaml")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return work, tiny
 
@@ -381,7 +379,7 @@ def finished(tmp_path_factory, tiny_model_dir):
 def planned(work: Path, tiny: dict, overlay: dict) -> dict[str, int]:
     """Jobs (rule -> count) that `snakemake -n` plans with `overlay` on top of the finished config."""
     (work / "overlay.yaml").write_text(yaml.safe_dump(overlay))
-    r = snakemake(work, "-n", "--cores", "1", "--configfile", "config.yaml", "tiny.yaml", "overlay.yaml")
+    r = snakemake(work, "-n", "--cores", "1", "--configfile", "tiny.yaml", "overlay.yaml")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     if "Nothing to be done" in r.stdout + r.stderr:
         return {}

@@ -67,7 +67,7 @@ def slurm_env():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SNAKEMAKE_SLURM_"))}
     # as `eval "$(scripts/local-slurm.sh env)"`: the cluster's config, and its client wrappers first on PATH
     env.update(SLURM_CONF=str(CLUSTER_DIR / "slurm.conf"), PATH=f"{CLUSTER_DIR / 'bin'}:{env['PATH']}",
-               PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     yield env
     if not was_running:
         cluster("stop")
@@ -92,8 +92,6 @@ def test_a_dag_slice_runs_through_sbatch_and_a_cancelled_cpt_job_resumes(slurm_e
 
     env, work = slurm_env, tmp_path / "slice"
     work.mkdir()
-    for name in ("config.yaml", "resources"):
-        (work / name).symlink_to(ROOT / name)
     (work / "slice.yaml").write_text(yaml.safe_dump(OVERLAY))
     # profiles/slurm as a real cluster uses it; the local cluster has no accounting database, so job states come
     # from squeue (docs/cluster.md); the first status check after 5 s instead of 40 keeps the test short.
@@ -101,7 +99,7 @@ def test_a_dag_slice_runs_through_sbatch_and_a_cancelled_cpt_job_resumes(slurm_e
            "--profile", str(ROOT / "profiles" / "slurm"), "--slurm-status-command", "squeue",
            "--slurm-init-seconds-before-status-checks", "5", "--slurm-keep-successful-logs",
            "--max-status-checks-per-second", "1", "--latency-wait", "5", "--jobs", "2",
-           "--configfile", "config.yaml", "slice.yaml", "--", TARGET]
+           "--configfile", "slice.yaml", "--", TARGET]
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # Cancel the CPT job once its first checkpoint is complete, as a preemption or a time limit would.

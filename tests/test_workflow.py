@@ -27,6 +27,25 @@ def test_lint_is_clean():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.unit
+def test_rules_are_formatted():
+    """snakefmt 2.1.0 with pyproject.toml's [tool.snakefmt]; `.venv/bin/snakefmt Snakefile rules/` fixes it."""
+    r = run([str(Path(sys.executable).parent / "snakefmt"), "--check", "Snakefile", "rules/"])
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.unit
+def test_ci_runs_the_readme_test_command_with_lint_and_format_first():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    command = next(line for line in readme.splitlines() if line.startswith("bash scripts/bootstrap.sh --vllm && "))
+    assert (ROOT / ".ci" / "run").read_text(encoding="utf-8").rstrip().splitlines()[-1] == command
+    assert command.endswith("bash scripts/check.sh")
+    steps = [line for line in (ROOT / "scripts" / "check.sh").read_text(encoding="utf-8").splitlines()
+             if line.startswith('"$BIN/')]
+    assert [s.split()[:2] for s in steps[:2]] == [['"$BIN/snakemake"', "--lint"], ['"$BIN/snakefmt"', "--check"]]
+    assert [s.split(" -m ")[2].split(' "$@"')[0] for s in steps[2:]] == ["unit", '"not unit"'], steps
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("overlay", [None, "experiments/paper.yaml", "experiments/single-gpu.yaml",
                                      "experiments/cpu-judge.yaml", "experiments/cpu-curriculum.yaml"])
