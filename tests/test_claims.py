@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from workflow_scripts import claims, claims_report, instruct, summaries
+from workflow_scripts import claims, claims_report, instruct, layout, summaries
 from workflow_scripts.backends import Completion
 from workflow_scripts.config import load_config
 
@@ -210,10 +210,12 @@ def test_instruct_ids_parse(mid, expected):
 
 
 def test_instruct_folder_is_what_common_smk_model_dir_gives():
-    # rules/common.smk: method, budget = mid.rsplit("-", 1); f"results/models/{method}/{budget}"
+    """The rules place an instruct model with layout.model_dir (rules/common.smk); the stage writes it to
+    instruct.instruct_dir: the two agree, on the folder beside the start model's."""
+    cfg = load_config()
     for start in ("base", "raw-all", "entigraph-384"):
-        method, budget = instruct.instruct_id(start).rsplit("-", 1)
-        assert f"results/models/{method}/{budget}" == instruct.instruct_dir(start)
+        assert layout.model_dir(instruct.instruct_id(start), cfg) == instruct.instruct_dir(start)
+    assert instruct.instruct_dir("entigraph-384") == "results/models/entigraph-384/instruct"
 
 
 def test_summary_prompts_are_the_papers_table_5_verbatim():

@@ -72,5 +72,9 @@ def test_derived_and_instruction_targets():
         "results/instruct/examples/base-instruct.html", "results/instruct/examples/entigraph-128-instruct.html"]
     assert layout.model_dir("entigraph-128-instruct", cfg) == "results/models/entigraph-128/instruct"
     assert layout.instruct_models(load_config())[:2] == ["base-instruct", "raw-all-instruct"]
-    for t in layout.stage_targets(cfg, "instruct") + layout.stage_targets(judge, "filters"):
-        assert t in layout.final_targets(cfg) + layout.final_targets(judge)
+    # each config asks `rule all` for its own stages' outputs only: the instruction targets under the instruct
+    # overlay, the judge variant's report under the judge overlay, neither under the other
+    instruct_targets = set(layout.stage_targets(cfg, "instruct"))
+    filter_targets = set(layout.stage_targets(judge, "filters"))
+    assert instruct_targets <= set(layout.final_targets(cfg)) and not instruct_targets & set(layout.final_targets(judge))
+    assert filter_targets <= set(layout.final_targets(judge)) and not filter_targets & set(layout.final_targets(cfg))
