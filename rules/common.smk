@@ -157,7 +157,7 @@ def method_records(method):
     """The record files a method's corpus is built from: the articles (raw), a filtered or imported records.jsonl,
     or the synthesis shards of every article."""
     kind = method_kind(config, method)
-    if kind == "raw":
+    if kind == layout.RAW:
         return [ARTICLES]
     if kind in ("filtered", "imported"):
         return [layout.derived_records(kind, method)]

@@ -30,7 +30,7 @@ rule cpt:
     log:
         f"{LOGS}/cpt/{{method}}/{{budget}}.log",
     benchmark:
-        "results/benchmarks/cpt/{method}/{budget}.tsv"
+        layout.benchmark("cpt", "{method}/{budget}")
     conda:
         "../envs/train.yaml"
     threads: training_threads(CPT["resources"])
@@ -44,7 +44,7 @@ rule cpt:
         ops=job_ops("cpt"),
         model=lambda wc: model_location("base"),  # a folder, or a hub id (no input file)
         corpus=lambda wc, input: os.path.dirname(input.corpus),
-        workdir=lambda wc: f"{layout.CHECKPOINTS}/{wc.method}/{wc.budget}",
+        workdir=lambda wc: layout.cpt_checkpoints(wc.method, wc.budget),
         pool=lambda wc, input: f"--replay-pool {os.path.dirname(input.replay_pool[0])} " if input.replay_pool else "",
         # one process, or torchrun with one worker per GPU, or per CPU process (cpt.resources.cpu_processes)
         launch=training_launch(CPT["resources"]),

@@ -30,14 +30,15 @@ checkpoint prepare_articles:
     params:
         cfg=job_config("prepare_articles"),
         zip=lambda wc, input: f"--zip {input.zip}" if "zip" in input.keys() else "",
+        outdir=layout.DATA,
     shell:
         "python -m workflow_scripts.quality prepare --config-json {params.cfg:q} {params.zip} "
-        "--outdir results/data 2> {log}"
+        "--outdir {params.outdir} 2> {log}"
 
 
 rule convert_packaged_model:
     output:
-        directory("results/hf_models/{name}"),
+        directory(layout.converted_model("{name}")),
     log:
         f"{LOGS}/convert_packaged_model/{{name}}.log",
     conda:

@@ -16,7 +16,7 @@ rule eval_qa:
     log:
         f"{LOGS}/evaluation/eval_qa/{{model}}.log",
     benchmark:
-        "results/benchmarks/evaluation/eval_qa/{model}.tsv"
+        layout.benchmark("evaluation", "eval_qa/{model}")
     conda:
         EVAL_ENV
     threads: EVAL["threads"]
@@ -47,7 +47,7 @@ rule eval_rag:
     log:
         f"{LOGS}/evaluation/eval_rag/{{model}}.log",
     benchmark:
-        "results/benchmarks/evaluation/eval_rag/{model}.tsv"
+        layout.benchmark("evaluation", "eval_rag/{model}")
     conda:
         EVAL_ENV
     threads: EVAL["threads"]

@@ -26,7 +26,7 @@ rule filter_variant:
     log:
         f"{LOGS}/filters/{{method}}.log",
     benchmark:
-        "results/benchmarks/filters/{method}.tsv"
+        layout.benchmark("filters", "{method}")
     conda:
         "../envs/synthesis-vllm.yaml"
     threads: FILTER_RES["threads"]

@@ -39,7 +39,7 @@ rule instruct_tune:
     log:
         f"{LOGS}/instruct/tune/{{model}}.log",
     benchmark:
-        "results/benchmarks/instruct/tune/{model}.tsv"
+        layout.benchmark("instruct", "tune/{model}")
     conda:
         "../envs/train.yaml"
     threads: training_threads(INSTRUCT["resources"])
@@ -53,7 +53,7 @@ rule instruct_tune:
         ops=job_ops("instruct_tune"),
         corpus=lambda wc, input: os.path.dirname(input.tokens),
         init_model=lambda wc: model_location("base") if wc.model == "base" else model_dir(wc.model),
-        workdir=lambda wc: f"results/checkpoints/instruct/{wc.model}",
+        workdir=lambda wc: layout.instruct_checkpoints(wc.model),
         launch=training_launch(INSTRUCT["resources"]),
         omp=config["cpt"]["threads"],
     shell:

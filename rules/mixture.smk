@@ -50,7 +50,7 @@ rule corpus_difficulty:
     log:
         f"{LOGS}/corpus/difficulty_{{method}}.log",
     benchmark:
-        "results/benchmarks/corpus/difficulty_{method}.tsv"
+        layout.benchmark("corpus", "difficulty_{method}")
     conda:
         "../envs/train.yaml"
     threads: MIX_CPT["threads"]

@@ -30,7 +30,7 @@ rule extract_entities:
     log:
         f"{LOGS}/synthesis/extract_entities/shard-{{shard}}.log",
     benchmark:
-        "results/benchmarks/synthesis/extract_entities/shard-{shard}.tsv"
+        layout.benchmark("synthesis", "extract_entities/shard-{shard}")
     conda:
         "../envs/synthesis-vllm.yaml"
     threads: SYNTH_RES["threads"]
@@ -76,7 +76,7 @@ rule synthesize:
     log:
         f"{LOGS}/synthesis/synthesize/{{method}}/shard-{{shard}}.log",
     benchmark:
-        "results/benchmarks/synthesis/synthesize/{method}/shard-{shard}.tsv"
+        layout.benchmark("synthesis", "synthesize/{method}/shard-{shard}")
     conda:
         "../envs/synthesis-vllm.yaml"
     threads: SYNTH_RES["threads"]

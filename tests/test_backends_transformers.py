@@ -62,7 +62,7 @@ def tiny(varied_model_dir) -> TransformersBackend:
     return TransformersBackend(model=str(varied_model_dir), batch_size=3, device="cpu", progress=False)
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 @pytest.mark.parametrize("reuse,batch_size", [(True, 3), (False, 3), (True, 1)])
 def test_greedy_matches_one_at_a_time_generate(tiny, reuse, batch_size):
     tiny.max_prefix_reuse, tiny.batch_size = reuse, batch_size
@@ -81,7 +81,7 @@ def test_greedy_matches_one_at_a_time_generate(tiny, reuse, batch_size):
     tiny.max_prefix_reuse, tiny.batch_size = True, 3
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_prefix_reuse_prefills_shared_prefix_once(tiny):
     reqs = [chat(i, e, max_new_tokens=2, temperature=0.0) for i, e in enumerate(ENTITIES)]
     prompts = [tiny.encode(r) for r in reqs]
@@ -99,7 +99,7 @@ def test_prefix_reuse_prefills_shared_prefix_once(tiny):
     assert counts[True] < full / 2
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_stop_string_cuts_after_first_match_and_keeps_it(tiny):
     base = GenerationRequest(id="p", prompt="Question: what happened on the Clementine?\nReasoning:",
                              max_new_tokens=24, temperature=0.0)
@@ -115,7 +115,7 @@ def test_stop_string_cuts_after_first_match_and_keeps_it(tiny):
     assert stopped.completion_tokens < free.completion_tokens
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_seeded_samples_reproducible_and_independent_of_batch(tiny):
     def sampled(seed: int, i: int = 0) -> GenerationRequest:
         return GenerationRequest(id=f"s{seed}-{i}", prompt="Once upon a time on Ganymede", n=3, seed=seed,
@@ -132,7 +132,7 @@ def test_seeded_samples_reproducible_and_independent_of_batch(tiny):
     assert crowd["s8-0"].texts != alone.texts
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_length_counts_and_prompt_counts(tiny):
     reqs = [GenerationRequest(id="a", prompt="The crew of the Clementine", max_new_tokens=6, temperature=1.0,
                               n=2, seed=1),
@@ -147,7 +147,7 @@ def test_length_counts_and_prompt_counts(tiny):
     assert got["a"].prompt_tokens == len(tiny.tokenizer("The crew of the Clementine")["input_ids"])
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_bad_requests_become_errors_without_losing_others(tiny):
     too_long = GenerationRequest(id="long", prompt="word " * 5000, max_new_tokens=4)  # tiny model: 4096 positions
     both = GenerationRequest(id="both", prompt="x", messages=[{"role": "user", "content": "y"}])
@@ -159,7 +159,7 @@ def test_bad_requests_become_errors_without_losing_others(tiny):
     assert got["r0"].error is None and got["r1"].error is None and got["r0"].completion_tokens == 3
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_failing_batch_is_retried_per_request(tiny, monkeypatch):
     """A batch that raises (say, out of memory) is rerun request by request; nothing is lost or duplicated."""
     real = TransformersBackend._run_batch
@@ -181,7 +181,7 @@ def test_failing_batch_is_retried_per_request(tiny, monkeypatch):
         assert next(c for c in got if c.id == r.id).text == reference_generate(tiny, r)[0]
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_generate_yields_before_everything_is_done(tiny):
     tiny.batch_size = 1
     it = tiny.generate([chat(i, e, max_new_tokens=4, temperature=0.0) for i, e in enumerate(ENTITIES)])
@@ -194,7 +194,7 @@ def test_generate_yields_before_everything_is_done(tiny):
     assert len(rest) == len(ENTITIES) - 1
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_get_backend_builds_engine_from_settings(tiny_model_dir):
     b = get_backend("transformers", {"model": str(tiny_model_dir), "batch_size": 2, "device": "cpu",
                                      "dtype": "float32", "max_prefix_reuse": False, "progress": False})

@@ -210,12 +210,12 @@ def test_instruct_ids_parse(mid, expected):
 
 
 def test_instruct_folder_is_what_common_smk_model_dir_gives():
-    """The rules place an instruct model with layout.model_dir (rules/common.smk); the stage writes it to
-    instruct.instruct_dir: the two agree, on the folder beside the start model's."""
+    """The rules place an instruct model with layout.model_dir (rules/common.smk, from its id); layout.instruct_dir
+    names it from the start model: the two agree, on the folder beside the start model's."""
     cfg = load_config()
     for start in ("base", "raw-all", "entigraph-384"):
-        assert layout.model_dir(instruct.instruct_id(start), cfg) == instruct.instruct_dir(start)
-    assert instruct.instruct_dir("entigraph-384") == "results/models/entigraph-384/instruct"
+        assert layout.model_dir(instruct.instruct_id(start), cfg) == layout.instruct_dir(start)
+    assert layout.instruct_dir("entigraph-384") == "results/models/entigraph-384/instruct"
 
 
 def test_summary_prompts_are_the_papers_table_5_verbatim():

@@ -49,7 +49,7 @@ def shards(tmp_path: Path) -> Path:
     return d
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_build_layout_offsets_and_special_tokens(shards, tmp_path, smollm_dir):
     from transformers import AutoTokenizer
 
@@ -71,7 +71,7 @@ def test_build_layout_offsets_and_special_tokens(shards, tmp_path, smollm_dir):
     assert int((tokens == 0).sum()) == 11  # exactly one separator per document
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_order_depends_on_records_and_seed_only(shards, tmp_path, tiny_model_dir):
     a = C.build_corpus("entigraph", [shards], str(tiny_model_dir), tmp_path / "a", cfg())
     files = sorted(shards.glob("*.jsonl"), reverse=True)  # other file order, same records
@@ -83,7 +83,7 @@ def test_order_depends_on_records_and_seed_only(shards, tmp_path, tiny_model_dir
     assert c["total_tokens"] == a["total_tokens"] and c["seed"] == 8
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_raw_corpus_is_the_articles(tmp_path, tiny_model_dir):
     arts = tmp_path / "articles.jsonl"
     rows = [{"uid": f"u{i}", "title": f"T{i}", "author": "A", "year": 1950, "text": t}
@@ -93,7 +93,7 @@ def test_raw_corpus_is_the_articles(tmp_path, tiny_model_dir):
     assert sorted(m["records"]["ids"]) == ["u0", "u1", "u2"] and m["tokens_by_kind"] == {"article": m["total_tokens"]}
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_explicit_special_tokens_and_template_free_tokenizer(smollm_dir):
     from transformers import AutoTokenizer
 
@@ -116,7 +116,7 @@ def test_token_dtype_follows_vocabulary_size():
     assert C.token_dtype(65537) == np.uint32 and C.token_dtype(128256) == np.uint32  # Llama 3
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_budgets_are_exact_and_nested_prefixes(shards, tmp_path, tiny_model_dir):
     C.build_corpus("entigraph", [shards], str(tiny_model_dir), tmp_path / "out", cfg())
     tokens, m = C.load_corpus(tmp_path / "out" / "tokens.npy")
@@ -138,7 +138,7 @@ def test_budget_larger_than_corpus_is_an_error_unless_capped():
         C.budget_tokens(0, "all", allow_cap=True)
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_empty_and_malformed_corpora_fail_clearly(tmp_path, tiny_model_dir):
     d = tmp_path / "synth" / "rephrase"
     write_shard(d / "a1.jsonl", "rephrase", "a1", ["   ", ""])
@@ -159,7 +159,7 @@ def test_empty_and_malformed_corpora_fail_clearly(tmp_path, tiny_model_dir):
     assert not (tmp_path / "o").exists()  # nothing half-written
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_duplicate_ids_dropped_or_rejected(tmp_path, tiny_model_dir):
     d = tmp_path / "s"
     write_shard(d / "a1.jsonl", "entigraph", "a1", paragraphs(2))
@@ -171,7 +171,7 @@ def test_duplicate_ids_dropped_or_rejected(tmp_path, tiny_model_dir):
         C.build_corpus("entigraph", [d], str(tiny_model_dir), tmp_path / "o", cfg())
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_command_line(shards, tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "cli"
     assert C.main(["build", "--method", "entigraph", "--model", str(tiny_model_dir), "--inputs", str(shards),

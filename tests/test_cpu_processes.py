@@ -55,7 +55,7 @@ def snakemake(work: Path, *args: str, timeout: int = 900) -> subprocess.Complete
 TARGETS = ("results/models/raw/all", "results/models/base/instruct")
 
 
-@pytest.mark.unit
+@pytest.mark.e2e
 def test_the_rules_ask_for_processes_times_threads_cpus_and_launch_torchrun(tmp_path, tiny_model_dir):
     (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay(tiny_model_dir, 2)))
     r = snakemake(tmp_path, "-n", "-p", "--cores", "4", "--", *TARGETS, timeout=300)
@@ -73,7 +73,7 @@ def test_the_rules_ask_for_processes_times_threads_cpus_and_launch_torchrun(tmp_
     assert r.returncode == 0 and "torch.distributed.run" not in r.stdout + r.stderr
 
 
-@pytest.mark.engine
+@pytest.mark.e2e
 def test_cpt_and_instruction_tuning_run_in_two_cpu_processes_through_their_rules(tmp_path, tiny_model_dir):
     (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay(tiny_model_dir, 2)))
     r = snakemake(tmp_path, "--cores", "2", "--", *TARGETS)

@@ -251,7 +251,7 @@ def _scorer(model_dir, prefix, **kw):
     return qa_eval.LoglikScorer(model, tok, prefix, **kw)
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_cached_batched_scores_equal_a_naive_forward(tiny_model_dir):
     """Prefix cache + packed rows (contexts and options under a block mask) give the naive per-option numbers."""
     prefix = "## Example 1\nSome shared few-shot text that every question follows.\n\n## Example 2\n"
@@ -393,7 +393,7 @@ def test_cot_failures_stop_the_job_and_a_rerun_resumes(tmp_path, monkeypatch):
     assert s["accuracy_attempted"] == 1.0
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_both_modes_run_with_the_real_engine(tmp_path, tiny_model_dir):
     """loglik (primary) and cot through the real transformers backend (a random tiny model: its samples are
     noise, so only the plumbing and the bookkeeping are checked)."""
@@ -418,7 +418,7 @@ def test_both_modes_run_with_the_real_engine(tmp_path, tiny_model_dir):
     assert not Path(str(tmp_path / "m.jsonl") + ".cot-partial").exists()  # the resume file is removed at the end
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_the_scorer_model_is_freed_before_the_generation_engine_starts(tmp_path, tiny_model_dir, monkeypatch):
     """loglik then cot in one process: when the generation engine is built, the scorer's model is gone (a weakref
     to it is dead, even with a reference cycle that only gc.collect frees) and, where CUDA is, torch's cached

@@ -13,7 +13,7 @@ import pytest
 from workflow_scripts import claims, instruct, summaries
 from workflow_scripts.config import load_config
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.engine
 
 ARTICLES = [{"uid": "a1", "title": "Lost in Translation", "author": "Janifer, Laurence M.", "year": 1972,
              "text": "Korvin was a prisoner of the Tr'en. He escaped by answering their questions."},

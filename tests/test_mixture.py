@@ -66,7 +66,7 @@ def corpora(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     return out
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_a_built_mixture_has_exact_shares_at_every_budget(corpora, tiny_model_dir, tmp_path):
     cfg = cfg_for({"mix": {"sources": {"entigraph": 3, "rephrase": 1, "replay": 1}}})
     out = tmp_path / "mix"
@@ -90,7 +90,7 @@ def test_a_built_mixture_has_exact_shares_at_every_budget(corpora, tiny_model_di
     assert m["mixture"]["blocks_by_source"]["rephrase"] <= len(reph) // BLOCK
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_cpt_on_a_mixture_records_realised_shares(corpora, tiny_model_dir, tmp_path):
     cfg = cfg_for({"mix": {"sources": {"entigraph": 0.75, "rephrase": 0.25}}})
     out = tmp_path / "mix"
@@ -109,7 +109,7 @@ def test_cpt_on_a_mixture_records_realised_shares(corpora, tiny_model_dir, tmp_p
     assert s2["source_shares"]["replay (cpt.replay)"] == pytest.approx(s2["replay_fraction"])
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_curriculum_orders_blocks_easy_to_hard_on_the_same_blocks(corpora, tiny_model_dir, tmp_path):
     cfg = cfg_for({"ent_curr": {"sources": {"entigraph": 1}, "order": "perplexity"}})
     out = tmp_path / "curr"

@@ -310,7 +310,7 @@ def test_replay_reads_jsonl_parquet_and_text_folders(tmp_path):
         replay.source_files("togethercomputer/RedPajama-Data-1T-Sample")
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_replay_shuffles_holds_out_and_draws_random_blocks_of_a_pool(tmp_path, tok):
     from workflow_scripts import replay
 
@@ -369,7 +369,7 @@ def test_no_overlay_reads_a_hub_dataset():
 
 
 # ----------------------------------------------------------------------------------------------- item 6: probe
-@pytest.mark.unit
+@pytest.mark.engine
 def test_probe_overlapping_training_data_or_articles_is_refused(tmp_path, tok):
     from workflow_scripts import replay
 
@@ -390,7 +390,7 @@ def test_probe_overlapping_training_data_or_articles_is_refused(tmp_path, tok):
         replay.probe_blocks(cpt, t, specials, 64, 0, [enc(other)], arts)
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_the_held_out_probe_is_disjoint_from_replay(tmp_path, tok):
     from workflow_scripts import replay
 

@@ -118,7 +118,7 @@ def test_most_relevant_chunk_comes_last():
     assert ctx == "### Contexts\n*Context 1*\nTHIRD\n\n*Context 2*\nSECOND\n\n*Context 3*\nBEST\n\n"
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_rag_run_end_to_end(tmp_path, tiny_model_dir):
     qp, ap = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
     qp.write_text("".join(json.dumps({k: v for k, v in q.items() if k != "needle"}) + "\n" for q in QUESTIONS))

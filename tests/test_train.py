@@ -121,7 +121,7 @@ def test_a_step_is_split_over_ranks_exactly_once(world, micro, n):
 
 
 # ---------------------------------------------------------------------------------------------- real runs
-@pytest.mark.unit
+@pytest.mark.engine
 def test_loss_falls_and_the_model_is_saved_for_from_pretrained(corpus_dir, tiny_model_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
@@ -152,7 +152,7 @@ def test_loss_falls_and_the_model_is_saved_for_from_pretrained(corpus_dir, tiny_
     assert float(after) < float(before) - 1.0
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_a_bf16_save_says_bf16_in_its_config(corpus_dir, tiny_model_dir, tmp_path):
     """Trained in fp32 (master weights), saved in bf16: config.json must name bfloat16 (save_pretrained would write
     the in-memory float32), so a loader with dtype "auto" gets bf16, not twice the memory."""
@@ -170,7 +170,7 @@ def test_a_bf16_save_says_bf16_in_its_config(corpus_dir, tiny_model_dir, tmp_pat
     assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.bfloat16
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_probe_before_is_the_base_models_perplexity(corpus_dir, tiny_model_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -186,7 +186,7 @@ def test_probe_before_is_the_base_models_perplexity(corpus_dir, tiny_model_dir, 
     assert s["forgetting_probe"]["ppl_before"] == pytest.approx(math.exp(float(loss)), rel=1e-4)
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_resume_from_a_mid_run_checkpoint_reproduces_the_uninterrupted_run(corpus_dir, tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
@@ -256,6 +256,7 @@ def test_a_run_checkpoints_by_wall_time(corpus_dir, tiny_model_dir, tmp_path, mo
 
 
 @pytest.mark.unit
+@pytest.mark.engine
 def test_changed_settings_start_afresh(corpus_dir, tiny_model_dir, tmp_path):
     cfg = tiny_cfg(epochs=1, checkpoint_every=2)
     with pytest.raises(T.Interrupted):
@@ -265,7 +266,7 @@ def test_changed_settings_start_afresh(corpus_dir, tiny_model_dir, tmp_path):
     assert s["resumed_from_steps"] == [] and len(read_log(tmp_path / "m" / "train_log.csv")) == s["steps"]
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_budgets_are_nested_and_exact_in_training(corpus_dir, tiny_model_dir, tmp_path):
     cfg = tiny_cfg(epochs=1)
     small = T.train(cfg, corpus_dir, 320, str(tiny_model_dir), tmp_path / "s", tmp_path / "ws")
@@ -278,7 +279,7 @@ def test_budgets_are_nested_and_exact_in_training(corpus_dir, tiny_model_dir, tm
     assert s_blocks <= l_blocks  # every block of the small budget is trained in the large one
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_replay_in_a_run_and_its_errors(corpus_dir, tiny_model_dir, tmp_path):
     s = T.train(tiny_cfg(epochs=4, replay={"rate": 0.5}), corpus_dir, 512, str(tiny_model_dir),
                 tmp_path / "m", tmp_path / "w")
@@ -294,7 +295,7 @@ def test_replay_in_a_run_and_its_errors(corpus_dir, tiny_model_dir, tmp_path):
                 tmp_path / "m3", tmp_path / "w3")
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_bad_budgets_fail_clearly_on_the_command_line(corpus_dir, tiny_model_dir, tmp_path, capsys):
     tokens, _ = load_corpus(corpus_dir)
     args = ["--corpus", str(corpus_dir), "--model", str(tiny_model_dir), "--workdir", str(tmp_path / "w"),
@@ -311,7 +312,7 @@ def test_bad_budgets_fail_clearly_on_the_command_line(corpus_dir, tiny_model_dir
     assert capped["budget"] == str(len(tokens) + 1000)
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA: GPUs can be asked for")
 def test_asking_for_a_gpu_without_cuda_is_one_line_before_any_work(corpus_dir, tiny_model_dir, tmp_path):
     import subprocess
@@ -328,7 +329,7 @@ def test_asking_for_a_gpu_without_cuda_is_one_line_before_any_work(corpus_dir, t
     assert not (tmp_path / "w").exists() and not (tmp_path / "m").exists()  # failed before any work
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_a_model_converted_from_gguf_trains_and_saves(corpus_dir, tiny_model_dir, tmp_path):
     """models.convert_packaged leaves `quantization_config: gguf` in config.json (as results/hf_models/ has it);
     the weights are plain floats, and the trained model must still save and reload."""
@@ -346,7 +347,7 @@ def test_a_model_converted_from_gguf_trains_and_saves(corpus_dir, tiny_model_dir
     AutoModelForCausalLM.from_pretrained(tmp_path / "m")
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_raw_baseline_uses_its_own_epochs(tmp_path, tiny_model_dir):
     arts = tmp_path / "articles.jsonl"
     text = STORY.read_text(encoding="utf-8")[:3000]

@@ -39,7 +39,7 @@ from typing import Any, Iterable
 
 from . import stage
 from .io_utils import InputError, atomic_path
-from .layout import budget_of, parse_model_id
+from .layout import MODELS, budget_of, parse_model_id
 
 MODEL_COLUMNS = ["model", "kind", "label", "method", "budget", "budget_tokens", "budget_fraction", "budget_capped"]
 VALUE_COLUMNS = ["mode", "split", "split_label", "convention", "metric", "value", "n", "ci_low", "ci_high",
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     p = stage.parser("aggregate", __doc__)
     p.add_argument("table", choices=["qa", "rag"], help="qa: closed-book table; rag: open-book table")
     p.add_argument("--summaries", nargs="+", required=True, help="results/eval/{qa,rag}/MODEL.json files")
-    p.add_argument("--models-dir", default="results/models", help="where CPT models keep train_summary.json")
+    p.add_argument("--models-dir", default=MODELS, help="where CPT models keep train_summary.json")
     p.add_argument("--output", required=True, help="the long table (results/tables/qa_accuracy.csv)")
     p.add_argument("--headline", default=None, help="the headline table (results/tables/qa_headline.csv)")
     p.add_argument("--report-split", choices=SPLITS, default="all",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,35 @@ def _validator_with_defaults() -> type:
     return jsonschema.validators.extend(base, {"properties": set_defaults})
 
 
+@functools.cache
+def _schema() -> dict:
+    """The parsed schema, read once per process (libyaml when present): every validation reads it, and parsing its
+    2,000 lines in pure Python costs a fifth of a second."""
+    return yaml.load(SCHEMA_PATH.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def load_schema() -> dict:
-    return yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
+    """A copy of the schema (the caller may change it)."""
+    return copy.deepcopy(_schema())
+
+
+@functools.cache
+def _validator() -> Any:
+    """The schema's validator that fills defaults (it only reads the schema, so one serves every call)."""
+    return _validator_with_defaults()(_schema())
+
+
+def schema_defaults(node: dict) -> Any:
+    """The defaults of a schema node, objects filled recursively, without jsonschema (scripts/gpu_check.sh runs
+    where it may be missing): the schema is the one place a default is written."""
+    if node.get("type") == "object" and "properties" in node:
+        return {k: schema_defaults(sub) for k, sub in node["properties"].items()}
+    return copy.deepcopy(node.get("default"))
+
+
+def section_defaults(name: str) -> dict:
+    """The defaults of one top-level config section (`cpt`, `evaluation`, ...)."""
+    return schema_defaults(_schema()["properties"][name])
 
 
 class ConfigError(InputError):
@@ -60,8 +88,7 @@ class ConfigError(InputError):
 
 def validate_config(cfg: dict) -> dict:
     """Fill defaults in place and raise ConfigError, one line naming each offending key (at most 10)."""
-    validator = _validator_with_defaults()(load_schema())
-    errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))
+    errors = sorted(_validator().iter_errors(cfg), key=lambda e: list(e.absolute_path))
     if errors:
         parts = [f"{'.'.join(str(p) for p in e.absolute_path) or '<top>'}: {e.message}" for e in errors[:10]]
         more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""

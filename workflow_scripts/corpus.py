@@ -43,11 +43,11 @@ import numpy as np
 from . import stage
 from .budgets import prefix_tokens
 from .config import config_hash
+from .derived import RAW
 from .io_utils import InputError, atomic_path, iter_jsonl, sha256_file, write_json_atomic
 from .job_keys import shaping_part
 from .models import load_tokenizer
 
-RAW_METHOD = "raw"
 DOC_SEPARATORS = ("<|end_of_text|>", "<|endoftext|>", "</s>")
 TOKENS_FILE = "tokens.npy"
 MANIFEST_FILE = "manifest.json"
@@ -90,8 +90,8 @@ def resolve_special_token(tok: Any, which: str, setting: str | None) -> tuple[st
 
 def special_tokens(tok: Any, cfg: dict) -> dict[str, Any]:
     """The resolved document boundaries: {"bos": (token, id) | None, "eos": ...}; a BOS equal to the EOS is dropped."""
-    bos = resolve_special_token(tok, "bos", cfg.get("bos_token", "auto"))
-    eos = resolve_special_token(tok, "eos", cfg.get("eos_token", "auto"))
+    bos = resolve_special_token(tok, "bos", cfg["bos_token"])
+    eos = resolve_special_token(tok, "eos", cfg["eos_token"])
     if bos[1] is not None and bos[1] == eos[1]:
         bos = (None, None)
     return {"bos": None if bos[1] is None else {"token": bos[0], "id": bos[1]},
@@ -137,7 +137,7 @@ def load_records(method: str, paths: Sequence[str | Path]) -> tuple[list[dict], 
     if not files:
         raise InputError(f"no input files for method {method!r} (given: {', '.join(map(str, paths)) or 'nothing'}); "
                          "run the synthesis (or prepare_articles for raw) first")
-    key = "uid" if method == RAW_METHOD else "id"
+    key = "uid" if method == RAW else "id"
     by_id: dict[str, dict] = {}
     dropped = {"empty_text": 0, "duplicate_id": 0}
     inputs = []
@@ -148,7 +148,7 @@ def load_records(method: str, paths: Sequence[str | Path]) -> tuple[list[dict], 
             if key not in rec or not isinstance(rec.get("text"), str):
                 raise InputError(f"{where}: record needs a string '{key}' and a string 'text' field "
                                  f"(has {sorted(rec)}); is this a {'articles' if key == 'uid' else 'synthesis'} file?")
-            if method != RAW_METHOD and rec.get("method") not in (None, method):
+            if method != RAW and rec.get("method") not in (None, method):
                 raise InputError(f"{where}: record of method {rec['method']!r} in the inputs of method {method!r}; "
                                  "check the input paths")
             n += 1
@@ -156,8 +156,8 @@ def load_records(method: str, paths: Sequence[str | Path]) -> tuple[list[dict], 
                 dropped["empty_text"] += 1
                 continue
             rid = str(rec[key])
-            doc = {"id": rid, "text": rec["text"], "kind": "article" if method == RAW_METHOD else rec.get("kind"),
-                   "article_uid": rid if method == RAW_METHOD else rec.get("article_uid"),
+            doc = {"id": rid, "text": rec["text"], "kind": "article" if method == RAW else rec.get("kind"),
+                   "article_uid": rid if method == RAW else rec.get("article_uid"),
                    "source_method": rec.get("source_method")}
             if rid in by_id:
                 if by_id[rid]["text"] != doc["text"]:
@@ -229,7 +229,7 @@ def build_corpus(method: str, inputs: Sequence[str | Path], tokenizer: str, outd
     order = shuffle_order(len(docs), seed)
     docs = [docs[i] for i in order]
     arrays = encode_documents(tok, [d["text"] for d in docs], specials, dtype,
-                              batch_size=cfg["corpus"].get("tokenize_batch", 1000), progress=progress)
+                              batch_size=cfg["corpus"]["tokenize_batch"], progress=progress)
     lengths = np.array([len(a) for a in arrays], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else np.zeros(0, np.int64)
     total = int(lengths.sum())

@@ -18,7 +18,7 @@ import re
 from .io_utils import InputError
 
 NAME = re.compile(r"^[a-z0-9_]+$")
-RAW = "raw"
+RAW = "raw"  # the Raw CPT baseline's method (its corpus is the articles); layout.RAW is this name
 REPLAY = "replay"
 
 

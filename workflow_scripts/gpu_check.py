@@ -70,19 +70,6 @@ RUNS = {"gpu": {"shape": "1b", "block_size": 2048, "global_batch": 16, "micro_ba
         "dry": {"shape": "tiny", "block_size": 32, "global_batch": 4, "micro_batch": 2, "steps": 6, "fsdp_steps": 4}}
 
 
-def schema_defaults(node: dict) -> Any:
-    """The defaults of a schema node, objects filled recursively (without jsonschema, which this machine may lack)."""
-    if node.get("type") == "object" and "properties" in node:
-        return {k: schema_defaults(sub) for k, sub in node["properties"].items()}
-    return node.get("default")
-
-
-def section_defaults(name: str) -> dict:
-    from .config import load_schema
-
-    return schema_defaults(load_schema()["properties"][name])
-
-
 def build_model(shape: str, seed: int, device: Any):  # type: ignore[no-untyped-def]
     """A random Llama of the given shape, created directly on the device (fast for 1B parameters), in fp32."""
     import torch
@@ -183,6 +170,7 @@ def eval_check(model, folder: Path, n_items: int) -> dict:  # type: ignore[no-un
     """The log-likelihood evaluation path on the saved model: load as the eval stage does, score, cross-check."""
     import torch
 
+    from .config import section_defaults
     from .qa_eval import LoglikScorer, load_local_model, naive_loglik
 
     tok = offline_tokenizer(min(8192, model.config.vocab_size))
@@ -216,6 +204,8 @@ def eval_check(model, folder: Path, n_items: int) -> dict:  # type: ignore[no-un
 
 def check_cpt(on_gpu: bool, spec: dict) -> dict:
     """The cpt section the check trains with: the schema's defaults, bf16 on the GPU (fp32 on the CPU)."""
+    from .config import section_defaults
+
     cpt = section_defaults("cpt")
     cpt.update(precision="bf16" if on_gpu else "fp32", checkpoint_every=0, log_every=spec["steps"], lr=1e-4,
                warmup_ratio=0.05, threads=cpt["threads"] or 2)
@@ -349,7 +339,7 @@ def memory_estimate(config: dict, spec: dict, cpt: dict, bf16: bool) -> dict:
                        grad_accum=spec["global_batch"] // spec["micro_batch"], param_bytes=2 if bf16 else 4,
                        master_fp32=bf16, fsdp=True, reshard_after_forward=bool(cpt["fsdp"]["reshard_after_forward"]),
                        cpu_offload=False, activation_checkpointing=bool(cpt["gradient_checkpointing"]),
-                       no_sync_accumulation=bool(cpt["fsdp"].get("no_sync_accumulation", False)), force_fsdp=True)
+                       no_sync_accumulation=bool(cpt["fsdp"]["no_sync_accumulation"]), force_fsdp=True)
     est = estimate_train_memory(shape, train)
     return {"estimate_bytes": int(est.total_bytes), "parts": dict(est.parts)}
 

@@ -42,7 +42,7 @@ from . import stage
 from .config import ROOT, config_hash, deep_merge, validate_config
 from .io_utils import InputError, iter_jsonl, stable_hash, write_json_atomic, write_jsonl_atomic
 from .job_keys import INSTRUCT_METHOD
-from .layout import INSTRUCT_SUFFIX, MODELS
+from .layout import INSTRUCT_SUFFIX, instruct_checkpoints
 from .layout import instruct_id as instruct_id  # the ids and paths live in layout.py
 
 SUFFIX = INSTRUCT_SUFFIX
@@ -50,14 +50,9 @@ METHOD = INSTRUCT_METHOD
 GUTENBERG_LIST = ROOT / "resources" / "instruct" / "gutenberg.json"
 # cpt keys that the instruction-tuning run never inherits from the cpt section (they are about the scaling curve).
 NOT_INHERITED = ("budgets", "method_budgets", "budget_unit", "resources", "allow_budget_cap")
-# Applied under instruct.train (which may override them): one epoch, no replay, no forgetting probe.
-TRAIN_DEFAULTS = {"epochs": 1, "replay": {"rate": 0.0}, "probe": {"source": None}}
 
 
 # ------------------------------------------------------------------------------------------------ ids
-def instruct_dir(model: str) -> str:
-    """Folder of `{model}-instruct` (the start model's id without the suffix)."""
-    return f"{MODELS}/{model}/instruct"
 
 
 def parse_instruct_id(model: str) -> tuple[str, str, int | None]:
@@ -199,11 +194,15 @@ def build_instruct_corpus(cfg: dict, model: str, outdir: str | Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ tuning
+def train_section(cfg: dict) -> dict:
+    """The tuning run's cpt section, unvalidated: this config's cpt section (less its scaling-curve keys) under
+    instruct.train (whose schema defaults are one epoch, no replay, no probe)."""
+    return deep_merge({k: v for k, v in cfg["cpt"].items() if k not in NOT_INHERITED}, cfg["instruct"]["train"])
+
+
 def train_config(cfg: dict) -> dict:
-    """The config train.py receives: the cpt section (less its scaling-curve keys), then TRAIN_DEFAULTS, then
-    instruct.train, validated with the schema's defaults."""
-    cpt = {k: v for k, v in cfg["cpt"].items() if k not in NOT_INHERITED}
-    merged = deep_merge(deep_merge(cpt, TRAIN_DEFAULTS), cfg["instruct"]["train"])
+    """The config train.py receives: train_section, validated with the schema's defaults."""
+    merged = train_section(cfg)
     merged["allow_budget_cap"] = False
     return validate_config({"seed": cfg["seed"], "cpt": copy.deepcopy(merged)})
 
@@ -214,7 +213,7 @@ def tune(cfg: dict, corpus: str | Path, start: str, output: str | Path, workdir:
     from . import train
 
     output = Path(output)
-    workdir = workdir or Path("results/checkpoints/instruct") / stable_hash(str(output), n=8)
+    workdir = workdir or instruct_checkpoints(stable_hash(str(output), n=8))
     tcfg = train_config(cfg)
     code = train.main(["--corpus", str(corpus), "--budget", "all", "--model", start, "--method", METHOD,
                        "--output", str(output), "--workdir", str(workdir), "--config-json", json.dumps(tcfg)])

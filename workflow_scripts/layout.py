@@ -14,7 +14,7 @@ from typing import Any
 
 from .budgets import budget_label, parse_budget
 from .config import method_budgets
-from .derived import filter_variants, imported, trained_methods
+from .derived import RAW, filter_variants, imported, trained_methods
 from .io_utils import InputError
 
 RESULTS = "results"
@@ -55,8 +55,10 @@ HUMAN_DIR = f"{INSTRUCT_DIR}/human"  # the judged human summaries (instruct.judg
 HUMAN_CLAIMS = f"{HUMAN_DIR}/claims.jsonl"
 CLAIMS_TABLE = f"{TABLES}/summary_claims.csv"
 CLAIMS_FIGURE = f"{FIGURES}/summary_claims.png"
+# each rule's `benchmark:` file (wall, CPU, memory of the job; GPU-hours on a cluster: docs/architecture.md)
+BENCHMARKS = f"{RESULTS}/benchmarks"
 
-RAW = "raw"  # the Raw CPT baseline's method name (its corpus is the articles)
+# RAW (workflow_scripts/derived.py): the Raw CPT baseline's method name (its corpus is the articles)
 BASE = "base"
 API_PREFIX = "api-"
 EXTERNAL_PREFIX = "ext-"  # evaluation-only models (evaluation.external_models): ext-NAME
@@ -106,10 +108,31 @@ def budget_of(model: str) -> str | None:
     return model.rpartition("-")[2]
 
 
+def converted_model(name: str) -> str:
+    """results/hf_models/NAME: the Hugging Face folder a packaged model is converted to (rule
+    convert_packaged_model; NAME may be the wildcard `{name}`)."""
+    return f"{HF_MODELS_DIR}/{name}"
+
+
 def model_location(spec: dict[str, Any]) -> str:
     """What `from_pretrained` receives for a config model spec: the converted folder of a packaged model, else
     its folder path or hub id."""
-    return f"{HF_MODELS_DIR}/{spec['name']}" if spec["source"] == "package" else spec["name"]
+    return converted_model(spec["name"]) if spec["source"] == "package" else spec["name"]
+
+
+def cpt_checkpoints(method: str, budget: str) -> str:
+    """results/checkpoints/METHOD/BUDGET: the resumable training state of a CPT job (train.py --workdir)."""
+    return f"{CHECKPOINTS}/{method}/{budget}"
+
+
+def instruct_checkpoints(model: str) -> str:
+    """results/checkpoints/instruct/MODEL: the resumable training state of an instruction-tuning job."""
+    return f"{CHECKPOINTS}/instruct/{model}"
+
+
+def benchmark(stage: str, name: str) -> str:
+    """results/benchmarks/STAGE/NAME.tsv: a rule's `benchmark:` file (NAME may hold wildcards, `{method}/{budget}`)."""
+    return f"{BENCHMARKS}/{stage}/{name}.tsv"
 
 
 def model_dir(model: str, cfg: dict) -> str:
@@ -156,6 +179,12 @@ def instruct_id(model: str) -> str:
     """The id of a trained model's instruction-tuned twin: {model}-instruct (its folder: model_dir of the id,
     results/models/{model}/instruct)."""
     return f"{model}{INSTRUCT_SUFFIX}"
+
+
+def instruct_dir(model: str) -> str:
+    """Folder of `{model}-instruct` (the start model's id without the suffix): results/models/MODEL/instruct, which
+    model_dir gives for the instruct id."""
+    return f"{MODELS}/{model}/instruct"
 
 
 def derived_records(kind: str, method: str) -> str:

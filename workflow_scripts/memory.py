@@ -519,8 +519,7 @@ def plan_memory(cfg: dict, root: Path | None = None) -> list[JobMemory]:
     """Every GPU job kind of a validated config (jobs with resources.gpu > 0 and a local engine), one line per kind:
     the CPT runs (one shape for every budget), instruction tuning, synthesis, closed-book QA, RAG, summaries and
     the judge when local."""
-    from .config import deep_merge
-    from .instruct import NOT_INHERITED, TRAIN_DEFAULTS
+    from .instruct import train_section
     from .layout import cpt_models, instruct_models, model_location, rag_models, synth_methods
     from .preflight import judge_gpus
 
@@ -539,10 +538,8 @@ def plan_memory(cfg: dict, root: Path | None = None) -> list[JobMemory]:
                                ("cpt", "cpt.resources.gpu")))
     ins = cfg["instruct"]
     if ins["enabled"] and int(ins["resources"]["gpu"]) > 0:
-        # instruct.train_config's merge, unvalidated (the cpt section is already complete)
-        tcfg = deep_merge(deep_merge({k: v for k, v in cfg["cpt"].items() if k not in NOT_INHERITED}, TRAIN_DEFAULTS),
-                          ins["train"])
-        jobs.append(_train_job(ctx, "instruct tuning", tcfg, int(ins["resources"]["gpu"]),
+        # unvalidated: the cpt section is already complete
+        jobs.append(_train_job(ctx, "instruct tuning", train_section(cfg), int(ins["resources"]["gpu"]),
                                base, ("instruct.train", "instruct.resources.gpu")))
     ev = cfg["evaluation"]
     if int(ev["resources"]["gpu"]) > 0:

@@ -39,6 +39,7 @@ from .estimates import article_requests, n_tuples  # noqa: F401  (n_tuples: the 
 from .io_utils import InputError
 from .layout import ARTICLES, ENTITIES, PREPARE_STATS, QUESTIONS, cpt_models, model_id, rag_models, synth_methods
 from .synth_framework import method_needs_entities
+from .synthesis import article_shards
 
 FLOPS_PER_TOKEN_PER_PARAM = 6  # forward + backward of a dense decoder (Kaplan et al.)
 
@@ -489,9 +490,9 @@ def make_plan(cfg: dict, root: Path = ROOT, articles: str | None = None) -> Plan
     if extraction:
         plan.sources["entities"] = esrc
     produced = plan_synthesis(cfg, tokens, entities, plan)
-    # jobs as the rules cut them: one extraction job (when a method reads entities) and one job per method for each
-    # shard of synthesis.articles_per_job articles (each starts its engine once)
-    n_shards = -(-len(tokens) // int(cfg["synthesis"]["articles_per_job"]))
+    # jobs as the rules cut them (synthesis.article_shards): one extraction job (when a method reads entities) and
+    # one job per method for each shard of synthesis.articles_per_job articles (each starts its engine once)
+    n_shards = len(article_shards(uids or [str(i) for i in range(len(tokens))], cfg["synthesis"]["articles_per_job"]))
     n_syn_jobs = n_shards * (extraction + len(methods))
     lines = [startup_line(cfg, "synthesis", n_syn_jobs, int(cfg["synthesis"]["resources"]["gpu"]))]
     models = plan_cpt(cfg, float(sum(tokens)), produced, plan)

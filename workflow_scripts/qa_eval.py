@@ -43,6 +43,7 @@ from .config import config_hash
 from .io_utils import (AppendOnlyJsonl, InputError, iter_jsonl, stable_hash, write_json_atomic,
                        write_jsonl_atomic)
 from .job_keys import shaping_part
+from .layout import ARTICLES, QUESTIONS
 from .quality import author_first_last
 from .templates import load_template
 
@@ -268,7 +269,7 @@ def accuracy_block(correct: Sequence[bool], ci: dict, seed: int) -> dict:
     lo, hi = wilson_interval(k, n, ci["level"])
     out = {"n": n, "correct": k, "accuracy": k / n if n else float("nan"), "ci_low": lo, "ci_high": hi,
            "ci_method": f"wilson {ci['level']:.0%}"}
-    if ci.get("bootstrap", 0) > 0:
+    if ci["bootstrap"] > 0:
         out["bootstrap_ci"] = list(bootstrap_interval(correct, ci["bootstrap"], ci["level"], seed))
     return out
 
@@ -547,7 +548,7 @@ def cot_stops(ccfg: dict, engine: str) -> list[str]:
     evaluation.cot.stop. Hosted OpenAI-style APIs drop the matched stop string, so
     the answer stops are never sent there; the default `\n## Example` stop (what the few-shot format writes after
     an answer) still ends the completion, and the first answer line is read either way."""
-    answer_stops = (list(REFERENCE_STOPS) if ccfg.get("answer_rule", "reference").startswith("reference")
+    answer_stops = (list(REFERENCE_STOPS) if ccfg["answer_rule"].startswith("reference")
                     else [f"Answer: {x}." for x in LETTERS])
     stops = answer_stops if ccfg["stop_at_answer"] and engine != "openai" else []
     return stops + [s for s in ccfg["stop"] if s not in stops]
@@ -663,7 +664,7 @@ def api_model_spec(ecfg: dict, model_id: str) -> dict | None:
     if not model_id.startswith("api-"):
         return None
     name = model_id[len("api-"):]
-    for spec in ecfg.get("api_models", []):
+    for spec in ecfg["api_models"]:
         if spec["name"] == name:
             return spec
     raise InputError(f"model id {model_id!r}: no evaluation.api_models entry named {name!r}")
@@ -822,8 +823,8 @@ def eval_cli(stage_name: str, doc: str | None, run_fn: Callable[..., dict], argv
     p = stage.parser(stage_name, doc, config=True)
     p.add_argument("--model-id", required=True, help="base | raw-all | METHOD-BUDGET | api-NAME")
     p.add_argument("--model-path", default=None, help="model folder or hub id (not needed for api-NAME)")
-    p.add_argument("--questions", default="results/data/questions.jsonl")
-    p.add_argument("--articles", default="results/data/articles.jsonl")
+    p.add_argument("--questions", default=QUESTIONS)
+    p.add_argument("--articles", default=ARTICLES)
     p.add_argument("--output-jsonl", required=True)
     p.add_argument("--output-json", required=True)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: evaluation.threads)")

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from . import stage
+from .layout import DATA
 from .io_utils import (InputError, atomic_path, decode_text, iter_jsonl, parse_jsonl, sha256_file, write_json_atomic,
                        write_jsonl_atomic)
 
@@ -316,7 +317,7 @@ def prepare(cfg: dict, zip_path: str | Path | None, outdir: str | Path) -> dict[
     if not prep.articles:
         raise InputError("no articles left after reading the input; check data.source and data paths")
     articles, questions, stats = prep.finish()
-    if source == "quality" and data_cfg["quality"].get("check_official_counts", True):
+    if source == "quality" and data_cfg["quality"]["check_official_counts"]:
         check_official_counts(stats)
     articles, questions, sel = select(articles, questions, data_cfg)
     stats["selection"] = sel
@@ -358,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--output", required=True)
     r = stage.subcommand(sub, "prepare", "write articles.jsonl, questions.jsonl, prepare_stats.json", config=True)
     r.add_argument("--zip", default=None, help="the downloaded QuALITY zip (data.source: quality)")
-    r.add_argument("--outdir", default="results/data")
+    r.add_argument("--outdir", default=DATA)
     args = p.parse_args(argv)
 
     def body() -> None:

@@ -61,7 +61,8 @@ import numpy as np
 
 from . import stage
 from .config import config_hash
-from .corpus import RAW_METHOD, budget_tokens, load_corpus
+from .corpus import budget_tokens, load_corpus
+from .derived import RAW
 from .io_utils import InputError, write_json_atomic
 from . import replay
 from .job_keys import resume_config, shaping
@@ -449,7 +450,7 @@ def prepare_data(cfg: dict, corpus: str | Path, budget: int | str, model_locatio
     cpt, seed = cfg["cpt"], int(cfg["cpt"]["seed"] if cfg["cpt"]["seed"] is not None else cfg["seed"])
     tokens, manifest = load_corpus(corpus)
     method = method or manifest["method"]
-    epochs = cpt["raw_epochs"] if method == RAW_METHOD else cpt["epochs"]
+    epochs = cpt["raw_epochs"] if method == RAW else cpt["epochs"]
     T, gb = cpt["block_size"], cpt["global_batch"]
     n_tokens, capped = budget_tokens(len(tokens), budget, cpt["allow_budget_cap"], str(corpus))
     n_blocks = n_tokens // T
