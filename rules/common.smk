@@ -4,15 +4,18 @@ import os
 import shlex
 import sys
 
+from snakemake.exceptions import WorkflowError
 from snakemake.settings.types import DeploymentMethod
 from workflow_scripts import job_keys, layout
 from workflow_scripts.config import ROOT, ConfigError, check_budgets, missing_engine_message, validate_config
 from workflow_scripts.derived import check_methods, filter_variants, imported, method_kind, mixtures
 from workflow_scripts.memory import memory_problems
 from workflow_scripts.preflight import judge_gpus, tensor_parallel_problem, vllm_rule_names
+from workflow_scripts.replay import general_text_sources, missing_sources
 
 # The schema check of the stage command lines (defaults filled in); a config that fails it (a file, or a
-# --config value) stops planning with one line naming each key, not a validation dump.
+# --config value) stops planning with a WorkflowError of one line naming each key, not a validation dump (and not
+# sys.exit, which would end a program that parses the workflow through Snakemake's API).
 try:
     validate_config(config)
     check_budgets(config)
@@ -20,7 +23,7 @@ try:
     if tensor_parallel_problem(config):
         raise ConfigError(tensor_parallel_problem(config))
 except ConfigError as e:
-    sys.exit(f"error: {e}")
+    raise WorkflowError(str(e)) from None
 
 # Rules run `python -m workflow_scripts.<stage>`. The package is found through PYTHONPATH at the workflow's own
 # folder (WORKFLOW_ROOT, where this Snakefile's workflow_scripts/ lives), never the working folder, so the workflow
@@ -41,13 +44,14 @@ shell.prefix(_PREFIX)
 # jobs get it from envs/synthesis-vllm.yaml instead). onstart runs for real runs only: a dry run (planning a
 # GPU config on a laptop) and the tests' parsing of every overlay stay possible without vLLM.
 # The memory check (workflow_scripts/memory.py; planner.memory_check: false overrides) refuses a run whose GPU jobs
-# cannot fit planner.gpu_type, one line per job naming the cheapest fix.
+# cannot fit planner.gpu_type, one line per job naming the cheapest fix; and one whose general-text files (replay,
+# probe) are missing, one line per key (workflow_scripts/replay.py missing_sources).
 onstart:
     if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
         _missing_engine = missing_engine_message(config)
         if _missing_engine:
             sys.exit(f"error: {_missing_engine}")
-    _memory = memory_problems(config)
+    _memory = memory_problems(config) + missing_sources(config)
     if _memory:
         sys.exit("\n".join(f"error: {line}" for line in _memory))
 
@@ -77,6 +81,12 @@ def gpu_guard(rule):
     return lambda wc, resources: (
         f"python -m workflow_scripts.preflight --gpus {resources.gpu}{flag} -- " if int(resources.gpu) > 0 else ""
     )
+
+
+# The general-text files (replay, probe) that exist, by config key: rule inputs, so a changed file reruns its jobs.
+# A missing one is no input, so that a dry run plans a config whose data is not downloaded yet; a real run stops on
+# it in one line (onstart above).
+GENERAL_TEXT = {key: path for key, path in general_text_sources(config).items() if os.path.exists(path)}
 
 
 # The shared names (paths, model ids, model lists, final targets) live in workflow_scripts/layout.py; the

@@ -3,11 +3,11 @@
 # cpt.resources.cpu_processes CPU processes over gloo on a machine without GPUs.
 # Logic: workflow_scripts/train.py; docs/cpt.md.
 CPT = config["cpt"]
-# Local general-text files (replay source, forgetting probe) are inputs; Hugging Face dataset ids are not files.
+# The local general-text files it reads (forgetting probe; replay source when it replays): rules/common.smk.
 CPT_GENERAL = [
-    p
-    for p in ([CPT["probe"]["source"]] + ([CPT["replay"]["source"]] if CPT["replay"]["rate"] > 0 else []))
-    if p and os.path.exists(p)
+    GENERAL_TEXT[k]
+    for k in ["cpt.probe.source"] + ["cpt.replay.source"] * (CPT["replay"]["rate"] > 0)
+    if k in GENERAL_TEXT
 ]
 
 

@@ -16,8 +16,8 @@ rule build_mixture:
         tokens=lambda wc: [f"{d}/tokens.npy" for d in mixture_corpora(wc.method).values()],
         model=model_input("base"),
         replay=lambda wc: (
-            [MIX_CPT["replay"]["source"]]
-            if "replay" in MIXTURES[wc.method]["sources"] and os.path.exists(MIX_CPT["replay"]["source"] or "")
+            [GENERAL_TEXT["cpt.replay.source"]]
+            if "replay" in MIXTURES[wc.method]["sources"] and "cpt.replay.source" in GENERAL_TEXT
             else []
         ),
     output:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from workflow_scripts import corpus as C
-from workflow_scripts.config import validate_config
+from workflow_scripts.config import section_defaults, validate_config
 from workflow_scripts.io_utils import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,10 +104,10 @@ def test_explicit_special_tokens_and_template_free_tokenizer(smollm_dir):
     assert arr[0] == both["bos"]["id"] and arr[-1] == both["eos"]["id"]
     assert C.special_tokens(tok, {"bos_token": None, "eos_token": None}) == {"bos": None, "eos": None}
     tok.chat_template = None  # a base model: its own bos/eos are document boundaries (Llama 3 base style)
-    plain = C.special_tokens(tok, {})
+    plain = C.special_tokens(tok, section_defaults("corpus"))  # bos_token, eos_token: auto
     assert plain["bos"]["token"] == tok.bos_token and plain["eos"]["token"] == tok.eos_token
     with pytest.raises(InputError, match="not a token"):
-        C.special_tokens(tok, {"eos_token": "<|no such token|>"})
+        C.special_tokens(tok, {"bos_token": "auto", "eos_token": "<|no such token|>"})
 
 
 @pytest.mark.unit

@@ -517,7 +517,7 @@ def test_command_line_help(module):
     assert r.returncode == 0 and "usage:" in r.stdout
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     qp, ap = write_inputs(tmp_path)
     r = subprocess.run([sys.executable, "-m", "workflow_scripts.qa_eval", "--model-id", "rephrase-4000",

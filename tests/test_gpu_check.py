@@ -79,7 +79,7 @@ def test_memory_estimate_is_the_planners_for_this_run():
     assert est["estimate_bytes"] > 16 * shape.n_params
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_gpu_check_without_a_gpu_says_why_in_one_line():
     import torch
 

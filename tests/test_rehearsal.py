@@ -18,8 +18,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = pytest.mark.unit
-
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = ROOT / "experiments" / "paper.yaml"
 REHEARSAL = ROOT / "experiments" / "paper-rehearsal.yaml"
@@ -104,6 +102,7 @@ def planned_rules(*configfiles: Path) -> set[str]:
     return rules
 
 
+@pytest.mark.e2e
 def test_the_rehearsal_plans_the_papers_rules():
     paper = planned_rules(PAPER)
     rehearsal = planned_rules(PAPER, REHEARSAL)
@@ -116,6 +115,7 @@ def test_the_rehearsal_plans_the_papers_rules():
         assert rule in rehearsal, rule
 
 
+@pytest.mark.unit
 def test_every_override_is_a_size_model_device_or_path_key():
     overlay = yaml.safe_load(REHEARSAL.read_text())
     paper = yaml.safe_load(PAPER.read_text())
@@ -133,6 +133,7 @@ def test_every_override_is_a_size_model_device_or_path_key():
     assert set(kind_of) == set(overridden), sorted(set(kind_of) ^ set(overridden))
 
 
+@pytest.mark.unit
 def test_the_rehearsal_keeps_the_papers_options():
     """The option keys that decide what runs keep paper.yaml's values (spot checks of the ones a shrinking overlay
     is most tempted to change)."""

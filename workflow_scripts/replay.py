@@ -70,6 +70,29 @@ def source_files(source: str | Path) -> list[Path]:
     return files
 
 
+def general_text_sources(cfg: dict) -> dict[str, str]:
+    """The local general-text sources the jobs read, by config key: cpt.replay.source when CPT replays
+    (cpt.replay.rate > 0) or a mixture draws on it, cpt.probe.source unless null or `replay:heldout`. Every source is
+    local (Hub datasets are not read: source_files), so each must exist before a job reads it."""
+    cpt = cfg["cpt"]
+    out: dict[str, str] = {}
+    mixed = any("replay" in m["sources"] for m in (cfg.get("mixtures") or {}).values())
+    if cpt["replay"]["source"] and (cpt["replay"]["rate"] > 0 or mixed):
+        out["cpt.replay.source"] = str(cpt["replay"]["source"])
+    if cpt["probe"]["source"] and cpt["probe"]["source"] != HELDOUT:
+        out["cpt.probe.source"] = str(cpt["probe"]["source"])
+    return out
+
+
+def missing_sources(cfg: dict) -> list[str]:
+    """One line per general-text source that does not exist, naming its key and what to do: a real run stops on
+    them before any job (rules/common.smk onstart); a dry run plans without them."""
+    return [f"{key} {path}: no such file or folder; {DOWNLOAD_HINT}" if key == "cpt.replay.source" else
+            f"{key} {path}: no such file or folder; give a local .txt/.md/.jsonl/.parquet file or folder, "
+            f"{HELDOUT}, or null"
+            for key, path in general_text_sources(cfg).items() if not Path(path).expanduser().exists()]
+
+
 def _parquet_texts(path: Path, text_field: str) -> Iterator[tuple[str, Any]]:
     import pyarrow.parquet as pq
 
