@@ -6,8 +6,8 @@ REPLAY_POOL_FILES = layout.replay_pool_files(config)
 
 rule replay_pool:
     input:
-        # a local file or folder (a missing one is the job's one-line error)
-        source=[p for p in [config["cpt"]["replay"]["source"]] if p and os.path.exists(p)],
+        # a local file or folder (a missing one stops a real run in one line: rules/common.smk GENERAL_TEXT)
+        source=[GENERAL_TEXT[k] for k in ["cpt.replay.source"] if k in GENERAL_TEXT],
         model=model_input("base"),
     output:
         tokens=f"{layout.REPLAY_POOL}/{layout.POOL_TOKENS}",
@@ -16,7 +16,7 @@ rule replay_pool:
     log:
         f"{LOGS}/replay/pool.log",
     benchmark:
-        "results/benchmarks/replay/pool.tsv"
+        layout.benchmark("replay", "pool")
     conda:
         "../envs/train.yaml"
     threads: 1

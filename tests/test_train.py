@@ -236,7 +236,7 @@ def test_checkpoint_clock_by_steps_and_by_wall_time():
     assert time_only.due(3)
 
 
-@pytest.mark.unit
+@pytest.mark.engine
 def test_a_run_checkpoints_by_wall_time(corpus_dir, tiny_model_dir, tmp_path, monkeypatch):
     """A real run whose steps each take a (fake) minute, checkpoint_minutes 2.5 and no step cadence: checkpoints
     after steps 3 and 6 of 8 (none after the last: the model is saved then)."""
@@ -255,7 +255,6 @@ def test_a_run_checkpoints_by_wall_time(corpus_dir, tiny_model_dir, tmp_path, mo
     assert sorted(p.name for p in (tmp_path / "w").glob("step_*")) == ["step_00000003", "step_00000006"]
 
 
-@pytest.mark.unit
 @pytest.mark.engine
 def test_changed_settings_start_afresh(corpus_dir, tiny_model_dir, tmp_path):
     cfg = tiny_cfg(epochs=1, checkpoint_every=2)
