@@ -37,7 +37,9 @@ starts afresh; with the same settings under another layout it is refused with a 
 
 Outputs in --output: the model in Hugging Face format (safetensors) with its tokenizer, train_log.csv (one row per
 step: loss, LR, grad norm, tokens/s, ...) and train_summary.json (tokens, steps, wall time, peak memory,
-throughput, the forgetting probe: perplexity of held-out general text before and after CPT).
+throughput, the forgetting probe: perplexity of held-out general text before and after CPT). With cpt.adapter (LoRA or
+QLoRA: workflow_scripts/lora.py) only the adapter trains and checkpoints; the output holds the merged weights in the
+same files, and the adapter alone in adapter/.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ from .config import config_hash
 from .corpus import budget_tokens, load_corpus
 from .derived import RAW
 from .io_utils import InputError, write_json_atomic
-from . import replay
+from . import lora, replay
 from .job_keys import resume_config, shaping
 from .mixture import curriculum_order, source_shares
 from .models import load_base_model, load_tokenizer, save_model
@@ -317,6 +319,16 @@ class Runtime:
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
+def checkpoint_options(model):  # type: ignore[no-untyped-def]
+    """What a checkpoint holds: the trainable parameters and their optimizer state (every parameter in full CPT;
+    a LoRA run's frozen base is read again from the base model, so loading then skips the frozen keys, while
+    dcp.load still requires every trainable key of the run in the checkpoint)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=True, strict=not frozen)
+
+
 def latest_checkpoint(workdir: Path, fingerprint: str, settings: str | None = None,
                       layout: dict | None = None) -> Path | None:
     """The newest complete checkpoint of this run (same fingerprint), or None. A checkpoint of the same settings
@@ -380,7 +392,7 @@ def save_checkpoint(rt: Runtime, model, optimizer, workdir: Path, state: dict,  
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     rt.barrier()
-    msd, osd = get_state_dict(model, optimizer)
+    msd, osd = get_state_dict(model, optimizer, options=checkpoint_options(model))
     with warnings.catch_warnings():  # one process: DCP says it saves without a process group, which is the intent
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
@@ -403,12 +415,13 @@ def load_checkpoint(rt: Runtime, model, optimizer, ckpt: Path) -> dict:  # type:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    msd, osd = get_state_dict(model, optimizer)
+    msd, osd = get_state_dict(model, optimizer, options=checkpoint_options(model))
     sd = {"model": msd, "optim": osd}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(sd, checkpoint_id=str(ckpt))
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+                   options=checkpoint_options(model))
     rng = torch.load(ckpt / f"rng_{rt.rank}.pt", weights_only=False)
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"] is not None:
@@ -487,7 +500,9 @@ def set_up(cpt: dict, seed: int, model_location: str):  # type: ignore[no-untype
     if rt.device.type == "cpu":
         torch.set_num_threads(cpt["threads"])
     torch.manual_seed(seed)
-    model = rt.wrap(load_base_model(model_location))
+    # LoRA / QLoRA (cpt.adapter): the adapter on the frozen base, workflow_scripts/lora.py
+    model = rt.wrap(lora.load_model(model_location, cpt, rt.precision, rt.device) if lora.enabled(cpt)
+                    else load_base_model(model_location))
     model.train()
     optimizer = configure_optimizer(model, cpt["lr"], cpt["weight_decay"], tuple(cpt["betas"]), cpt["adam_eps"],
                                     fused=not rt.fsdp)
@@ -625,10 +640,15 @@ def finish(cpt: dict, rt: Runtime, model, run: Run, state: dict, output: Path,  
         save_dtype = "bfloat16" if rt.precision == "bf16" else "float32"
     tmp = output.with_name(output.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(rt.unwrap(model), tmp, {k: v.to(getattr(torch, save_dtype)) for k, v in state_dict.items()}, save_dtype)
+    unwrapped = rt.unwrap(model)
+    if lora.enabled(cpt):  # the adapter alone in adapter/; the merged weights are saved as any CPT model's
+        unwrapped, state_dict, adapter = lora.save(unwrapped, state_dict, cpt, tmp / "adapter", state["base_model"])
+    save_model(unwrapped, tmp, {k: v.to(getattr(torch, save_dtype)) for k, v in state_dict.items()}, save_dtype)
     run.tokenizer.save_pretrained(tmp)
     shutil.copyfile(workdir / "train_log.csv", tmp / "train_log.csv")
     summary = summarize(cpt, rt, run, state, probe_after, session, save_dtype, time.time() - t_start)
+    if lora.enabled(cpt):
+        summary["adapter"] = adapter
     write_json_atomic(tmp / "train_summary.json", summary)
     shutil.rmtree(output, ignore_errors=True)
     tmp.rename(output)
@@ -683,8 +703,10 @@ def train(cfg: dict, corpus: str | Path, budget: int | str, model_location: str,
           gpus: int = 0, articles: str | Path | None = None, replay_pool: str | Path | None = None) -> dict[str, Any]:
     """Continued pretraining of `model_location` on `budget` tokens of `corpus`; returns the train summary (on the
     main process; {} on the others). `gpus` is what the job asked for (cpt.resources.gpu)."""
+    cfg = lora.resolve(cfg)  # a LoRA run's own peak LR (cpt.adapter.lr)
     t_start, cpt = time.time(), cfg["cpt"]
     check_devices(cpt, gpus)
+    lora.check(cpt)
     run = prepare_data(cfg, corpus, budget, model_location, method, articles, replay_pool)
     workdir = Path(workdir or Path("results/checkpoints") / run.method / str(budget))
     rt, model, optimizer = set_up(cpt, run.seed, model_location)
