@@ -120,14 +120,13 @@ def eight_b_one_gpu(adapter: dict | None) -> dict:
     over = {"cpt": {"resources": {"gpu": 1}, "micro_batch": 2, "gradient_checkpointing": False},
             "evaluation": {"resources": {"gpu": 0}}, "synthesis": {"resources": {"gpu": 0}},
             "instruct": {"enabled": False}, "planner": {"gpu_type": "NVIDIA A100 80GB"}}
-    cfg = overlay("experiments/paper.yaml", **over)
     if adapter is not None:
-        cfg["cpt"]["adapter"] = adapter  # cpt.adapter (helper `train`'s key), read with .get() defaults
-    return cfg
+        over["cpt"]["adapter"] = adapter  # validated: the schema fills the adapter's other keys
+    return overlay("experiments/paper.yaml", **over)
 
 
 def test_8b_lora_fits_one_80gb_gpu_and_full_parameters_do_not():
-    lora = by_job(eight_b_one_gpu({"enabled": True, "rank": 16, "alpha": 32, "quantize": None}))["cpt"]
+    lora = by_job(eight_b_one_gpu({"kind": "lora", "rank": 16, "alpha": 32}))["cpt"]
     assert lora.fits, lora.estimate.parts
     assert lora.estimate.parts["weights"] == pytest.approx(2 * LLAMA8B.n_params, rel=0.02)  # frozen bf16 base
     assert lora.estimate.parts["optimizer"] < 0.5 * GIB
@@ -138,8 +137,40 @@ def test_8b_lora_fits_one_80gb_gpu_and_full_parameters_do_not():
     gpus = int(full.fix.split(": ")[1].split(",")[0])
     assert 2 <= gpus <= 8
     assert M.fits(full.fixed_estimate.total_bytes, full.gpu_bytes, 1.5, 0.05)
-    qlora = by_job(eight_b_one_gpu({"enabled": True, "rank": 16, "quantize": "4bit"}))["cpt"]
+    qlora = by_job(eight_b_one_gpu({"kind": "qlora", "rank": 16}))["cpt"]
     assert qlora.estimate.parts["weights"] < 0.5 * lora.estimate.parts["weights"]
+
+
+def test_the_single_gpu_8b_lora_overlay_fits_one_80gb_gpu():
+    """experiments/single-gpu-8b-lora.yaml after paper.yaml: every GPU job on one GPU, the LoRA CPT runs within an
+    H100's 79.6 GiB (the run's onstart check passes), and the same run with full parameters would not."""
+    cfg = overlay("experiments/paper.yaml", "experiments/single-gpu-8b-lora.yaml")
+    assert cfg["models"]["base"]["name"] == "meta-llama/Meta-Llama-3-8B" and cfg["cpt"]["adapter"]["kind"] == "lora"
+    jobs = by_job(cfg)
+    assert {j.job.split(" (")[0] for j in M.plan_memory(cfg)} >= {"cpt", "synthesis", "QA cot"}
+    assert all(j.gpus == 1 for j in M.plan_memory(cfg) if j.gpus), [(j.job, j.gpus) for j in M.plan_memory(cfg)]
+    cpt = jobs["cpt"]
+    assert cpt.fits and M.memory_problems(cfg) == []
+    assert 40 * GIB < cpt.estimate.total_bytes < 70 * GIB  # the activations of 2 x 2048 tokens dominate
+    assert cpt.estimate.parts["weights"] == pytest.approx(2 * LLAMA8B.n_params, rel=0.02)
+    assert cpt.estimate.parts["grads"] + cpt.estimate.parts["optimizer"] < 1 * GIB
+    trainable = LLAMA8B.lora_params(cfg["cpt"]["adapter"])
+    assert trainable == 32 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336)) == 41_943_040
+    cfg["cpt"]["adapter"]["kind"] = "none"
+    assert not by_job(cfg)["cpt"].fits
+
+
+def test_lora_branches_add_their_saved_inputs_to_the_activations():
+    adapter = {"kind": "lora", "rank": 16, "dropout": 0.05, "target_modules": ["q_proj", "down_proj"],
+               "train_embeddings": False, "train_head": False}
+    t = M.TrainShape(2048, 1, 1, 1, fsdp=False, adapter=adapter)
+    # per token: q_proj's input (h) and down_proj's (I), each in bf16 + a 1-byte dropout mask, + 2 x r bf16 values
+    per_token = 3 * (4096 + 14336) + 2 * 2 * 16
+    assert M.lora_activation_bytes(LLAMA8B, adapter, 2048, 2) == 2048 * per_token
+    layer = M.layer_activation_bytes(LLAMA8B, 2048, 2) + 2048 * per_token
+    est = M.estimate_train_memory(LLAMA8B, t)  # the peak phase holds every layer's (+ one layer's backward)
+    assert est.parts["activations"] == layer * (32 if est.phase == "loss backward" else 33), est.phase
+    assert M.lora_activation_bytes(LLAMA8B, {**adapter, "dropout": 0.0}, 1, 2) == 2 * (4096 + 14336) + 2 * 2 * 16
 
 
 def test_fix_order_checkpointing_then_micro_batch_then_offload():

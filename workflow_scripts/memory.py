@@ -8,7 +8,7 @@ The estimate models what THIS project's jobs hold (docs/cluster.md "Memory" give
   two fp32 states, fp32 gradients, the activations a decoder layer saves for backward, the logits and the loss's
   fp32 log-softmax, FSDP2 units per decoder layer plus the root (embeddings and head, never resharded after
   forward), gradient accumulation with or without the per-micro-batch reduce-scatter, CPU offload, activation
-  checkpointing, and LoRA adapters (frozen bf16 or 4-bit base);
+  checkpointing, and LoRA adapters (frozen bf16 or 4-bit base, the activations each LoRA branch saves);
 - vLLM: gpu_memory_utilization x the GPU's memory, of which the weights / tensor_parallel_size, the profiled
   activations and the CUDA graphs; the rest is KV cache, which must hold at least one max_model_len sequence;
 - transformers inference (the log-likelihood scorer, generation with the transformers backend): bf16 weights, the
@@ -98,13 +98,13 @@ class ModelShape:
     def lora_params(self, adapter: dict) -> int:
         """Trainable parameters of a LoRA adapter (rank r on each target module: r x (in + out)), plus the
         embeddings and the head when the adapter trains them."""
-        h, i, r = self.hidden, self.intermediate, int(adapter.get("rank", 16))
+        h, i, r = self.hidden, self.intermediate, int(adapter["rank"])
         dims = {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
                 "o_proj": (self.q_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-        targets = adapter.get("target_modules") or list(dims)
+        targets = adapter["target_modules"]
         n = self.n_layers * sum(r * sum(dims[t]) for t in targets if t in dims)
-        n += self.vocab * h if adapter.get("train_embeddings") else 0
-        n += self.vocab * h if adapter.get("train_head") and not self.tie_embeddings else 0
+        n += self.vocab * h if adapter["train_embeddings"] else 0
+        n += self.vocab * h if adapter["train_head"] and not self.tie_embeddings else 0
         return n
 
     @classmethod
@@ -209,6 +209,18 @@ def layer_activation_bytes(model: ModelShape, tokens: int, act_bytes: int) -> in
     return per_token * tokens
 
 
+def lora_activation_bytes(model: ModelShape, adapter: dict, tokens: int, act_bytes: int) -> int:
+    """Bytes one decoder layer's LoRA branches save for backward (peft's lora.Linear: the input cast to the adapter's
+    fp32, dropout, then lora_A under autocast): per target and token, the input of lora_A in the compute dtype (a
+    bytes per input feature), the dropout mask (1 byte, when dropout > 0) and lora_A's output (a r)."""
+    h, r = model.hidden, int(adapter["rank"])
+    fan_in = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": model.q_dim, "gate_proj": h, "up_proj": h,
+              "down_proj": model.intermediate}
+    mask = 1 if adapter["dropout"] > 0 else 0
+    return tokens * sum((act_bytes + mask) * fan_in[t] + act_bytes * r for t in adapter["target_modules"]
+                        if t in fan_in)
+
+
 def logits_bytes(model: ModelShape, tokens: int) -> int:
     """The loss's peak over the logits: the fp32 log-softmax saved by the cross entropy, the gradient arriving at
     it and the gradient it returns (3 x 4 bytes per token and vocabulary entry; in forward, bf16 logits + their
@@ -220,7 +232,7 @@ def _weights(model: ModelShape, t: TrainShape) -> dict[str, float]:
     """Per-process weight bytes: the (sharded) stored copy and the compute copies gathered or cast for use."""
     n, w = model.n_params, t.world_size if t.fsdp else 1
     if t.adapter:
-        quant = t.adapter.get("quantize") == "4bit"
+        quant = t.adapter["kind"] == "qlora"  # 4-bit NF4 with double quantization: about 0.56 bytes a weight
         frozen = model.n_params - model.root_params
         base = frozen * (0.5 + 4 / 64) + model.root_params * t.param_bytes if quant else n * t.param_bytes
         lora = model.lora_params(t.adapter)
@@ -257,6 +269,8 @@ def estimate_train_memory(model: ModelShape, train: TrainShape) -> MemoryEstimat
         grads += 4 * trainable  # DDP's gradient buckets
     optimizer = 0.0 if offload else 8 * trainable / w
     layer_act = layer_activation_bytes(model, tokens, t.param_bytes)
+    if t.adapter:
+        layer_act += lora_activation_bytes(model, t.adapter, tokens, t.param_bytes)
     if t.activation_checkpointing:
         acts = model.n_layers * tokens * model.hidden * t.param_bytes + layer_act  # inputs + one recomputed layer
     else:
@@ -387,10 +401,11 @@ class JobMemory:
 
 def train_shape(tcfg: dict, gpus: int) -> TrainShape:
     """The TrainShape of a cpt section (or instruction tuning's merged one) run on `gpus` GPUs. The keys that helper
-    branches add (cpt.fsdp.no_sync_accumulation, cpt.adapter) are read with their schema defaults when absent."""
+    branches add (cpt.fsdp.no_sync_accumulation) are read with their schema defaults when absent; cpt.adapter (its
+    kind lora or qlora: workflow_scripts/lora.py) comes with the schema's defaults filled in."""
     world = max(1, gpus)
     fsdp_cfg = tcfg.get("fsdp") or {}
-    adapter = tcfg.get("adapter") or {}
+    adapter = tcfg.get("adapter") or {"kind": "none"}
     grad_accum = math.ceil(math.ceil(int(tcfg["global_batch"]) / world) / int(tcfg["micro_batch"]))
     return TrainShape(seq_len=int(tcfg["block_size"]), micro_batch=int(tcfg["micro_batch"]), world_size=world,
                       grad_accum=grad_accum, param_bytes=2 if tcfg.get("precision", "auto") != "fp32" else 4,
@@ -399,7 +414,7 @@ def train_shape(tcfg: dict, gpus: int) -> TrainShape:
                       cpu_offload=bool(fsdp_cfg.get("cpu_offload", False)),
                       activation_checkpointing=bool(tcfg.get("gradient_checkpointing", False)),
                       no_sync_accumulation=bool(fsdp_cfg.get("no_sync_accumulation", False)),
-                      adapter=adapter if adapter.get("enabled") else None)
+                      adapter=adapter if adapter["kind"] in ("lora", "qlora") else None)
 
 
 class _Ctx:
