@@ -56,4 +56,19 @@ rule cpt:
         "--config-json {params.cfg:q} --ops-json {params.ops:q} 2> {log}"
 
 
+# LoRA twins of the method x budget models, trained on the same tokens with cpt.adapter as kind lora
+# (cpt.compare_adapter; model id METHOD-BUDGET-lora; workflow_scripts/lora.py, docs/cpt.md "LoRA CPT").
+use rule cpt as cpt_lora with:
+    output:
+        directory(f"{layout.MODELS}/{{method}}/{{budget}}{layout.LORA_SUFFIX}"),
+    log:
+        f"{LOGS}/cpt/{{method}}/{{budget}}{layout.LORA_SUFFIX}.log",
+    benchmark:
+        f"results/benchmarks/cpt/{{method}}/{{budget}}{layout.LORA_SUFFIX}.tsv"
+    params:
+        cfg=job_config("cpt_lora"),
+        ops=job_ops("cpt_lora"),
+        workdir=lambda wc: f"{layout.CHECKPOINTS}/{wc.method}/{wc.budget}{layout.LORA_SUFFIX}",
+
+
 ALL_TARGETS.extend(layout.stage_targets(config, "cpt"))

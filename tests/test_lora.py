@@ -192,3 +192,55 @@ def test_qlora_without_cuda_is_one_line_before_any_work(corpus_dir, tiny_model_d
     assert lines[0].startswith("error: cpt.adapter.kind is qlora") and "no CUDA device" in lines[0]
     assert "untested" in lines[0]
     assert not (tmp_path / "w").exists() and not (tmp_path / "m").exists()
+
+
+# ------------------------------------------------------------------------ LoRA twins (cpt.compare_adapter)
+def test_twin_ids_folders_and_their_place_among_the_models():
+    from workflow_scripts import layout
+    from workflow_scripts.config import load_config
+
+    assert layout.parse_model_id("entigraph-128-lora") == ("entigraph-lora", 128)
+    assert layout.budget_of("entigraph-r0.001-lora") == "r0.001"
+    assert layout.model_subdir("entigraph-128-lora") == "entigraph/128-lora"
+    assert layout.train_summary_path("entigraph-128-lora") == "results/models/entigraph/128-lora/train_summary.json"
+    demo = load_config()
+    assert layout.lora_twins(demo) == [] and not any(m.endswith("-lora") for m in layout.eval_models(demo))
+    cfg = load_config([ROOT / "config.yaml", ROOT / "experiments" / "cpu-lora.yaml"])
+    twins = layout.lora_twins(cfg)
+    full = [layout.model_id(m, b) for m, b in layout.cpt_models(cfg) if m != "raw"]
+    assert twins == [layout.lora_id(m) for m in full] and len(twins) == 6  # 2 methods x 3 budgets, no Raw twin
+    assert set(twins) <= set(layout.eval_models(cfg))
+    assert layout.model_dir("entigraph-128-lora", cfg) in layout.stage_targets(cfg, "cpt")
+
+
+def test_a_twin_reads_the_cpt_keys_with_a_lora_adapter():
+    from workflow_scripts import job_keys
+    from workflow_scripts.config import load_config
+
+    cfg = load_config([ROOT / "config.yaml", ROOT / "experiments" / "cpu-lora.yaml"])
+    full, twin = job_keys.shaping(cfg, "cpt"), job_keys.shaping(cfg, "cpt_lora")
+    assert full["cpt"]["adapter"]["kind"] == "none" and twin["cpt"]["adapter"]["kind"] == "lora"
+    twin["cpt"]["adapter"]["kind"] = "none"
+    assert twin == full  # otherwise the same recipe, at the same tokens
+    assert "compare_adapter" not in full["cpt"]  # it decides which jobs exist: no job reruns when it changes
+    assert job_keys.operational(cfg, "cpt_lora") == job_keys.operational(cfg, "cpt")
+
+
+def test_compare_adapter_with_an_adapter_on_the_main_models_is_one_line():
+    from workflow_scripts.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match=r"^cpt.compare_adapter adds LoRA twins .* cpt.adapter.kind is lora: set "
+                                          r"cpt.adapter.kind: none"):
+        validate_config({"cpt": {"compare_adapter": True, "adapter": {"kind": "lora"}}})
+
+
+def test_aggregate_reads_a_twins_train_summary_and_the_figure_names_its_series(tmp_path):
+    from workflow_scripts import aggregate, figures
+
+    folder = tmp_path / "models" / "entigraph" / "128-lora"
+    folder.mkdir(parents=True)
+    (folder / "train_summary.json").write_text(json.dumps({"tokens_seen": 128, "epochs": 1, "budget_tokens": 128,
+                                                           "corpus_total_tokens": 512}))
+    ts = aggregate.train_summary(tmp_path / "models", "entigraph-lora", "entigraph-128-lora")
+    assert ts["tokens_seen"] == 128
+    assert figures.method_label("entigraph-lora") == "EntiGraph CPT (LoRA)"

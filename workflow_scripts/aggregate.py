@@ -39,7 +39,7 @@ from typing import Any, Iterable
 
 from . import stage
 from .io_utils import InputError, atomic_path
-from .layout import MODELS, budget_of, parse_model_id
+from .layout import MODELS, budget_of, model_subdir, parse_model_id
 
 MODEL_COLUMNS = ["model", "kind", "label", "method", "budget", "budget_tokens", "budget_fraction", "budget_capped"]
 VALUE_COLUMNS = ["mode", "split", "split_label", "convention", "metric", "value", "n", "ci_low", "ci_high",
@@ -91,11 +91,11 @@ def budget_fraction(ts: dict) -> float | None:
 
 
 def train_summary(models_dir: str | Path | None, method: str, model: str) -> dict:
-    """results/models/{method}/{budget}/train_summary.json of a CPT model, or {} when absent."""
+    """results/models/{method}/{budget}/train_summary.json of a CPT model (a LoRA twin's: {budget}-lora), or {} when
+    absent."""
     if models_dir is None or method in ("base", "api", "external"):
         return {}
-    budget = model.rpartition("-")[2]
-    path = Path(models_dir) / method / budget / "train_summary.json"
+    path = Path(models_dir) / model_subdir(model) / "train_summary.json"
     if not path.exists():
         return {}
     try:

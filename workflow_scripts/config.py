@@ -94,6 +94,11 @@ def validate_config(cfg: dict) -> dict:
         more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
         raise ConfigError("invalid configuration: " + "; ".join(parts) + more +
                           " (schemas/config.schema.yaml documents every key)")
+    cpt = cfg.get("cpt") or {}
+    if cpt.get("compare_adapter") and cpt["adapter"]["kind"] != "none":
+        raise ConfigError(f"cpt.compare_adapter adds LoRA twins of the full-parameter CPT models, but "
+                          f"cpt.adapter.kind is {cpt['adapter']['kind']}: set cpt.adapter.kind: none (the twins take "
+                          "cpt.adapter's other settings) or cpt.compare_adapter: false")
     return resolve_shipped_files(cfg)
 
 

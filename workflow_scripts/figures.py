@@ -62,6 +62,8 @@ TOKEN_KEYS = ("tokens", "budget_tokens", "budget", "n_tokens", "prefix_tokens")
 
 
 def method_label(method: str) -> str:
+    if method.endswith("-lora"):  # a LoRA twin's series (cpt.compare_adapter)
+        return f"{method_label(method[:-len('-lora')])} (LoRA)"
     return METHOD_LABELS.get(method, method)
 
 

@@ -49,7 +49,7 @@ SUFFIX = INSTRUCT_SUFFIX
 METHOD = INSTRUCT_METHOD
 GUTENBERG_LIST = ROOT / "resources" / "instruct" / "gutenberg.json"
 # cpt keys that the instruction-tuning run never inherits from the cpt section (they are about the scaling curve).
-NOT_INHERITED = ("budgets", "method_budgets", "budget_unit", "resources", "allow_budget_cap")
+NOT_INHERITED = ("budgets", "method_budgets", "budget_unit", "compare_adapter", "resources", "allow_budget_cap")
 
 
 # ------------------------------------------------------------------------------------------------ ids

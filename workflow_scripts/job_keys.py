@@ -56,7 +56,8 @@ OPERATIONAL: tuple[str, ...] = (
 # list, the instruction stages' switch and models), which file a job reads (the human summaries, an input of their
 # judging), or only feed the planner (python -m workflow_scripts.plan). The names under filters.variants, imports
 # and mixtures are structural too: each of their jobs reads only its own entry.
-STRUCTURAL: tuple[str, ...] = ("cpt.budgets", "cpt.method_budgets", "cpt.budget_unit", "synthesis.methods",
+STRUCTURAL: tuple[str, ...] = ("cpt.budgets", "cpt.method_budgets", "cpt.budget_unit", "cpt.compare_adapter",
+                               "synthesis.methods",
                                "synthesis.articles_per_job", "evaluation.rag.enabled",
                                "evaluation.rag.models", "planner", "instruct.enabled", "instruct.models",
                                "instruct.judge.human_summaries")
@@ -208,6 +209,9 @@ JOBS: dict[str, Callable[..., Reads]] = {
                                       "cpt.probe.max_tokens", "corpus.bos_token", "corpus.eos_token"]),
     # the budget lists only decide which models exist
     "cpt": lambda cfg: Reads(["seed", "cpt"], exclude=list(STRUCTURAL)),
+    # a LoRA twin (cpt.compare_adapter): the same keys with cpt.adapter as kind lora (workflow_scripts/lora.py)
+    "cpt_lora": lambda cfg: Reads(["seed", "cpt"], exclude=list(STRUCTURAL),
+                                  values={"cpt.adapter": {**cfg["cpt"]["adapter"], "kind": "lora"}}),
     "eval_qa": lambda cfg, model: _evaluate(cfg, model),
     "eval_rag": lambda cfg, model: _evaluate(cfg, model, rag=True),
     "fit_scaling": lambda cfg: Reads([f"figures.{k}" for k in FIGURE_KEYS["fit_scaling"]]),

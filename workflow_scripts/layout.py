@@ -5,7 +5,9 @@ read them here, so a path or an id is spelled once (docs/architecture.md, "The D
 Model ids: `base` (the CPT base model), `raw-all` (Raw CPT on every article token), `METHOD-BUDGET` (a synthesis
 method's corpus cut at BUDGET synthetic tokens, or at the fraction RATIO of it for a label `rRATIO`:
 workflow_scripts/budgets.py), `api-NAME` (an API reference model, evaluation.api_models), `ext-NAME` (an
-evaluation-only model from a hub id or a folder, e.g. a released checkpoint: evaluation.external_models).
+evaluation-only model from a hub id or a folder, e.g. a released checkpoint: evaluation.external_models),
+`METHOD-BUDGET-lora` (the LoRA twin of METHOD-BUDGET trained on the same tokens: cpt.compare_adapter; its folder
+results/models/METHOD/BUDGET-lora).
 """
 
 from __future__ import annotations
@@ -73,13 +75,30 @@ def model_id(method: str, budget: int | str) -> str:
 INSTRUCT_SUFFIX = "-instruct"  # instruction-tuned models: {model}-instruct, in results/models/{model}/instruct
 
 
+LORA_SUFFIX = "-lora"  # LoRA twins (cpt.compare_adapter): {model}-lora, in results/models/METHOD/BUDGET-lora
+
+
+def lora_id(model: str) -> str:
+    """The id of a CPT model's LoRA twin (cpt.compare_adapter): {model}-lora."""
+    return f"{model}{LORA_SUFFIX}"
+
+
+def model_subdir(model: str) -> str:
+    """METHOD/BUDGET of a CPT model id under results/models (METHOD/BUDGET-lora for a LoRA twin)."""
+    twin = model.endswith(LORA_SUFFIX)
+    method, _, budget = (model[:-len(LORA_SUFFIX)] if twin else model).rpartition("-")
+    return f"{method}/{budget}{LORA_SUFFIX if twin else ''}"
+
+
 def parse_model_id(model: str) -> tuple[str, int | None]:
     """(method, budget) of a model id: base, raw-all, api-NAME or METHOD-BUDGET (method `api` for API models;
     budget None for base, raw-all and API models). `ID-instruct` (instruction-tuned, workflow_scripts/instruct.py)
-    is its own series: (`{method of ID}-instruct`, budget of ID)."""
-    if model.endswith(INSTRUCT_SUFFIX):
-        method, budget = parse_model_id(model[:-len(INSTRUCT_SUFFIX)])
-        return f"{method}{INSTRUCT_SUFFIX}", budget
+    is its own series: (`{method of ID}-instruct`, budget of ID), and so is a LoRA twin `ID-lora`
+    (`{method of ID}-lora`, budget of ID)."""
+    for suffix in (INSTRUCT_SUFFIX, LORA_SUFFIX):
+        if model.endswith(suffix):
+            method, budget = parse_model_id(model[:-len(suffix)])
+            return f"{method}{suffix}", budget
     if model == BASE:
         return BASE, None
     if model.startswith(API_PREFIX):
@@ -101,8 +120,9 @@ def parse_model_id(model: str) -> tuple[str, int | None]:
 
 def budget_of(model: str) -> str | None:
     """The budget label of a CPT model id (`455000000`, `r0.0004`, `all`), None for base and API models."""
-    if model.endswith(INSTRUCT_SUFFIX):
-        return budget_of(model[:-len(INSTRUCT_SUFFIX)])
+    for suffix in (INSTRUCT_SUFFIX, LORA_SUFFIX):
+        if model.endswith(suffix):
+            return budget_of(model[:-len(suffix)])
     if model == BASE or model.startswith((API_PREFIX, EXTERNAL_PREFIX)) or "-" not in model:
         return None
     return model.rpartition("-")[2]
@@ -137,19 +157,17 @@ def benchmark(stage: str, name: str) -> str:
 
 def model_dir(model: str, cfg: dict) -> str:
     """Folder (or hub id) of a model id: `base` is models.base, `ext-NAME` its evaluation.external_models entry's
-    path_or_id, a CPT id its results/models/METHOD/BUDGET."""
+    path_or_id, a CPT id its results/models/METHOD/BUDGET (a LoRA twin's: BUDGET-lora)."""
     if model == BASE:
         return model_location(cfg["models"]["base"])
     if model.startswith(EXTERNAL_PREFIX):
         return external_model(cfg, model)["path_or_id"]
-    method, _, budget = model.rpartition("-")
-    return f"{MODELS}/{method}/{budget}"
+    return f"{MODELS}/{model_subdir(model)}"
 
 
 def train_summary_path(model: str) -> str:
-    """results/models/METHOD/BUDGET/train_summary.json of a CPT model id."""
-    method, _, budget = model.rpartition("-")
-    return f"{MODELS}/{method}/{budget}/train_summary.json"
+    """results/models/METHOD/BUDGET/train_summary.json of a CPT model id (BUDGET-lora for a LoRA twin)."""
+    return f"{MODELS}/{model_subdir(model)}/train_summary.json"
 
 
 def is_cpt_model(model: str) -> bool:
@@ -216,10 +234,18 @@ def cpt_models(cfg: dict) -> list[tuple[str, str]]:
     return [(RAW, "all")] + [(m, b) for m in trained_methods(cfg) for b in budget_labels(cfg, m)]
 
 
+def lora_twins(cfg: dict) -> list[str]:
+    """Model ids of the LoRA twins (cpt.compare_adapter): METHOD-BUDGET-lora for every trained method x budget (the
+    scaling curve's models; Raw CPT is a level, not a curve, and has none)."""
+    if not cfg["cpt"].get("compare_adapter"):
+        return []
+    return [lora_id(model_id(m, b)) for m, b in cpt_models(cfg) if m != RAW]
+
+
 def eval_models(cfg: dict) -> list[str]:
-    """Model ids of closed-book QA: the base model, Raw CPT, every method x budget, the API references, then the
-    evaluation-only (external) models."""
-    return ([BASE] + [model_id(m, b) for m, b in cpt_models(cfg)]
+    """Model ids of closed-book QA: the base model, Raw CPT, every method x budget, their LoRA twins
+    (cpt.compare_adapter), the API references, then the evaluation-only (external) models."""
+    return ([BASE] + [model_id(m, b) for m, b in cpt_models(cfg)] + lora_twins(cfg)
             + [f"{API_PREFIX}{a['name']}" for a in cfg["evaluation"]["api_models"]] + external_models(cfg))
 
 
@@ -297,7 +323,7 @@ def stage_targets(cfg: dict, stage: str) -> list[str]:
         return ([f"{FILTERED}/{m}/report.json" for m in filter_variants(cfg)]
                 + [f"{IMPORTED}/{m}/report.json" for m in imported(cfg)])
     if stage == "cpt":
-        return [model_dir(model_id(m, b), cfg) for m, b in cpt_models(cfg)]
+        return [model_dir(m, cfg) for m in [model_id(m, b) for m, b in cpt_models(cfg)] + lora_twins(cfg)]
     if stage == "evaluation":
         return [QA_TABLE, QA_HEADLINE, *([RAG_TABLE] if cfg["evaluation"]["rag"]["enabled"] else [])]
     if stage == "figures":
