@@ -193,8 +193,9 @@ def test_operational_keys_reach_the_jobs_that_read_them():
 def test_shaping_key_changes_the_jobs_that_read_it():
     cfg = load_config()
     before = all_jobs(cfg)
-    # instruct_tune inherits the cpt section (workflow_scripts/instruct.py train_config)
-    for path, jobs in [("cpt.lr", {"cpt", "instruct_tune"}), ("figures.dpi", {"plot_scaling", "plot_diversity"}),
+    # instruct_tune inherits the cpt section (workflow_scripts/instruct.py train_config); the LoRA twins (cpt_lora)
+    # train at cpt.adapter.lr, and full CPT does not read the adapter's settings
+    for path, jobs in [("cpt.lr", {"cpt", "instruct_tune"}), ("cpt.adapter.rank", {"cpt_lora", "instruct_tune"}), ("figures.dpi", {"plot_scaling", "plot_diversity"}),
                        ("figures.fit.n_starts", {"fit_scaling"}),
                        ("synthesis.entigraph.max_triples", {"synthesize[entigraph]"}),
                        ("synthesis.sampling.top_p", {"extract_entities", "synthesize[entigraph]",
@@ -229,8 +230,9 @@ def derived_config() -> dict:
     ("derived", "filters.resources.threads", 4, set()),
     ("derived", "imports.released.separator", "|", {"import_corpus[released]"}),
     ("derived", "mixtures.mix.order", "perplexity", {"build_mixture[mix]"}),
-    ("derived", "cpt.replay.max_tokens", 1000, {"build_mixture[mix]", "cpt", "instruct_tune", "replay_pool"}),
-    ("derived", "cpt.replay.rate", 0.5, {"cpt", "instruct_tune"}),
+    ("derived", "cpt.replay.max_tokens", 1000, {"build_mixture[mix]", "cpt", "cpt_lora", "instruct_tune",
+                                                "replay_pool"}),
+    ("derived", "cpt.replay.rate", 0.5, {"cpt", "cpt_lora", "instruct_tune"}),
     # a format reaches only the corpora it applies to: its method's and a filtered variant's of that method
     ("derived", "corpus.document_format", {"strategies": "{text}", "entigraph": "{title}: {text}"},
      {"build_corpus[strategies]", "build_corpus[strategies_judge]", "build_corpus[entigraph]"}),
@@ -240,7 +242,7 @@ def derived_config() -> dict:
     ("demo", "instruct.judge.max_claims", 7, {"judge_summaries", "judge_human_summaries"}),
     ("demo", "instruct.train", {"lr": 1e-5}, {"instruct_tune"}),
     ("demo", "instruct.data.max_examples", 5, {"instruct_corpus"}),
-    ("demo", "cpt.allow_budget_cap", False, {"cpt"}),
+    ("demo", "cpt.allow_budget_cap", False, {"cpt", "cpt_lora"}),
     ("demo", "instruct.models", ["base"], set()),
     ("demo", "instruct.judge.human_summaries", "human.jsonl", set()),
     ("demo", "instruct.summaries.resources.mem_mb", 1, set()),

@@ -219,11 +219,15 @@ def test_a_twin_reads_the_cpt_keys_with_a_lora_adapter():
 
     cfg = load_config([ROOT / "config.yaml", ROOT / "experiments" / "cpu-lora.yaml"])
     full, twin = job_keys.shaping(cfg, "cpt"), job_keys.shaping(cfg, "cpt_lora")
-    assert full["cpt"]["adapter"]["kind"] == "none" and twin["cpt"]["adapter"]["kind"] == "lora"
-    twin["cpt"]["adapter"]["kind"] = "none"
+    # full CPT reads only the adapter's kind (tuning the twins retrains no full model); the twin reads its own LR
+    assert full["cpt"].pop("adapter") == {"kind": "none"} and full["cpt"].pop("lr") == 1e-4
+    assert twin["cpt"].pop("adapter") == {**cfg["cpt"]["adapter"], "kind": "lora"} and "lr" not in twin["cpt"]
     assert twin == full  # otherwise the same recipe, at the same tokens
     assert "compare_adapter" not in full["cpt"]  # it decides which jobs exist: no job reruns when it changes
     assert job_keys.operational(cfg, "cpt_lora") == job_keys.operational(cfg, "cpt")
+    changed = {**cfg, "cpt": {**cfg["cpt"], "adapter": {**cfg["cpt"]["adapter"], "rank": 4}}}
+    assert job_keys.shaping(changed, "cpt") == job_keys.shaping(cfg, "cpt")
+    assert job_keys.shaping(changed, "cpt_lora") != job_keys.shaping(cfg, "cpt_lora")
 
 
 def test_compare_adapter_with_an_adapter_on_the_main_models_is_one_line():

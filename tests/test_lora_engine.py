@@ -53,8 +53,10 @@ def test_a_lora_run_of_the_135m_model_trains_merges_and_is_scored(corpus_dir, sm
     assert summary["n"] == 3 and summary["model"] == "entigraph-256-lora" and 0 <= summary["accuracy"] <= 1
     recs = [json.loads(line) for line in (tmp_path / "q.jsonl").read_text().splitlines()]
 
-    # the same questions scored by the base model with the adapter applied (not merged)
-    applied = PeftModel.from_pretrained(load_base_model(str(smollm_dir)), out / "adapter").eval()
+    # the same questions scored by the base model with the adapter applied (not merged): peft's LoRA layers inside
+    # the transformers model the scorer drives (it calls the decoder and the head itself)
+    applied = PeftModel.from_pretrained(load_base_model(str(smollm_dir)), out / "adapter").eval().get_base_model()
+    assert type(applied.model.layers[0].self_attn.q_proj).__module__.startswith("peft")
     _, tok = qa_eval.load_local_model(str(out), {"device": "cpu", "dtype": "float32"})
     scorer = qa_eval.LoglikScorer(applied, tok, qa_eval.load_prompt_template())
     questions = [json.loads(line) for line in qp.read_text().splitlines()]

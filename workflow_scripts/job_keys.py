@@ -178,6 +178,17 @@ def _summaries(cfg: dict, *sections: str) -> Reads:
                   f"backends.{cfg['instruct']['summaries']['engine']}"])
 
 
+def _cpt(adapter: dict) -> Reads:
+    """cpt / cpt_lora: the seed and the cpt keys less the budget lists, with `adapter` as cpt.adapter. Full CPT
+    (kind none) reads only the adapter's kind, so tuning the LoRA twins' settings retrains no full model; an adapter
+    run with its own peak LR (cpt.adapter.lr) does not read cpt.lr (workflow_scripts/lora.py resolve)."""
+    if adapter["kind"] == "none":
+        skip = [f"cpt.adapter.{k}" for k in adapter if k != "kind"]
+    else:
+        skip = ["cpt.lr"] if adapter.get("lr") is not None else []
+    return Reads(["seed", "cpt"], exclude=list(STRUCTURAL) + skip, values={"cpt.adapter": adapter})
+
+
 FIGURE_KEYS = {
     "fit_scaling": ("fit", "accuracy_scale", "x_axis", "fraction_scale"),
     "plot_scaling": ("style", "dpi", "figsize", "formats", "paper_reference", "show_fit", "show_chance", "modes",
@@ -208,10 +219,9 @@ JOBS: dict[str, Callable[..., Reads]] = {
                                       "cpt.replay.heldout_fraction", "cpt.replay.max_tokens", "cpt.probe.source",
                                       "cpt.probe.max_tokens", "corpus.bos_token", "corpus.eos_token"]),
     # the budget lists only decide which models exist
-    "cpt": lambda cfg: Reads(["seed", "cpt"], exclude=list(STRUCTURAL)),
+    "cpt": lambda cfg: _cpt(cfg["cpt"]["adapter"]),
     # a LoRA twin (cpt.compare_adapter): the same keys with cpt.adapter as kind lora (workflow_scripts/lora.py)
-    "cpt_lora": lambda cfg: Reads(["seed", "cpt"], exclude=list(STRUCTURAL),
-                                  values={"cpt.adapter": {**cfg["cpt"]["adapter"], "kind": "lora"}}),
+    "cpt_lora": lambda cfg: _cpt({**cfg["cpt"]["adapter"], "kind": "lora"}),
     "eval_qa": lambda cfg, model: _evaluate(cfg, model),
     "eval_rag": lambda cfg, model: _evaluate(cfg, model, rag=True),
     "fit_scaling": lambda cfg: Reads([f"figures.{k}" for k in FIGURE_KEYS["fit_scaling"]]),
