@@ -48,7 +48,7 @@ rule cpt:
         pool=lambda wc, input: f"--replay-pool {os.path.dirname(input.replay_pool[0])} " if input.replay_pool else "",
         # one process, or torchrun with one worker per GPU, or per CPU process (cpt.resources.cpu_processes)
         launch=training_launch(CPT["resources"]),
-        omp=CPT["threads"],
+        omp=lambda wc, resources: CPT["threads"],  # operational: a function of resources is not tracked (job_ops)
     shell:
         "OMP_NUM_THREADS={params.omp} TOKENIZERS_PARALLELISM=false {params.guard}{params.launch} -m workflow_scripts.train "
         "--corpus {params.corpus} --method {wildcards.method} --budget {wildcards.budget} --model {params.model:q} "
@@ -64,11 +64,11 @@ use rule cpt as cpt_lora with:
     log:
         f"{LOGS}/cpt/{{method}}/{{budget}}{layout.LORA_SUFFIX}.log",
     benchmark:
-        f"results/benchmarks/cpt/{{method}}/{{budget}}{layout.LORA_SUFFIX}.tsv"
+        layout.benchmark("cpt", f"{{method}}/{{budget}}{layout.LORA_SUFFIX}")
     params:
         cfg=job_config("cpt_lora"),
         ops=job_ops("cpt_lora"),
-        workdir=lambda wc: f"{layout.CHECKPOINTS}/{wc.method}/{wc.budget}{layout.LORA_SUFFIX}",
+        workdir=lambda wc: layout.cpt_checkpoints(wc.method, f"{wc.budget}{layout.LORA_SUFFIX}"),
 
 
 ALL_TARGETS.extend(layout.stage_targets(config, "cpt"))

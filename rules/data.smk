@@ -30,7 +30,7 @@ checkpoint prepare_articles:
     params:
         cfg=job_config("prepare_articles"),
         zip=lambda wc, input: f"--zip {input.zip}" if "zip" in input.keys() else "",
-        outdir=layout.DATA,
+        outdir=lambda wc, output: os.path.dirname(output.articles),
     shell:
         "python -m workflow_scripts.quality prepare --config-json {params.cfg:q} {params.zip} "
         "--outdir {params.outdir} 2> {log}"

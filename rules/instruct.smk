@@ -55,7 +55,7 @@ rule instruct_tune:
         init_model=lambda wc: model_location("base") if wc.model == "base" else model_dir(wc.model),
         workdir=lambda wc: layout.instruct_checkpoints(wc.model),
         launch=training_launch(INSTRUCT["resources"]),
-        omp=config["cpt"]["threads"],
+        omp=lambda wc, resources: config["cpt"]["threads"],  # operational, untracked (job_ops)
     shell:
         "OMP_NUM_THREADS={params.omp} {params.guard}{params.launch} -m workflow_scripts.instruct tune --corpus {params.corpus} "
         "--init-model {params.init_model:q} --output {output} --workdir {params.workdir} --config-json {params.cfg:q} "
