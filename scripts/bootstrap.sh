@@ -100,9 +100,13 @@ fi
 PY="$VENV/bin/python"
 # pip warns about each unused local index on stderr: filter that noise, keep real errors and the exit code.
 quiet_pip() { "$PY" -m pip "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
-# --no-compile: pip would byte-compile every installed module (torch, transformers, scipy, ...) one file at a time;
-# Python compiles only what a job imports, once, on first use. Measured: 118 -> 69 CPU-seconds for the demo's
-# requirements, +12 CPU-seconds at the first import (benchmarks/RESULTS.md, "Set-up").
+# Byte-compiling: pip compiles every installed module (torch, transformers, scipy, ...) one file at a time, about
+# half of its CPU time here. So pip installs with --no-compile and compileall then compiles the environment on every
+# core (-j 0): the same .pyc files, in about half the wall time on 2 cores (benchmarks/RESULTS.md, "Set-up").
+# Leaving the compiling to the first import would be cheaper still, but where PYTHONDONTWRITEBYTECODE is set (many
+# container images) every job would then compile its imports again. Errors (test files of other Python versions
+# that some packages ship) are ignored, as pip ignores them.
+compile_env() { "$PY" -m compileall -q -j 0 "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null 2>&1 || true; }
 
 if [ -n "$DRY" ]; then
   # resolve only: each step as the install below runs it, reported by pip as JSON
@@ -146,6 +150,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! torch_build_ok; then
       "for cpu, set SCPT_TORCH_CPU_INDEX to an index that serves torch 2.13.0+cpu" >&2
     exit 1
   }
+  compile_env
   echo "$want" > "$stamp"
 fi
 if [ -n "$VLLM" ]; then
@@ -177,6 +182,7 @@ if [ -n "$VLLM" ]; then
         exit 1
       }
     fi
+    compile_env
     echo "$vwant" > "$vstamp"
   fi
   echo "vLLM engine ready: $("$PY" -c 'import importlib.metadata as m
