@@ -14,7 +14,7 @@ import pytest
 
 from workflow_scripts import aggregate, paper_reference, qa_eval, rag
 from workflow_scripts.backends import Completion
-from workflow_scripts.config import validate_config
+from workflow_scripts.config import section_defaults, validate_config
 from workflow_scripts.io_utils import parse_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -281,7 +281,7 @@ def tok(tiny_model_dir):
     from workflow_scripts.corpus import load_tokenizer, special_tokens
 
     t = load_tokenizer(str(tiny_model_dir))
-    return t, special_tokens(t, {})
+    return t, special_tokens(t, section_defaults("corpus"))
 
 
 def write_docs(folder: Path, n: int = 40) -> list[str]:

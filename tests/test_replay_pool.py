@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from workflow_scripts import corpus as C
+from workflow_scripts.config import section_defaults
 from workflow_scripts import replay
 from workflow_scripts import train as T
 from workflow_scripts.config import validate_config
@@ -69,7 +70,7 @@ def build_with_cli(cfg: dict, model: Path, outdir: Path) -> subprocess.Completed
 
 def test_the_built_pool_holds_what_each_process_tokenized(source, tiny_model_dir, tmp_path):
     tok = C.load_tokenizer(str(tiny_model_dir))
-    specials = C.special_tokens(tok, {})
+    specials = C.special_tokens(tok, section_defaults("corpus"))
     cfg = cfg_with(source)
     meta = replay.build_pool(cfg["cpt"], SEED, str(tiny_model_dir), tok, specials, tmp_path)
     assert meta["heldout_documents"] == int(0.1 * meta["documents"]) > 0 and meta["tokens"] == 4000
@@ -129,7 +130,7 @@ def test_with_the_pool_training_never_tokenizes_the_replay_source(source, corpus
 
 def test_a_pool_that_is_not_the_runs_is_refused(source, tiny_model_dir, tmp_path):
     tok = C.load_tokenizer(str(tiny_model_dir))
-    specials = C.special_tokens(tok, {})
+    specials = C.special_tokens(tok, section_defaults("corpus"))
     record = replay.tokenizer_record(str(tiny_model_dir), tok, specials)
     cfg = cfg_with(source)
     replay.build_pool(cfg["cpt"], SEED, str(tiny_model_dir), tok, specials, tmp_path / "pool")

@@ -476,19 +476,21 @@ def prepare(inputs: Sequence[str | Path], output: str | Path, text_field: str = 
 
 def _check_pool(args: argparse.Namespace) -> None:
     """`replay check`: tokenize a source's replay pool and print its size."""
+    from .config import section_defaults
     from .corpus import special_tokens
     from .models import load_tokenizer
 
     tok = load_tokenizer(args.model)
     rp = {"source": args.source, "text_field": args.text_field, "heldout_fraction": args.heldout_fraction,
           "max_tokens": args.max_tokens, "cache_dir": None}
-    pool = replay_pool(rp, tok, special_tokens(tok, {}), args.seed)
+    pool = replay_pool(rp, tok, special_tokens(tok, section_defaults("corpus")), args.seed)
     print(json.dumps({"source": args.source, "pool_tokens": int(len(pool)), "block_size": args.block_size,
                       "distinct_start_positions": max(0, int(len(pool)) - args.block_size + 1)}))
 
 
 def _build_pool(args: argparse.Namespace) -> None:
     """`replay pool`: the run's replay pool, built once (rule replay_pool), and a one-line summary."""
+    from .config import section_defaults
     from .corpus import special_tokens
     from .models import load_tokenizer
 
