@@ -51,7 +51,10 @@ onstart:
         _missing_engine = missing_engine_message(config)
         if _missing_engine:
             sys.exit(f"error: {_missing_engine}")
-    _memory = memory_problems(config) + missing_sources(config)
+    # the general-text files matter only to a run that has jobs reading them (preparing the data needs none)
+    _jobs = {job.rule.name for job in workflow.dag.needrun_jobs()} if workflow.dag is not None else None
+    _reads_text = _jobs is None or bool(_jobs & GENERAL_TEXT_RULES)
+    _memory = memory_problems(config) + (missing_sources(config) if _reads_text else [])
     if _memory:
         sys.exit("\n".join(f"error: {line}" for line in _memory))
 
@@ -87,6 +90,8 @@ def gpu_guard(rule):
 # A missing one is no input, so that a dry run plans a config whose data is not downloaded yet; a real run stops on
 # it in one line (onstart above).
 GENERAL_TEXT = {key: path for key, path in general_text_sources(config).items() if os.path.exists(path)}
+# The rules whose jobs read them (onstart checks the files only when one of these is to run).
+GENERAL_TEXT_RULES = {"cpt", "cpt_lora", "replay_pool", "build_mixture", "instruct_tune"}
 
 
 # The shared names (paths, model ids, model lists, final targets) live in workflow_scripts/layout.py; the
