@@ -147,7 +147,8 @@ def test_a_dag_slice_runs_through_sbatch_and_a_cancelled_cpt_job_resumes(slurm_e
     for flag, value in (("--output", str(tmp_path / "ref")), ("--workdir", str(tmp_path / "ref-ckpt"))):
         args[args.index(flag) + 1] = value
     ref = subprocess.run([sys.executable, "-m", "workflow_scripts.train", *args], cwd=work, capture_output=True,
-                         text=True, env={**env, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}, timeout=600)  # as the rule's prefix
+                         text=True, env={**env, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)},  # as the rule's prefix
+                         timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
     ref_summary = json.loads((tmp_path / "ref" / "train_summary.json").read_text())
     assert ref_summary["fingerprint"] == summary["fingerprint"] and ref_summary["resumed_from_steps"] == []
