@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_slurm import scontrol_job, slurm_env  # noqa: F401 - the module-scoped cluster fixture
+from test_slurm import assert_same_training, scontrol_job, slurm_env  # noqa: F401 - the module-scoped cluster fixture
 
 pytestmark = pytest.mark.slurm
 
@@ -207,8 +207,6 @@ def test_every_stage_of_the_paper_produced_its_output(rehearsal):
 
 
 def test_cancelled_jobs_resume_and_end_as_an_uninterrupted_run(rehearsal, tmp_path):
-    from safetensors.numpy import load_file
-
     work, env = rehearsal["work"], rehearsal["env"]
     res, ref = work / "results", tmp_path
     py = dict(env, OMP_NUM_THREADS="1")
@@ -269,10 +267,4 @@ def test_cancelled_jobs_resume_and_end_as_an_uninterrupted_run(rehearsal, tmp_pa
                         "workflow_scripts.train", *targs], cwd=work, env=py, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    ref_summary = json.loads((ref / "raw" / "train_summary.json").read_text())
-    assert ref_summary["fingerprint"] == summary["fingerprint"] and ref_summary["resumed_from_steps"] == []
-    assert ref_summary["final_loss"] == pytest.approx(summary["final_loss"], abs=1e-6)
-    a, b = load_file(model / "model.safetensors"), load_file(ref / "raw" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert np.allclose(a[k], b[k], atol=1e-6), k
+    assert_same_training(model, summary, ref / "raw")

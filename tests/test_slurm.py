@@ -88,8 +88,6 @@ def cpt_job_running(env: dict) -> str | None:
 
 
 def test_a_dag_slice_runs_through_sbatch_and_a_cancelled_cpt_job_resumes(slurm_env, tmp_path):
-    from safetensors.torch import load_file
-
     env, work = slurm_env, tmp_path / "slice"
     work.mkdir()
     (work / "slice.yaml").write_text(yaml.safe_dump(OVERLAY))
@@ -150,13 +148,7 @@ def test_a_dag_slice_runs_through_sbatch_and_a_cancelled_cpt_job_resumes(slurm_e
                          text=True, env={**env, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)},  # as the rule's prefix
                          timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    ref_summary = json.loads((tmp_path / "ref" / "train_summary.json").read_text())
-    assert ref_summary["fingerprint"] == summary["fingerprint"] and ref_summary["resumed_from_steps"] == []
-    assert ref_summary["final_loss"] == pytest.approx(summary["final_loss"], abs=1e-6)
-    a, b = load_file(model / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert np.allclose(a[k].numpy(), b[k].numpy(), atol=1e-6), k
+    assert_same_training(model, summary, tmp_path / "ref")
 
     # and the evaluation stage scored that model
     result = json.loads((work / TARGET).read_text())
@@ -176,3 +168,17 @@ def test_the_cluster_script_is_idempotent_and_keeps_to_its_folder(slurm_env):
     paths = re.findall(r"=(/\S+)", conf)
     assert paths and all(p.startswith(str(CLUSTER_DIR)) for p in paths), paths  # state, spool, logs, pids, socket
     assert "AccountingStorageType=accounting_storage/none" in conf and "MinJobAge=3600" in conf
+
+
+def assert_same_training(model: Path, summary: dict, ref: Path) -> None:
+    """A resumed CPT job (its model folder and train_summary) ended as the uninterrupted reference run in `ref`:
+    same fingerprint, no resume there, the same final loss and the same weights."""
+    from safetensors.torch import load_file
+
+    ref_summary = json.loads((ref / "train_summary.json").read_text())
+    assert ref_summary["fingerprint"] == summary["fingerprint"] and ref_summary["resumed_from_steps"] == []
+    assert ref_summary["final_loss"] == pytest.approx(summary["final_loss"], abs=1e-6)
+    a, b = load_file(model / "model.safetensors"), load_file(ref / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.allclose(a[k].numpy(), b[k].numpy(), atol=1e-6), k
