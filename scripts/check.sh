@@ -15,6 +15,6 @@ echo "== 1/4 snakemake --lint" >&2
 echo "== 2/4 snakefmt --check Snakefile rules/" >&2
 "$BIN/snakefmt" --check Snakefile rules/
 echo "== 3/4 pytest -m unit" >&2
-"$BIN/python" -m pytest -q -m unit "$@"
+"$BIN/python" -m pytest -q -m unit --durations=25 "$@"
 echo "== 4/4 pytest -m 'not unit' (engine, slurm, e2e)" >&2
-"$BIN/python" -m pytest -q -m "not unit" "$@"
+"$BIN/python" -m pytest -q -m "not unit" --durations=25 "$@"
