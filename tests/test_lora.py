@@ -1,6 +1,7 @@
 """LoRA CPT (issue 21, item 2; workflow_scripts/lora.py) on the tiny Llama: only the adapter trains and the loss
 falls; a killed run resumes to the uninterrupted result and a changed adapter starts afresh; the merged weights
-equal the adapter applied by peft; QLoRA and bad target modules are refused in one line."""
+equal the adapter applied by peft; QLoRA and bad target modules are refused in one line. Whatever trains, loads or starts the tiny model (torch)
+is the engine tier; the config, layout and job-key checks of the LoRA twins are the unit tier."""
 
 from __future__ import annotations
 
@@ -19,8 +20,6 @@ from workflow_scripts import train as T
 from workflow_scripts.corpus import load_corpus
 from workflow_scripts.io_utils import InputError
 
-pytestmark = pytest.mark.unit
-
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -38,6 +37,7 @@ def weights(folder: Path) -> dict:
     return load_file(folder / "model.safetensors")
 
 
+@pytest.mark.engine
 def test_only_the_adapter_trains_and_the_loss_falls(corpus_dir, tiny_model_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
@@ -70,6 +70,7 @@ def test_only_the_adapter_trains_and_the_loss_falls(corpus_dir, tiny_model_dir, 
     assert probe["loss_after"] != probe["loss_before"]
 
 
+@pytest.mark.engine
 def test_trained_embeddings_are_tied_and_saved_in_the_adapter(corpus_dir, tiny_model_dir, tmp_path):
     s = T.train(lora_cfg(train_embeddings=True, target_modules=["q_proj"]), corpus_dir, 256, str(tiny_model_dir),
                 tmp_path / "m", tmp_path / "w")
@@ -84,6 +85,7 @@ def test_trained_embeddings_are_tied_and_saved_in_the_adapter(corpus_dir, tiny_m
     assert np.array_equal(m.model.embed_tokens.weight.detach().numpy(), merged[emb].numpy())
 
 
+@pytest.mark.engine
 def test_merged_weights_equal_the_adapter_applied_by_peft(corpus_dir, tiny_model_dir, tmp_path):
     import torch
     from peft import PeftModel
@@ -101,6 +103,7 @@ def test_merged_weights_equal_the_adapter_applied_by_peft(corpus_dir, tiny_model
     assert torch.allclose(merged, applied, atol=1e-4), (merged - applied).abs().max()
 
 
+@pytest.mark.engine
 def test_merge_state_dict_equals_peft_merge_and_unload(tiny_model_dir):
     """The pure merge (used under every layout, FSDP too) against peft's own, with random B (peft starts B at 0)."""
     import torch
@@ -122,6 +125,7 @@ def test_merge_state_dict_equals_peft_merge_and_unload(tiny_model_dir):
         lora.merge_state_dict({"base_model.model.x.lora_A.default.weight": torch.zeros(1, 1)}, 1.0)
 
 
+@pytest.mark.engine
 def test_a_killed_run_resumes_to_the_uninterrupted_result(corpus_dir, tiny_model_dir, tmp_path):
     import torch.distributed.checkpoint as dcp
 
@@ -149,6 +153,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(corpus_dir, tiny_model
         assert np.allclose(wa[k].numpy(), wb[k].numpy(), atol=1e-6), k
 
 
+@pytest.mark.engine
 def test_a_changed_adapter_does_not_resume(corpus_dir, tiny_model_dir, tmp_path):
     """cpt.adapter is in the resume fingerprint: a checkpoint of another rank (or of full CPT) is not resumed."""
     for first in (lora_cfg(), tiny_cfg(epochs=2)):
@@ -163,6 +168,7 @@ def test_a_changed_adapter_does_not_resume(corpus_dir, tiny_model_dir, tmp_path)
         assert s["adapter"]["rank"] == 8
 
 
+@pytest.mark.unit
 def test_resolve_keeps_cpt_lr_when_the_adapter_has_none():
     cfg = lora_cfg(lr=None)
     assert lora.resolve(cfg) is cfg and cfg["cpt"]["lr"] == 3e-3
@@ -173,6 +179,7 @@ def test_resolve_keeps_cpt_lr_when_the_adapter_has_none():
     assert full["cpt"]["adapter"]["kind"] == "none" and lora.resolve(full) is full and not lora.enabled(full["cpt"])
 
 
+@pytest.mark.engine
 def test_a_target_that_is_not_a_linear_layer_is_one_clear_error(corpus_dir, tiny_model_dir, tmp_path):
     with pytest.raises(InputError, match=r"cpt.adapter.target_modules: embed_tokens is not a linear layer"):
         T.train(lora_cfg(target_modules=["q_proj", "embed_tokens"]), corpus_dir, 256, str(tiny_model_dir),
@@ -180,6 +187,7 @@ def test_a_target_that_is_not_a_linear_layer_is_one_clear_error(corpus_dir, tiny
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.engine
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA: QLoRA may run")
 def test_qlora_without_cuda_is_one_line_before_any_work(corpus_dir, tiny_model_dir, tmp_path):
     cfg = {"seed": 1, "cpt": {"block_size": 32, "global_batch": 4, "threads": 1, "adapter": {"kind": "qlora"}}}
@@ -195,6 +203,7 @@ def test_qlora_without_cuda_is_one_line_before_any_work(corpus_dir, tiny_model_d
 
 
 # ------------------------------------------------------------------------ LoRA twins (cpt.compare_adapter)
+@pytest.mark.unit
 def test_twin_ids_folders_and_their_place_among_the_models():
     from workflow_scripts import layout
     from workflow_scripts.config import load_config
@@ -213,6 +222,7 @@ def test_twin_ids_folders_and_their_place_among_the_models():
     assert layout.model_dir("entigraph-128-lora", cfg) in layout.stage_targets(cfg, "cpt")
 
 
+@pytest.mark.unit
 def test_a_twin_reads_the_cpt_keys_with_a_lora_adapter():
     from workflow_scripts import job_keys
     from workflow_scripts.config import load_config
@@ -230,6 +240,7 @@ def test_a_twin_reads_the_cpt_keys_with_a_lora_adapter():
     assert job_keys.shaping(changed, "cpt_lora") != job_keys.shaping(cfg, "cpt_lora")
 
 
+@pytest.mark.unit
 def test_compare_adapter_with_an_adapter_on_the_main_models_is_one_line():
     from workflow_scripts.config import ConfigError, validate_config
 
@@ -238,6 +249,7 @@ def test_compare_adapter_with_an_adapter_on_the_main_models_is_one_line():
         validate_config({"cpt": {"compare_adapter": True, "adapter": {"kind": "lora"}}})
 
 
+@pytest.mark.unit
 def test_aggregate_reads_a_twins_train_summary_and_the_figure_names_its_series(tmp_path):
     from workflow_scripts import aggregate, figures
 
