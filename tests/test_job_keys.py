@@ -113,6 +113,12 @@ def configs() -> list[dict]:
     return [copy.deepcopy(c) for c in _configs()]
 
 
+@functools.lru_cache(maxsize=None)
+def _jobs_of_configs() -> tuple[dict[str, str], ...]:
+    """all_jobs of each of configs(), computed once: the reference every operational key's change is compared to."""
+    return tuple(all_jobs(c) for c in configs())
+
+
 OVERLAYS = ("cpu-judge", "cpu-curriculum", "cpu-instruct", "paper", "paper-batch")
 
 
@@ -172,8 +178,7 @@ def test_every_schema_key_is_classified():
 @pytest.mark.unit
 @pytest.mark.parametrize("path", [p for p in LEAVES if job_keys.under(p, job_keys.OPERATIONAL)])
 def test_operational_key_changes_no_job_config(path):
-    for cfg in configs():
-        before = all_jobs(cfg)
+    for cfg, before in zip(configs(), _jobs_of_configs()):
         after = all_jobs(set_path(cfg, path, changed(get_path(cfg, path), LEAVES[path], path)))
         assert after == before, path
 
