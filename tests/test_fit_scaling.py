@@ -115,6 +115,17 @@ def test_roundtrip_through_dict():
     assert np.allclose(again.predict(PAPER_X), fit.predict(PAPER_X))
 
 
+def test_the_analytic_jacobian_matches_central_differences():
+    rng = np.random.default_rng(7)
+    xs, y = np.sort(rng.uniform(0, 1, 9)), rng.uniform(30, 60, 9)
+    theta = np.r_[60.0, 5.0, 8.0, 3.0, np.log([0.3, 4.0, 30.0])]
+    jac, h = fit_scaling.mixture_jacobian(theta, xs, 7.0), 1e-6
+    fd = np.column_stack([(fit_scaling.mixture_residuals(theta + h * e, xs, y, 7.0)
+                           - fit_scaling.mixture_residuals(theta - h * e, xs, y, 7.0)) / (2 * h)
+                          for e in np.eye(theta.size)])
+    assert jac.shape == (9, 7) and np.allclose(jac, fd, rtol=1e-6, atol=1e-8)
+
+
 @pytest.mark.parametrize("x,y,match", [
     ([], [], "no points"),
     ([1.0, np.nan], [40.0, 41.0], "NaN"),

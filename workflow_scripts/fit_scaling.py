@@ -185,8 +185,10 @@ def fit_mixture(x: np.ndarray | list[float], y: np.ndarray | list[float], max_te
     ub = np.r_[hi, np.full(k, hi - lo), np.full(k, log_dhi)]
 
     def residuals(theta: np.ndarray) -> np.ndarray:
-        p, c, logd = theta[0], theta[1:1 + k], theta[1 + k:]
-        return (p - np.exp(-np.outer(xs, np.exp(logd))) @ c - y) / y_scale
+        return mixture_residuals(theta, xs, y, y_scale)
+
+    def jacobian(theta: np.ndarray) -> np.ndarray:
+        return mixture_jacobian(theta, xs, y_scale)
 
     def fixed_p_start(p: float, logd0: np.ndarray) -> np.ndarray:
         """Weights that best fit y at a fixed asymptote p for given decays (linear, bounded)."""
@@ -194,13 +196,14 @@ def fit_mixture(x: np.ndarray | list[float], y: np.ndarray | list[float], max_te
         c = lsq_linear(e, p - y, bounds=(np.zeros(k), np.full(k, hi - lo))).x
         return np.r_[c, logd0]
 
-    theta = _multistart(residuals, [np.r_[_linear_part(xs, y, np.exp(d), (lo, hi)), d] for d in starts], lb, ub)
+    theta = _multistart(residuals, [np.r_[_linear_part(xs, y, np.exp(d), (lo, hi)), d] for d in starts], lb, ub,
+                        jacobian)
     interval = None
     if interval_level:
         profile_starts = starts[:min(len(starts), 6)]
         for _ in range(3):  # a profile that finds a better optimum than the global search restarts from it
             interval, better = _profile_asymptote(residuals, theta, lb, ub, n - (1 + 2 * k), interval_level,
-                                                  fixed_p_start, profile_starts)
+                                                  fixed_p_start, profile_starts, jacobian)
             if better is None:
                 break
             theta = better
@@ -222,6 +225,21 @@ def fit_mixture(x: np.ndarray | list[float], y: np.ndarray | list[float], max_te
     return fit
 
 
+def mixture_residuals(theta: np.ndarray, xs: np.ndarray, y: np.ndarray, y_scale: float) -> np.ndarray:
+    """(p - sum_k c_k exp(-d_k xs) - y) / y_scale for theta = (p, c_1..c_K, log d_1..log d_K)."""
+    k = (theta.size - 1) // 2
+    p, c, logd = theta[0], theta[1:1 + k], theta[1 + k:]
+    return (p - np.exp(-np.outer(xs, np.exp(logd))) @ c - y) / y_scale
+
+
+def mixture_jacobian(theta: np.ndarray, xs: np.ndarray, y_scale: float) -> np.ndarray:
+    """d mixture_residuals / d theta, analytic: finite differences would cost 1 + 2K evaluations per step."""
+    k = (theta.size - 1) // 2
+    c, d = theta[1:1 + k], np.exp(theta[1 + k:])
+    e = np.exp(-np.outer(xs, d))
+    return np.column_stack([np.ones_like(xs), -e, e * np.outer(xs, c * d)]) / y_scale
+
+
 def _inside(theta: np.ndarray, lb: np.ndarray, ub: np.ndarray) -> np.ndarray:
     """Clip a start strictly inside the bounds, as the trust-region method requires."""
     lo = lb + 1e-9 * (1 + np.abs(lb))
@@ -229,12 +247,13 @@ def _inside(theta: np.ndarray, lb: np.ndarray, ub: np.ndarray) -> np.ndarray:
     return np.minimum(np.maximum(theta, lo), hi)
 
 
-def _multistart(fun, starts: list[np.ndarray], lb: np.ndarray, ub: np.ndarray) -> np.ndarray:
-    """Bounded least squares (trust-region reflective) from every start; the parameters of the lowest cost."""
+def _multistart(fun, starts: list[np.ndarray], lb: np.ndarray, ub: np.ndarray, jac=None) -> np.ndarray:
+    """Bounded least squares (trust-region reflective) from every start; the parameters of the lowest cost.
+    `jac`: the residuals' Jacobian (default: finite differences)."""
     best = None
     for theta0 in starts:
-        res = least_squares(fun, _inside(theta0, lb, ub), bounds=(lb, ub), method="trf", x_scale="jac",
-                            max_nfev=4000)
+        res = least_squares(fun, _inside(theta0, lb, ub), jac="2-point" if jac is None else jac, bounds=(lb, ub),
+                            method="trf", x_scale="jac", max_nfev=4000)
         if best is None or res.cost < best.cost - 1e-15:
             best = res
     assert best is not None
@@ -242,7 +261,8 @@ def _multistart(fun, starts: list[np.ndarray], lb: np.ndarray, ub: np.ndarray) -
 
 
 def _profile_asymptote(residuals, theta: np.ndarray, lb: np.ndarray, ub: np.ndarray, dof: int, level: float,
-                       fixed_p_start, starts: list[np.ndarray]) -> tuple[list[float] | None, np.ndarray | None]:
+                       fixed_p_start, starts: list[np.ndarray],
+                       jacobian=None) -> tuple[list[float] | None, np.ndarray | None]:
     """Profile-likelihood interval of the asymptote: the p whose best fit (other parameters free) keeps
     SSE(p) <= SSE_min * (1 + F(level; 1, dof) / dof). (None, None) without residual degrees of freedom.
 
@@ -263,7 +283,8 @@ def _profile_asymptote(residuals, theta: np.ndarray, lb: np.ndarray, ub: np.ndar
 
     def sse_at(p: float, warm: np.ndarray) -> tuple[float, np.ndarray]:
         cands = [warm] + [fixed_p_start(p, d) for d in starts]
-        rest = _multistart(lambda r: residuals(np.r_[p, r]), cands, rest_lb, rest_ub)
+        rest = _multistart(lambda r: residuals(np.r_[p, r]), cands, rest_lb, rest_ub,
+                           None if jacobian is None else lambda r: jacobian(np.r_[p, r])[:, 1:])
         sse = float(np.sum(residuals(np.r_[p, rest]) ** 2))
         if sse < better[1] * (1 - 1e-6):
             better[0], better[1] = np.r_[p, rest], sse
