@@ -279,7 +279,8 @@ class StandInServer:
         self.state = StandIn(completer, api_key)
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(self.state))
         self.base_url = f"http://127.0.0.1:{port}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        # shutdown() waits for the serve loop's next poll: 0.05 s, not the default 0.5 s, at every test's end
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def __enter__(self) -> "StandInServer":
         self.thread.start()

@@ -111,7 +111,8 @@ def server():
     state = FakeOpenAI()
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
     httpd.daemon_threads = True
-    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    # shutdown() waits for the serve loop's next poll: 0.05 s, not the default 0.5 s
+    t = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
     yield state, f"http://127.0.0.1:{httpd.server_address[1]}/v1"
     httpd.shutdown()

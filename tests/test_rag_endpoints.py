@@ -81,7 +81,8 @@ def server():
             continue
     else:
         pytest.skip(f"no free port in {PORTS.start}-{PORTS.stop - 1} for the stand-in server")
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    # shutdown() waits for the serve loop's next poll: 0.05 s, not the default 0.5 s
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{srv.server_address[1]}"
     srv.shutdown()
