@@ -112,8 +112,12 @@ def test_unknown_style_and_format_are_input_errors(tmp_path, table_and_fit):
     cfg["figures"]["style"] = "no-such-style"
     with pytest.raises(InputError, match="not a matplotlib style"):
         figures.plot_scaling(table, fit, cfg, [tmp_path / "s.png"])
-    with pytest.raises(InputError, match="unsupported figure format"):
-        figures.plot_scaling(table, fit, CFG, [tmp_path / "s.jpg"])
+    # every output's format is checked before anything is drawn: no PNG is left beside the refused JPEG
+    with pytest.raises(InputError, match="s.jpg: unsupported figure format 'jpg'"):
+        figures.plot_scaling(table, fit, CFG, [tmp_path / "s.png", tmp_path / "s.jpg"])
+    with pytest.raises(InputError, match="d.gif: unsupported figure format 'gif'"):
+        figures.plot_diversity([], CFG, [tmp_path / "d.png", tmp_path / "d.gif"])
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob(".*"))
 
 
 def write_reports(root: Path) -> tuple[list[Path], list[Path]]:

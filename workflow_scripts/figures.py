@@ -91,12 +91,19 @@ def _style(fcfg: dict):
     return plt.style.context(style)
 
 
-def save_figure(fig: plt.Figure, outputs: Sequence[str | Path], dpi: int) -> None:
-    for out in outputs:
-        out = Path(out)
-        fmt = out.suffix.lstrip(".").lower()
+def figure_formats(outputs: Sequence[str | Path]) -> list[tuple[Path, str]]:
+    """(path, format) of every output; InputError on an unsupported one (checked before anything is drawn)."""
+    out = []
+    for path in map(Path, outputs):
+        fmt = path.suffix.lstrip(".").lower()
         if fmt not in ("png", "pdf", "svg"):
-            raise InputError(f"{out}: unsupported figure format {fmt!r} (use .png, .pdf or .svg)")
+            raise InputError(f"{path}: unsupported figure format {fmt!r} (use .png, .pdf or .svg)")
+        out.append((path, fmt))
+    return out
+
+
+def save_figure(fig: plt.Figure, outputs: Sequence[str | Path], dpi: int) -> None:
+    for out, fmt in figure_formats(outputs):
         with atomic_path(out, suffix=out.suffix) as tmp:
             fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight",
                         metadata={"Software": None} if fmt == "png" else None)
@@ -263,6 +270,7 @@ def _draw_missing(ax: plt.Axes, missing: pd.DataFrame, methods: Sequence[str], m
 
 def plot_scaling(table: str | Path, fit_json: str | Path | None, cfg: dict, outputs: Sequence[str | Path]) -> dict:
     """Draw the scaling curve (see module docstring) into every path of `outputs`; return what was drawn."""
+    figure_formats(outputs)
     cfg = with_defaults(cfg)
     fcfg = cfg["figures"]
     df = read_accuracy_table(table, fcfg["accuracy_scale"], fcfg["x_axis"], fcfg["fraction_scale"])
@@ -423,6 +431,7 @@ def diversity_series(reports: Sequence[dict]) -> dict[str, dict[str, list[tuple[
 
 def plot_diversity(report_paths: Sequence[str | Path], cfg: dict, outputs: Sequence[str | Path]) -> dict:
     """Four panels of synthetic-data statistics against tokens, one colour per method (see module docstring)."""
+    figure_formats(outputs)
     cfg = with_defaults(cfg)
     fcfg = cfg["figures"]
     reports = [read_synth_report(p) for p in report_paths]
