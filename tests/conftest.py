@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "test-models"
@@ -80,3 +84,81 @@ def tiny_model_dir(smollm_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def sample_zip() -> Path:
     return ROOT / "resources" / "quality" / "QuALITY.v1.0.1.zip"
+
+
+# ------------------------------------------------------------------------------------ the shared tiny DAG
+@pytest.fixture(scope="session")
+def workflow_clone(tmp_path_factory) -> Path:
+    """A copy of the repository as `git clone` of this working tree would give it: tracked and untracked files
+    that .gitignore does not exclude (so no .venv, no .cache, nothing in results/ but its .gitkeep)."""
+    r = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                       capture_output=True, check=True)
+    dest = tmp_path_factory.mktemp("deploy") / "entigraph-workflow"
+    for name in filter(None, r.stdout.decode().split("\0")):
+        src = ROOT / name
+        if src.is_file() and not src.is_symlink():  # a tracked file deleted in the working tree is skipped
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    assert (dest / "Snakefile").is_file() and [p.name for p in (dest / "results").iterdir()] == [".gitkeep"]
+    return dest
+
+
+def run_snakemake(project: Path, snakefile: Path | None, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Snakemake as a user runs it: from the project folder, without PYTHONPATH pointing at the workflow (the
+    workflow finds its code and files itself, tests/test_deploy.py); `snakefile` None: the project's own."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    where = ["-s", str(snakefile), "--directory", str(project)] if snakefile else []
+    cmd = [sys.executable, "-m", "snakemake", *where, *args]
+    return subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_dag_overlay(generator: Path, base: Path) -> dict:
+    """The smallest config whose DAG has every default stage: one article, EntiGraph synthesis by `generator`, CPT
+    of `base` at two budgets (16, 32) and Raw with replay (config.yaml's rate), three questions, the scaling and
+    diversity figures in PNG and PDF, and a dedup-filtered EntiGraph variant (MinHash, no model) whose report only
+    is built (no CPT model of its own), drawn in the diversity figure."""
+    return {
+        "run_name": "tiny-shared",
+        "data": {"max_articles": 1, "max_article_chars": 1200},
+        "models": {"generator": {"source": "path", "name": str(generator)},
+                   "base": {"source": "path", "name": str(base)}},
+        "synthesis": {"methods": ["entigraph"], "sampling": {"max_new_tokens": 24},
+                      "entigraph": {"max_entities": 3, "max_pairs": 3, "max_triples": 1,
+                                    "extraction_max_new_tokens": 32}},
+        "cpt": {"budgets": [16, 32], "block_size": 8, "global_batch": 2, "micro_batch": 2, "raw_epochs": 1,
+                "probe": {"max_tokens": 32}, "method_budgets": {"entigraph_dedup": []}},
+        "filters": {"variants": {"entigraph_dedup": {"source": "entigraph", "steps": ["dedup"]}}},
+        "evaluation": {"max_questions": 3},
+    }
+
+
+@dataclass(frozen=True)
+class TinyDag:
+    """A finished tiny DAG in a user's own project folder, run from a clone of the repository."""
+
+    project: Path  # holds only .snakemake, results/ and tiny.yaml (the config overlay)
+    workflow: Path  # the clone; its results/ stays empty
+    config: dict  # the overlay in tiny.yaml
+
+    def snakemake(self, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+        """Snakemake on the finished run with its own Snakefile (another Snakefile path would be a code change)."""
+        return run_snakemake(self.project, self.workflow / "Snakefile", *args, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_dag(tmp_path_factory, workflow_clone, smollm_dir, tiny_model_dir) -> TinyDag:
+    """The tiny config's whole DAG (default target: the figures, the table, the filter's report), run ONCE per
+    session and shared by tests/test_end_to_end.py, tests/test_job_keys.py's finished-DAG tests and
+    tests/test_deploy.py's other-folder test: the real offline model writes the synthetic texts, a tiny random
+    Llama with its tokenizer is trained and evaluated. Run as `snakemake -s <clone>/Snakefile --directory
+    <empty project folder>`. Tests that use it may only dry-run (`-n`) on it, write under results/ (--report) or
+    write their own files outside the project folder: the folder's contents are asserted on."""
+    project = tmp_path_factory.mktemp("tiny-dag") / "project"
+    project.mkdir()
+    overlay = tiny_dag_overlay(smollm_dir, tiny_model_dir)
+    (project / "tiny.yaml").write_text(yaml.safe_dump(overlay))
+    dag = TinyDag(project, workflow_clone, overlay)
+    r = dag.snakemake("--cores", "2", "--configfile", "tiny.yaml")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return dag

@@ -3,27 +3,25 @@ both as `snakemake -s <copy>/Snakefile --directory <project>` and as a Snakemake
 Snakefile with the user's own config. No PYTHONPATH, no symlinks: the stage code, the config schema, the prompts
 and the shipped resources/ are found beside the Snakefile, and only results/ lands in the project folder.
 
-Each run is the smallest DAG that draws the scaling figure: one article, EntiGraph synthesis and CPT at two budgets
-and Raw with a tiny random Llama (its entity list falls back to the heuristic extractor), two questions. The real
-model's synthesis is tests/test_end_to_end.py's."""
+The first form is the session's shared tiny run (tests/conftest.py tiny_dag, also tests/test_end_to_end.py's and
+tests/test_job_keys.py's finished DAG). The module runs its own smallest DAG that draws the scaling figure: one
+article, EntiGraph synthesis and CPT at two budgets and Raw with a tiny random Llama (its entity list falls back
+to the heuristic extractor), two questions."""
 
 from __future__ import annotations
 
 import csv
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import run_snakemake
 from workflow_scripts.config import deep_merge
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parent.parent
 FIGURE = "results/figures/scaling_curve.png"
 MODELS = {"base", "raw-all", "entigraph-16", "entigraph-32"}
 
@@ -45,27 +43,14 @@ def tiny_overlay(tiny_model_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def clone(tmp_path_factory) -> Path:
-    """A copy of the repository as `git clone` of this working tree would give it: tracked and untracked files
-    that .gitignore does not exclude (so no .venv, no .cache, nothing in results/ but its .gitkeep)."""
-    r = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                       capture_output=True, check=True)
-    dest = tmp_path_factory.mktemp("deploy") / "entigraph-workflow"
-    for name in filter(None, r.stdout.decode().split("\0")):
-        src = ROOT / name
-        if src.is_file() and not src.is_symlink():  # a tracked file deleted in the working tree is skipped
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    assert (dest / "Snakefile").is_file() and [p.name for p in (dest / "results").iterdir()] == [".gitkeep"]
-    return dest
+def clone(workflow_clone) -> Path:
+    """A copy of the repository as `git clone` of this working tree would give it (tests/conftest.py)."""
+    return workflow_clone
 
 
 def snakemake(project: Path, *args: str) -> subprocess.CompletedProcess:
     """Snakemake as a user runs it: from the project folder, without PYTHONPATH pointing at the workflow."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
-    return subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    return run_snakemake(project, None, "--cores", "2", *args)
 
 
 def assert_figure_and_table(project: Path, clone: Path) -> None:
@@ -77,14 +62,12 @@ def assert_figure_and_table(project: Path, clone: Path) -> None:
     assert [p.name for p in (clone / "results").iterdir()] == [".gitkeep"]
 
 
-def test_runs_from_another_folder(clone, tmp_path, tiny_model_dir):
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "tiny.yaml").write_text(yaml.safe_dump(tiny_overlay(tiny_model_dir)))
-    # The workflow's config.yaml (beside its Snakefile) first, then the user's overlay, as in the repository.
-    r = snakemake(project, "-s", str(clone / "Snakefile"), "--directory", str(project),
-                  "--configfile", "tiny.yaml", "--", FIGURE)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+def test_runs_from_another_folder(tiny_dag, clone):
+    """The session's shared run (tests/conftest.py tiny_dag) is this deployment: `snakemake -s <clone>/Snakefile
+    --directory <project> --configfile tiny.yaml` in an empty project folder, the workflow's config.yaml (beside
+    its Snakefile) first, then the user's overlay, as in the repository. Its default target draws the figure."""
+    assert tiny_dag.workflow == clone
+    project = tiny_dag.project
     assert_figure_and_table(project, clone)
     assert sorted(p.name for p in project.iterdir()) == [".snakemake", "results", "tiny.yaml"]
 

@@ -1,9 +1,9 @@
 """One table from config keys to jobs (issue 13, item 1): workflow_scripts/job_keys.py.
 
 Unit tests check the table against the schema: every key is classified, and no operational key reaches a job's
-tracked --config-json. The workflow tests finish a tiny DAG once (real stages, a tiny random model as generator
-and CPT base) and dry-run overlays on it: an overlay of operational keys plans nothing; a shaping key plans
-exactly the jobs that read it and those downstream of them.
+tracked --config-json. The workflow tests dry-run overlays on the session's finished tiny DAG (tests/conftest.py
+tiny_dag: real stages, the offline generator, a tiny random model as CPT base): an overlay of operational keys
+plans nothing; a shaping key plans exactly the jobs that read it and those downstream of them.
 """
 
 from __future__ import annotations
@@ -11,10 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -348,45 +345,18 @@ def test_summary_ids_ignore_the_operational_keys():
 
 
 # ------------------------------------------------------------------------------------------ workflow
-TINY = {
-    "run_name": "tiny-keys",
-    "data": {"max_articles": 1, "max_article_chars": 600},
-    "synthesis": {"methods": ["entigraph"], "sampling": {"max_new_tokens": 8},
-                  "entigraph": {"max_entities": 3, "max_pairs": 1, "max_triples": 1,
-                                "extraction_max_new_tokens": 8}},
-    "cpt": {"budgets": [16], "block_size": 8, "global_batch": 2, "micro_batch": 2, "raw_epochs": 1,
-            "replay": {"rate": 0.0}, "probe": {"max_tokens": 16},
-            "method_budgets": {"entigraph_dedup": []}},  # the filter's report only: no CPT model of its own
-    # a filtered variant (MinHash dedup: no model, fast), drawn in the diversity figure
-    "filters": {"variants": {"entigraph_dedup": {"source": "entigraph", "steps": ["dedup"]}}},
-    "evaluation": {"max_questions": 2},
-    "figures": {"formats": ["png"]},
-}
-
-
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), *args]
-    return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
-
-
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, tiny_model_dir):
-    """A finished tiny DAG: the real stages, a tiny random Llama as generator and CPT base (seconds per job)."""
-    work = tmp_path_factory.mktemp("keys")
-    tiny = copy.deepcopy(TINY)
-    tiny["models"] = {"generator": {"source": "path", "name": str(tiny_model_dir)},
-                      "base": {"source": "path", "name": str(tiny_model_dir)}}
-    (work / "tiny.yaml").write_text(yaml.safe_dump(tiny))
-    r = snakemake(work, "--cores", "2", "--configfile", "tiny.yaml")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return work, tiny
+def finished(tiny_dag):
+    """The session's finished tiny DAG (tests/conftest.py tiny_dag: real stages, the offline generator, a tiny
+    random Llama as CPT base, a dedup-filtered EntiGraph variant whose report only is built)."""
+    return tiny_dag
 
 
-def planned(work: Path, tiny: dict, overlay: dict) -> dict[str, int]:
-    """Jobs (rule -> count) that `snakemake -n` plans with `overlay` on top of the finished config."""
-    (work / "overlay.yaml").write_text(yaml.safe_dump(overlay))
-    r = snakemake(work, "-n", "--cores", "1", "--configfile", "tiny.yaml", "overlay.yaml")
+def planned(dag, overlay: dict, tmp_path: Path) -> dict[str, int]:
+    """Jobs (rule -> count) that `snakemake -n` plans with `overlay` on top of the finished config. The overlay
+    file is written outside the project folder (whose contents tests/test_deploy.py asserts on)."""
+    (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay))
+    r = dag.snakemake("-n", "--cores", "1", "--configfile", "tiny.yaml", str(tmp_path / "overlay.yaml"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     if "Nothing to be done" in r.stdout + r.stderr:
         return {}
@@ -406,54 +376,51 @@ def nest(path: str, value) -> dict:
 
 
 @pytest.mark.e2e
-def test_finished_dag_plans_nothing(finished):
-    assert planned(*finished, {}) == {}
+def test_finished_dag_plans_nothing(finished, tmp_path):
+    assert planned(finished, {}, tmp_path) == {}
 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("path", ["cpt.log_every", "cpt.threads", "cpt.resources.mem_mb", "filters.resources.threads",
                                   "filters.resources.mem_mb"])
-def test_named_operational_key_plans_nothing(finished, path):
+def test_named_operational_key_plans_nothing(finished, path, tmp_path):
     """The issue's defect: changing only cpt.log_every, cpt.threads or a resources value retrained every model."""
-    work, tiny = finished
-    cfg = load_config([ROOT / "config.yaml", work / "tiny.yaml"])
-    assert planned(work, tiny, nest(path, changed(get_path(cfg, path), LEAVES[path], path))) == {}
+    cfg = load_config([ROOT / "config.yaml", finished.project / "tiny.yaml"])
+    assert planned(finished, nest(path, changed(get_path(cfg, path), LEAVES[path], path)), tmp_path) == {}
 
 
 @pytest.mark.e2e
-def test_all_operational_keys_together_plan_nothing(finished):
-    work, tiny = finished
-    cfg = load_config([ROOT / "config.yaml", work / "tiny.yaml"])
+def test_all_operational_keys_together_plan_nothing(finished, tmp_path):
+    cfg = load_config([ROOT / "config.yaml", finished.project / "tiny.yaml"])
     overlay: dict = {}
     for path in LEAVES:
         if job_keys.under(path, job_keys.OPERATIONAL):
             overlay = deep_merge(overlay, nest(path, changed(get_path(cfg, path), LEAVES[path], path)))
-    assert planned(work, tiny, overlay) == {}
+    assert planned(finished, overlay, tmp_path) == {}
 
 
-# A shaping key -> the jobs it reruns on the tiny DAG (1 article, entigraph at one budget + Raw, base evaluated, a
-# dedup-filtered entigraph whose report only is built):
+# A shaping key -> the jobs it reruns on the tiny DAG (1 article, entigraph at two budgets + Raw with replay, base
+# evaluated, a dedup-filtered entigraph whose report only is built):
 # the jobs that read it and every job downstream of them.
 FIGS = {"fit_scaling": 1, "plot_scaling": 1, "all": 1}
-EVAL = {"eval_qa": 3, "aggregate": 1, **FIGS}
-CPT = {"cpt": 2, "eval_qa": 2, "aggregate": 1, **FIGS}
+EVAL = {"eval_qa": 4, "aggregate": 1, **FIGS}  # base, raw-all, entigraph-16, entigraph-32
+CPT = {"cpt": 3, "eval_qa": 3, "aggregate": 1, **FIGS}  # raw-all, entigraph-16, entigraph-32
 SHAPING = [
     ("figures.dpi", 100, {"plot_scaling": 1, "plot_diversity": 1, "all": 1}),
     ("figures.fit.n_starts", 5, {"fit_scaling": 1, "plot_scaling": 1, "all": 1}),
     ("evaluation.max_questions", 1, EVAL),
     ("cpt.lr", 1e-3, CPT),
-    ("corpus.eos_token", "</s>", {"build_corpus": 2, **CPT}),
+    ("corpus.eos_token", "</s>", {"build_corpus": 2, "replay_pool": 1, **CPT}),  # the pool is tokenized too
     ("synthesis.report.overlap_n", 2, {"synthesis_report": 1, "filter_variant": 1, "plot_diversity": 1,
                                        "synthesis_summary": 1, "all": 1}),
     ("synthesis.entigraph.max_triples", 2,
      {"synthesize": 1, "synthesis_of_article": 1, "synthesis_report": 1, "filter_variant": 1, "build_corpus": 1,
-      "plot_diversity": 1, "synthesis_summary": 1, **{**CPT, "cpt": 1, "eval_qa": 1}}),
+      "plot_diversity": 1, "synthesis_summary": 1, **{**CPT, "cpt": 2, "eval_qa": 2}}),  # entigraph's models
     ("filters.dedup.threshold", 0.5, {"filter_variant": 1, "plot_diversity": 1, "all": 1}),
 ]
 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("path,value,expected", SHAPING, ids=[s[0] for s in SHAPING])
-def test_shaping_key_plans_exactly_the_affected_jobs(finished, path, value, expected):
-    work, tiny = finished
-    assert planned(work, tiny, nest(path, value)) == expected
+def test_shaping_key_plans_exactly_the_affected_jobs(finished, path, value, expected, tmp_path):
+    assert planned(finished, nest(path, value), tmp_path) == expected
