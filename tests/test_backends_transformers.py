@@ -7,12 +7,18 @@ offline SmolLM2-135M-Instruct. One torch thread: the test machine's cores are sh
 from __future__ import annotations
 
 import pytest
-import torch
 
 from workflow_scripts.backends import GenerationRequest, get_backend
 from workflow_scripts.backends.transformers_backend import TransformersBackend
 
-torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """torch is imported here, not at collection: collecting the unit tier loads no torch."""
+    import torch
+
+    torch.set_num_threads(1)
 
 ARTICLE = ("The freighter Clementine left Ganymede with a crew of four: Captain Ilse Varga, the engineer Tomas Reyes, "
            "the navigator Priya Nand and a maintenance robot called Boltz. Halfway to Ceres a micrometeor breached "
@@ -33,6 +39,8 @@ ENTITIES = ["Ilse Varga", "Boltz and the hydroponics bay", "Tomas Reyes", "Ceres
 
 def reference_generate(backend: TransformersBackend, req: GenerationRequest) -> tuple[str, int]:
     """Plain `model.generate`, one request at a time, greedy: the behaviour the engine must reproduce."""
+    import torch
+
     ids = backend.encode(req)
     out = backend.lm.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                               max_new_tokens=req.max_new_tokens, do_sample=False,
@@ -46,6 +54,7 @@ def varied_model_dir(tiny_model_dir, tmp_path_factory):
     """The tiny Llama re-initialised with larger weights (initializer_range 0.3). The conftest model's greedy
     output is a run of newlines whatever the prompt, which would hide a wrong position id or mask; this one's
     continuation depends on every prompt token."""
+    import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
     cfg = AutoConfig.from_pretrained(tiny_model_dir)

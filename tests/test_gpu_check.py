@@ -6,6 +6,7 @@ model in fp32 over gloo instead of bf16 over NCCL."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -65,7 +66,7 @@ def test_memory_estimate_is_the_planners_for_this_run():
 
     spec = G.RUNS["gpu"]
     cpt = G.check_cpt(True, dict(spec))
-    config = G.build_config("1b")
+    config = dict(G.SHAPES["1b"])  # build_config's transformers dict reads the same: the engine test below
     est = G.memory_estimate(config, spec, cpt, bf16=True)
     shape = ModelShape.from_hf_config(config)
     assert (shape.n_layers, shape.hidden, shape.vocab) == (16, 2048, 128256)
@@ -77,6 +78,23 @@ def test_memory_estimate_is_the_planners_for_this_run():
     assert set(est["parts"]) >= {"weights", "grads", "optimizer", "activations", "logits"}
     # fp32 masters, grads and two AdamW states of ~1.24B parameters: at least 16 bytes a parameter
     assert est["estimate_bytes"] > 16 * shape.n_params
+
+
+@pytest.mark.engine
+def test_the_check_models_config_has_the_shape_tables_shape():
+    """build_config goes through transformers' LlamaConfig (which imports torch, hence this tier): the shape and the
+    planner's estimate it gives are those of the SHAPES table the unit test above uses."""
+    from workflow_scripts import gpu_check as G
+    from workflow_scripts.memory import ModelShape
+
+    spec = G.RUNS["gpu"]
+    cpt = G.check_cpt(True, dict(spec))
+    for name, table in G.SHAPES.items():
+        config = G.build_config(name)
+        shape = ModelShape.from_hf_config(config)
+        assert shape.head_dim in (None, shape.hidden // shape.n_heads), name  # transformers fills in the default
+        assert dataclasses.replace(shape, head_dim=None) == ModelShape.from_hf_config(dict(table)), name
+        assert G.memory_estimate(config, spec, cpt, bf16=True) == G.memory_estimate(dict(table), spec, cpt, True)
 
 
 @pytest.mark.engine
