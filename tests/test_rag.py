@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 
@@ -85,18 +86,22 @@ def test_chunks_carry_title_author_year():
     assert len({c["id"] for c in chunks}) == len(chunks) > len(ARTICLES)
 
 
-@pytest.fixture(scope="module")
-def retrieved():
+@functools.lru_cache(maxsize=None)
+def retrieved(bm25_only: bool) -> tuple[list[dict], dict[str, list[list[int]]]]:
+    """The chunks and every retriever's rankings of the questions (BM25's alone: no embedding model loaded)."""
     chunks = rag.chunk_articles(ARTICLES, CHUNK, 0)
     arts = {a["uid"]: a for a in ARTICLES}
     queries = [qa_eval.render_question(q, arts[q["article_uid"]], thought_process=False) for q in QUESTIONS]
-    return chunks, rag.retrieve(chunks, queries, rag_cfg())
+    return chunks, rag.retrieve(chunks, queries, rag_cfg(retrievers=["bm25"], retriever="bm25") if bm25_only
+                                else rag_cfg())
 
 
-@pytest.mark.unit
-@pytest.mark.parametrize("name", ["bm25", "embedding", "hybrid"])
-def test_retrieval_finds_the_answering_chunk(retrieved, name):
-    chunks, rankings = retrieved
+# The dense retrievers load a real embedding model through torch (sentence-transformers): the engine tier.
+@pytest.mark.parametrize("name", [pytest.param("bm25", marks=pytest.mark.unit),
+                                  pytest.param("embedding", marks=pytest.mark.engine),
+                                  pytest.param("hybrid", marks=pytest.mark.engine)])
+def test_retrieval_finds_the_answering_chunk(name):
+    chunks, rankings = retrieved(name == "bm25")
     for q, ranking in zip(QUESTIONS, rankings[name]):
         assert q["needle"] in chunks[ranking[0]]["text"], (name, q["qid"], chunks[ranking[0]]["text"])
     assert rag.recall_at_k(rankings[name], chunks, [q["article_uid"] for q in QUESTIONS], 1) == 1.0
