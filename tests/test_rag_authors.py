@@ -21,7 +21,6 @@ from workflow_scripts import rag
 from workflow_scripts.config import ROOT, load_config, validate_config
 from workflow_scripts.rag_endpoints import rerank_order
 
-pytestmark = pytest.mark.unit
 
 # (text, chunk_size, overlap, authors' chunks, this workflow's `simple` splitter)
 SPLITS = [
@@ -40,12 +39,14 @@ SPLITS = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text,size,overlap,authors,simple", SPLITS)
 def test_splitters(text, size, overlap, authors, simple):
     assert rag.split_text_authors(text, size, overlap) == authors
     assert rag.split_text(text, size, overlap) == simple
 
 
+@pytest.mark.unit
 def test_chunks_get_the_authors_header_and_the_splitter_is_a_config_option():
     art = {"uid": "a", "title": "The Keeper", "author": "Mallory, Edith", "year": 1931, "text": "abcde fghij"}
     chunks = rag.chunk_articles([art], 5, 0)  # the default splitter is the authors'
@@ -63,6 +64,7 @@ RERANKS = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("cands,scores,k,prompt_order", RERANKS)
 def test_rerank_then_best_last(cands, scores, k, prompt_order):
     best_first = [cands[i] for i in rerank_order(scores)][:k]
@@ -80,6 +82,7 @@ class ScoreTable:
         return [self.table[d] for d in documents]
 
 
+@pytest.mark.unit
 def test_rerank_reorders_every_querys_candidates():
     texts = ["c0", "c1", "c2", "c3"]
     out = rag.rerank([[0, 1, 2, 3], [3, 2]], texts, ["q1", "q2"], ScoreTable({"c0": 0.1, "c1": 0.9, "c2": 0.5,
@@ -87,6 +90,7 @@ def test_rerank_reorders_every_querys_candidates():
     assert out == [[1, 3, 2, 0], [3, 2]]
 
 
+@pytest.mark.unit
 def test_temperature_and_k_per_model_as_the_authors_readme():
     paper = load_config([ROOT / "config.yaml", ROOT / "experiments" / "paper.yaml"])
     ecfg = paper["evaluation"]
@@ -96,6 +100,7 @@ def test_temperature_and_k_per_model_as_the_authors_readme():
     assert ecfg["rag"]["splitter"] == "authors" and ecfg["rag"]["candidates"] == 128
 
 
+@pytest.mark.engine  # a tiny BERT through transformers and torch
 def test_local_cross_encoder_reranker_loads_a_folder(tmp_path):
     """rerank.engine cross_encoder: the real loading and scoring code on a tiny random BERT cross-encoder made here
     (no package ships trained weights offline): one finite score per document, deterministic."""
