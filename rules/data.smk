@@ -7,6 +7,7 @@ rule download_quality:
         layout.QUALITY_ZIP,
     log:
         f"{LOGS}/download_quality.log",
+    localrule: True
     conda:
         "../envs/base.yaml"
     params:

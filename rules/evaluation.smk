@@ -76,6 +76,7 @@ rule aggregate:
         headline=report(layout.QA_HEADLINE, caption="../report/qa_headline.rst", category="QA accuracy"),
     log:
         f"{LOGS}/evaluation/aggregate.log",
+    localrule: True
     conda:
         "../envs/eval.yaml"
     params:
@@ -96,6 +97,7 @@ rule aggregate_rag:
         report(layout.RAG_TABLE, caption="../report/rag_accuracy.rst", category="QA accuracy"),
     log:
         f"{LOGS}/evaluation/aggregate_rag.log",
+    localrule: True
     conda:
         "../envs/eval.yaml"
     params:

@@ -11,6 +11,7 @@ rule fit_scaling:
         report(layout.SCALING_FIT, caption="../report/scaling_fit.rst", category="Scaling curve"),
     log:
         f"{LOGS}/figures/fit_scaling.log",
+    localrule: True
     conda:
         "../envs/base.yaml"
     params:
@@ -29,6 +30,7 @@ rule plot_scaling:
         figure_extras("scaling_curve"),
     log:
         f"{LOGS}/figures/plot_scaling.log",
+    localrule: True
     conda:
         "../envs/base.yaml"
     params:
@@ -47,6 +49,7 @@ rule plot_diversity:
         figure_extras("diversity"),
     log:
         f"{LOGS}/figures/plot_diversity.log",
+    localrule: True
     conda:
         "../envs/base.yaml"
     params:
@@ -67,6 +70,7 @@ rule synthesis_summary:
         ),
     log:
         f"{LOGS}/figures/synthesis_summary.log",
+    localrule: True
     conda:
         "../envs/base.yaml"
     shell:

@@ -156,6 +156,7 @@ rule claims_table:
         figure=report(layout.CLAIMS_FIGURE, caption="../report/summary_claims.rst", category="Summaries"),
     log:
         f"{LOGS}/instruct/claims_table.log",
+    localrule: True
     conda:
         "../envs/base.yaml"
     params:

@@ -103,6 +103,33 @@ def slurm_commands(rule: str, resources: dict, threads: int = 1) -> tuple[str, s
     return sbatch, step
 
 
+def declared_local_rules() -> set[str]:
+    """The rules of the workflow declared `localrule: True` (rules/*.smk): they run where Snakemake runs."""
+    names = set()
+    for smk in (ROOT / "rules").glob("*.smk"):
+        for block in re.split(r"^(?=(?:rule|checkpoint) \w+:)", smk.read_text(), flags=re.M):
+            m = re.match(r"(?:rule|checkpoint) (\w+):", block)
+            if m and re.search(r"^    localrule: True$", block, re.M):
+                names.add(m.group(1))
+    return names
+
+
+@pytest.mark.unit
+def test_only_the_light_rules_run_where_snakemake_runs():
+    """Under a cluster profile the download (compute nodes often have no network), the tables, the fit, the
+    figures and the per-article copies run in Snakemake's own process (docs/cluster.md section 4); a rule that
+    loads a model or asks for resources is always a job."""
+    local = declared_local_rules()
+    assert local == {"download_quality", "aggregate", "aggregate_rag", "fit_scaling", "plot_scaling",
+                     "plot_diversity", "synthesis_summary", "claims_table", "entities_of_article",
+                     "synthesis_of_article"}, sorted(local)
+    for smk in (ROOT / "rules").glob("*.smk"):
+        for block in re.split(r"^(?=(?:rule|checkpoint) \w+:)", smk.read_text(), flags=re.M):
+            m = re.match(r"(?:rule|checkpoint) (\w+):", block)
+            if m and m.group(1) in local:
+                assert not re.search(r"^    (resources|threads):", block, re.M), m.group(1)
+
+
 # ------------------------------------------------------------------------------------------------ parsing
 @pytest.mark.e2e
 def test_slurm_profile_parses_and_takes_account_and_partition_from_the_environment():
