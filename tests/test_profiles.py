@@ -103,15 +103,18 @@ def slurm_commands(rule: str, resources: dict, threads: int = 1) -> tuple[str, s
     return sbatch, step
 
 
-def declared_local_rules() -> set[str]:
-    """The rules of the workflow declared `localrule: True` (rules/*.smk): they run where Snakemake runs."""
-    names = set()
+def rule_blocks():
+    """(name, text) of every rule and checkpoint in rules/*.smk."""
     for smk in (ROOT / "rules").glob("*.smk"):
         for block in re.split(r"^(?=(?:rule|checkpoint) \w+:)", smk.read_text(), flags=re.M):
             m = re.match(r"(?:rule|checkpoint) (\w+):", block)
-            if m and re.search(r"^    localrule: True$", block, re.M):
-                names.add(m.group(1))
-    return names
+            if m:
+                yield m.group(1), block
+
+
+def declared_local_rules() -> set[str]:
+    """The rules of the workflow declared `localrule: True`: they run where Snakemake runs."""
+    return {name for name, block in rule_blocks() if re.search(r"^    localrule: True$", block, re.M)}
 
 
 @pytest.mark.unit
@@ -123,11 +126,9 @@ def test_only_the_light_rules_run_where_snakemake_runs():
     assert local == {"download_quality", "aggregate", "aggregate_rag", "fit_scaling", "plot_scaling",
                      "plot_diversity", "synthesis_summary", "claims_table", "entities_of_article",
                      "synthesis_of_article"}, sorted(local)
-    for smk in (ROOT / "rules").glob("*.smk"):
-        for block in re.split(r"^(?=(?:rule|checkpoint) \w+:)", smk.read_text(), flags=re.M):
-            m = re.match(r"(?:rule|checkpoint) (\w+):", block)
-            if m and m.group(1) in local:
-                assert not re.search(r"^    (resources|threads):", block, re.M), m.group(1)
+    for name, block in rule_blocks():
+        if name in local:
+            assert not re.search(r"^    (resources|threads):", block, re.M), name
 
 
 # ------------------------------------------------------------------------------------------------ parsing
